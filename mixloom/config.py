@@ -1,0 +1,37 @@
+"""Deployment settings, read from the environment (prefix MIXLOOM_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MIXLOOM_", extra="ignore")
+
+    data_dir: Path = Path("./mixloom-data")  # SQLite file, uploads, checkpoints, adapters
+    database_url: str | None = None  # default: sqlite file under data_dir
+    redis_url: str | None = None  # unset: in-process progress bus
+    base_model: str = "smollm2-135m"  # "smollm2-135m" = the embedded default, or a path / hub id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    kernel_backend: str = "auto"  # auto | torch | triton
+    # limits
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_file_lines: int = 200_000
+    max_tenant_bytes: int = 1024 * 1024 * 1024
+    max_queued_jobs: int = 50
+    max_running_jobs: int = 8
+    max_request_bytes: int = 1024 * 1024
+    max_seq_len: int = 4096
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'mixloom.db').resolve()}"
+
+
+def get_settings() -> Settings:
+    return Settings()

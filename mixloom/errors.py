@@ -1,0 +1,70 @@
+"""One exception hierarchy for mixloom. Every message says what is wrong, where, and the fix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class MixloomError(Exception):
+    """Base class of every error mixloom raises on purpose."""
+
+
+@dataclass
+class Problem:
+    """One problem found while validating input: where it is and what is wrong."""
+
+    where: str  # e.g. "jobs[1].method.lora.hyperparameters.r" or "data.jsonl:12: messages"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class ValidationError(MixloomError):
+    """Bad input (config, data, request). Carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem] | str, *, where: str = "") -> None:
+        if isinstance(problems, str):
+            problems = [Problem(where, problems)]
+        self.problems = problems
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        if len(self.problems) == 1:
+            return str(self.problems[0])
+        lines = [f"{len(self.problems)} problems:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class ConfigError(ValidationError):
+    """A training or server configuration is invalid."""
+
+
+class DataError(ValidationError):
+    """A training or validation data file is invalid."""
+
+
+class ModelLoadError(MixloomError):
+    """The base model or an adapter could not be loaded."""
+
+
+class JobFailed(MixloomError):
+    """A training job failed (e.g. its loss became NaN); other jobs are unaffected."""
+
+
+@dataclass
+class ProblemList:
+    """Collects problems and raises them all at once."""
+
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, where: str, message: str) -> None:
+        self.problems.append(Problem(where, message))
+
+    def __bool__(self) -> bool:
+        return bool(self.problems)
+
+    def raise_if_any(self, cls: type[ValidationError] = ValidationError) -> None:
+        if self.problems:
+            raise cls(list(self.problems))

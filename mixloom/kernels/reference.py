@@ -1,0 +1,41 @@
+"""Pure-torch reference of the grouped LoRA matmuls: the CPU path and the test oracle.
+
+Vocabulary (shared with the Triton kernels):
+- T rows of input x (tokens of every job in the fused batch), H features.
+- P (row, slot) pairs, sorted by group; a group is one (job) for attention LoRA or one
+  (job, expert) for MixLoRA experts. Pair p reads row `rows[p]` of x (identity if None).
+- G groups; group g owns pairs [offsets[g], offsets[g+1]), rank ranks[g] <= R, scale scale[g].
+- Stacked weights A: (G, R, H) and B: (G, N, R), zero beyond each group's rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def lora_segments(
+    x: Tensor,  # (T, H)
+    A: Tensor,  # (G, R, H)
+    B: Tensor,  # (G, N, R)
+    scale: Tensor,  # (G,) fp32
+    offsets: Tensor,  # (G+1,) int64, on x.device
+    rows: Tensor | None = None,  # (P,) int64 or None (P == T, identity)
+) -> Tensor:
+    """y[p] = scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T for every pair p of group g.
+
+    Returns: (P, N) in x's dtype; accumulation in fp32. Differentiable through autograd.
+    """
+    xs = x if rows is None else x.index_select(0, rows)  # (P, H)
+    bounds = offsets.tolist()  # note: host sync; the Triton path avoids it
+    outs = []
+    for g in range(A.shape[0]):
+        lo, hi = bounds[g], bounds[g + 1]
+        if hi == lo:
+            continue
+        xg = xs[lo:hi].float()  # (P_g, H)
+        h = xg @ A[g].float().t()  # (P_g, R)
+        outs.append((h @ B[g].float().t()) * scale[g])  # (P_g, N)
+    if not outs:
+        return x.new_zeros(xs.shape[0], B.shape[1])
+    return torch.cat(outs).to(x.dtype)

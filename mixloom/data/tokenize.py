@@ -1,0 +1,276 @@
+"""Tokenisation and loss masks: Examples -> (input_ids, labels) rows -> padded batches.
+
+Labels follow the Hugging Face convention: ``labels[t] == input_ids[t]`` where token t is
+a target and -100 elsewhere; the model shifts them by one, so ``labels[0]`` never counts.
+
+By default only the answer carries loss: an assistant message's content and the
+template's end-of-turn token after it (so the model learns to stop). System and user
+text, and the template's role headers, do not. ``train_on_inputs=True`` trains on every
+token.
+
+With a chat template (instruction-tuned tokenizers) every format is rendered as a chat:
+prompt/completion and alpaca become one user and one assistant message. Without one:
+prompt/completion is the plain concatenation ``prompt + completion + EOS``; alpaca uses a
+short instruction prompt; chat uses ``User:``/``Assistant:`` lines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+import torch
+
+from mixloom.data.formats import Example, Format
+from mixloom.errors import DataError
+
+IGNORE_INDEX = -100
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    """One tokenised example. ``labels`` is ``input_ids`` with -100 where no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    source: str = ""  # "file.jsonl:12"
+
+    @property
+    def num_targets(self) -> int:
+        """Tokens that carry loss (position 0 never does: nothing predicts it)."""
+        return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class EncodedDataset(Sequence[EncodedRow]):
+    """The rows of a dataset that have targets, with counts of what encoding dropped."""
+
+    rows: list[EncodedRow]
+    n_examples: int  # examples given, before dropping
+    n_truncated: int  # rows cut to max_seq_len (kept or dropped)
+    n_dropped: int  # rows with no target token left, not in ``rows``
+    warnings: list[str] = field(default_factory=list)
+
+    @overload
+    def __getitem__(self, i: int) -> EncodedRow: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[EncodedRow]: ...
+    def __getitem__(self, i: int | slice) -> EncodedRow | list[EncodedRow]:
+        return self.rows[i]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[EncodedRow]:
+        return iter(self.rows)
+
+
+def encode_example(
+    example: Example, tokenizer: Any, *, max_seq_len: int, train_on_inputs: bool = False
+) -> EncodedRow:
+    """Tokenise one example and build its labels; keep the first max_seq_len tokens."""
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, trainable in _token_segments(example, tokenizer):
+        input_ids += ids
+        labels += ids if trainable or train_on_inputs else [IGNORE_INDEX] * len(ids)
+    truncated = len(input_ids) > max_seq_len
+    return EncodedRow(input_ids[:max_seq_len], labels[:max_seq_len], truncated, example.source)
+
+
+def encode_dataset(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    train_on_inputs: bool = False,
+) -> EncodedDataset:
+    """Encode every example; drop (and count) rows with no target token left.
+
+    Raises DataError when no row has a target token.
+    """
+    rows: list[EncodedRow] = []
+    dropped: list[EncodedRow] = []
+    n_truncated = 0
+    for example in examples:
+        row = encode_example(
+            example, tokenizer, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs
+        )
+        n_truncated += row.truncated
+        (rows if row.num_targets else dropped).append(row)
+    warnings = []
+    if n_truncated:
+        warnings.append(
+            f"{n_truncated} of {len(examples)} examples are longer than max_seq_len="
+            f"{max_seq_len} tokens and were cut to it"
+        )
+    if dropped:
+        warnings.append(
+            f"{len(dropped)} of {len(examples)} examples have no target token within "
+            f"max_seq_len={max_seq_len} and were dropped (first: {dropped[0].source or '?'}); "
+            "raise max_seq_len or shorten their prompts"
+        )
+    for w in warnings:
+        log.warning(w)
+    if examples and not rows:
+        raise DataError(
+            f"no example has a target token within max_seq_len={max_seq_len}; "
+            "raise max_seq_len or shorten the prompts"
+        )
+    return EncodedDataset(rows, len(examples), n_truncated, len(dropped), warnings)
+
+
+def collate(
+    rows: Sequence[EncodedRow], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad rows into a batch.
+
+    Returns (input_ids, labels, attention_mask), each a LongTensor (B, T) with T the
+    longest row; padding has ``pad_id`` in input_ids, -100 in labels and 0 in the mask.
+    """
+    if not rows:
+        raise ValueError("collate needs at least one row")
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        n = len(row.input_ids)
+        input_ids[b, :n] = torch.tensor(row.input_ids, dtype=torch.long)
+        labels[b, :n] = torch.tensor(row.labels, dtype=torch.long)
+        attention_mask[b, :n] = 1
+    return input_ids, labels, attention_mask
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id to pad with: the pad token, else EOS (padding is masked out anyway), else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+# --- segments: (token ids, carries loss) in order ---------------------------------------
+
+
+def _token_segments(example: Example, tokenizer: Any) -> list[tuple[list[int], bool]]:
+    if getattr(tokenizer, "chat_template", None):
+        texts = _chat_template_segments(example, tokenizer)
+        return [(_encode(tokenizer, text), trainable) for text, trainable in texts if text]
+    return _plain_segments(example, tokenizer)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # Special tokens are in the rendered text already (the template writes them).
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    return str(text)
+
+
+def _chat_template_segments(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
+    """Split the rendered chat into (text, is target) pieces.
+
+    An assistant turn's span is found by rendering prefixes of the conversation: the text
+    of ``messages[:i]`` with the generation prompt ends where assistant i's content
+    starts; the text of ``messages[:i + 1]`` ends after its end-of-turn marker. Trailing
+    whitespace after the marker (the newline most templates add) is not a target. When a
+    template does not render prefixes as prefixes of the whole, the content is looked up
+    in the rendered text instead.
+    """
+    msgs = [{"role": role, "content": content} for role, content in example.messages]
+    try:
+        full = _render(tokenizer, msgs, generation_prompt=False)
+    except Exception as e:
+        raise DataError(
+            f"the tokenizer's chat template failed on this conversation: {e}; "
+            "check the roles and their order",
+            where=example.source,
+        ) from e
+    pieces: list[tuple[str, bool]] = []
+    cursor = 0
+    for i, (role, content) in enumerate(example.messages):
+        if role != "assistant":
+            continue
+        span = _span_by_prefixes(tokenizer, msgs, i, full, cursor)
+        if span is None:
+            span = _span_by_search(tokenizer, content, full, cursor, example.source)
+        start, end = span
+        turn = full[start:end]
+        at = turn.find(content)
+        content_end = at + len(content) if at >= 0 else 0
+        target_end = start + content_end + len(turn[content_end:].rstrip())
+        pieces += [(full[cursor:start], False), (full[start:target_end], True)]
+        cursor = target_end
+    pieces.append((full[cursor:], False))
+    return pieces
+
+
+def _span_by_prefixes(
+    tokenizer: Any, msgs: list[dict[str, str]], i: int, full: str, cursor: int
+) -> tuple[int, int] | None:
+    try:
+        head = _render(tokenizer, msgs[:i], generation_prompt=True)
+        turn = _render(tokenizer, msgs[: i + 1], generation_prompt=False)
+    except Exception:
+        return None  # e.g. a template that cannot render a conversation without a user turn
+    if len(head) < cursor or not turn.startswith(head) or not full.startswith(turn):
+        return None
+    return len(head), len(turn)
+
+
+def _span_by_search(
+    tokenizer: Any, content: str, full: str, cursor: int, source: str
+) -> tuple[int, int]:
+    for needle in (content, content.strip()):
+        start = full.find(needle, cursor)
+        if start >= 0:
+            end = start + len(needle)
+            eos = tokenizer.eos_token
+            if eos and full.startswith(eos, end):
+                end += len(eos)
+            return start, end
+    raise DataError(
+        "cannot find an assistant message in the chat template's output, so its loss "
+        "mask is unknown; use a tokenizer whose template keeps message content verbatim",
+        where=source,
+    )
+
+
+_ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def _plain_segments(example: Example, tokenizer: Any) -> list[tuple[list[int], bool]]:
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    bos = tokenizer.bos_token_id
+    segments: list[tuple[list[int], bool]] = []
+    if bos is not None and bos != tokenizer.eos_token_id:
+        segments.append(([int(bos)], False))
+    if example.format is Format.CHAT:
+        for role, content in example.messages:
+            if role == "assistant":
+                segments.append((_encode(tokenizer, "Assistant: "), False))
+                segments.append((_encode(tokenizer, content) + eos, True))
+                segments.append((_encode(tokenizer, "\n"), False))
+            elif role == "user":
+                segments.append((_encode(tokenizer, f"User: {content}\n"), False))
+            else:
+                segments.append((_encode(tokenizer, f"{content}\n\n"), False))
+        return segments
+    (_, prompt), (_, completion) = example.messages
+    if example.format is Format.ALPACA:
+        prompt = _ALPACA_PROMPT.format(instruction=prompt)
+    segments.append((_encode(tokenizer, prompt), False))
+    segments.append((_encode(tokenizer, completion) + eos, True))
+    return segments

@@ -2,6 +2,16 @@
 
 Backends: "torch" (reference, any device), "triton" (CUDA, or CPU with TRITON_INTERPRET=1),
 "auto" (triton on CUDA when importable, else torch). Env MIXLOOM_KERNEL_BACKEND overrides "auto".
+
+Typical MixLoRA layer call (routing built once, shared by gate/up/down of every expert):
+
+    routing = build_routing(groups, G, with_tiles=backend == "triton")    # groups: (T, k)
+    w = topk_weights.reshape(-1)[routing.order]                          # (P,)
+    gate = lora_segments(x, Ag, Bg, s, routing.offsets, routing.rows,
+                         backend=backend, tiles=routing.tiles)           # (P, I)
+    ...
+    down = lora_combine(z, Ad, Bd, s, routing.offsets, w, routing.rows, T,
+                        backend=backend, tiles=routing.tiles)            # (T, H)
 """
 
 from __future__ import annotations
@@ -12,8 +22,19 @@ import torch
 from torch import Tensor
 
 from mixloom.kernels import reference
+from mixloom.kernels.routing import Routing, build_routing, tile_table
 
 BACKENDS = ("auto", "torch", "triton")
+
+__all__ = [
+    "BACKENDS",
+    "Routing",
+    "build_routing",
+    "lora_combine",
+    "lora_segments",
+    "resolve_backend",
+    "tile_table",
+]
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -44,10 +65,49 @@ def lora_segments(
     rows: Tensor | None = None,
     *,
     backend: str = "torch",
+    tiles: Tensor | None = None,
 ) -> Tensor:
-    """Grouped LoRA: y[p] = scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T. See reference.py."""
+    """Grouped LoRA: y[p] = scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T. See reference.py.
+
+    Args:
+        x: (T, H). A: (G, R, H). B: (G, N, R). scale: (G,) fp32. offsets: (G+1,) int64 with
+        offsets[0] == 0 and offsets[G] == P. rows: (P,) int64 or None (P == T).
+        tiles: the triton tile table (Routing.tiles); built from offsets when None.
+    Returns: (P, N) in x's dtype.
+    """
     if backend == "triton":
         from mixloom.kernels import segmented
 
-        return segmented.lora_segments(x, A, B, scale, offsets, rows)
+        return segmented.lora_segments(x, A, B, scale, offsets, rows, tiles)
     return reference.lora_segments(x, A, B, scale, offsets, rows)
+
+
+def lora_combine(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: Tensor,
+    offsets: Tensor,
+    weights: Tensor,
+    dst: Tensor,
+    num_rows: int,
+    rows: Tensor | None = None,
+    *,
+    backend: str = "torch",
+    tiles: Tensor | None = None,
+) -> Tensor:
+    """Grouped LoRA, weighted and summed per output row (MixLoRA's expert combine):
+    out[dst[p]] += weights[p] * scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T.
+
+    Args:
+        x: (T_in, H); per pair (T_in == P) when rows is None. A, B, scale, offsets: as in
+        lora_segments, except that pairs outside every group are allowed and add nothing.
+        weights: (P,) routing weight of each pair (differentiable). dst: (P,) int64 output row.
+        num_rows: T_out.
+    Returns: (T_out, N) in x's dtype.
+    """
+    if backend == "triton":
+        from mixloom.kernels import segmented
+
+        return segmented.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows, tiles)
+    return reference.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows)

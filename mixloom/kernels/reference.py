@@ -39,3 +39,32 @@ def lora_segments(
     if not outs:
         return x.new_zeros(xs.shape[0], B.shape[1])
     return torch.cat(outs).to(x.dtype)
+
+
+def lora_combine(
+    x: Tensor,  # (T_in, H)
+    A: Tensor,  # (G, R, H)
+    B: Tensor,  # (G, N, R)
+    scale: Tensor,  # (G,) fp32
+    offsets: Tensor,  # (G+1,) int64
+    weights: Tensor,  # (P,) per-pair weight
+    dst: Tensor,  # (P,) int64 output row of each pair
+    num_rows: int,  # T_out
+    rows: Tensor | None = None,  # (P,) int64 input row of each pair, or None (x is per pair)
+) -> Tensor:
+    """out[dst[p]] += weights[p] * scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T.
+
+    Pairs outside every group (before offsets[0] or from offsets[G] on) add nothing.
+    Returns: (T_out, N) in x's dtype; accumulation in fp32. Differentiable through autograd.
+    """
+    xs = x if rows is None else x.index_select(0, rows)  # (P, H)
+    bounds = offsets.tolist()  # note: host sync; the Triton path avoids it
+    out = torch.zeros(num_rows, B.shape[1], device=x.device, dtype=torch.float32)
+    for g in range(A.shape[0]):
+        lo, hi = bounds[g], bounds[g + 1]
+        if hi == lo:
+            continue
+        h = xs[lo:hi].float() @ A[g].float().t()  # (P_g, R)
+        y = (h @ B[g].float().t()) * (scale[g] * weights[lo:hi].float()[:, None])  # (P_g, N)
+        out = out.index_add(0, dst[lo:hi], y)
+    return out.to(x.dtype)

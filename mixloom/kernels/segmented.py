@@ -26,7 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixloom.kernels.routing import BLOCK_M, INTERPRET, tile_table
+from mixloom.kernels.routing import block_m, interpret, tile_table
+
+# Read once, as triton.jit reads TRITON_INTERPRET when it decorates the kernels below.
+INTERPRET = interpret()
+BLOCK_M = block_m()
 
 _BLOCK_K = 32 if INTERPRET else 128  # shrink's reduction step over the input features
 _BLOCK_N = 32 if INTERPRET else 128  # expand's output columns per program
@@ -481,7 +485,11 @@ class LoraSegmentsFn(torch.autograd.Function):
 
 
 def _scatter_rows(dh: Tensor, A: Tensor, offsets: Tensor, tiles: Tensor, rows, x: Tensor):
-    """dx[rows[p]] += dh[p] @ A[g] -> (T, H) in x's dtype."""
+    """dx[rows[p]] += dh[p] @ A[g] -> (T, H) in x's dtype; rows None: dx[p] = dh[p] @ A[g].
+
+    With rows None the rows of pairs outside every group are left unset: only lora_segments
+    takes that path, and it requires offsets to cover every row.
+    """
     if rows is None:
         return expand(dh, _t(A), None, offsets, tiles, out_dtype=x.dtype)  # (T, H)
     dx = expand(dh, _t(A), None, offsets, tiles, out_dtype=x.dtype, dst=rows, num_dst=x.shape[0])
@@ -522,13 +530,24 @@ class LoraCombineFn(torch.autograd.Function):
             if need_a:
                 dA = seg_outer(dh, None, x, rows, None, offsets, A.dtype)  # (G, R, H)
             if need_x:
-                dx = _scatter_rows(dh, A, offsets, tiles, rows, x)
+                # Per-pair input may hold pairs outside every group: scatter onto zeros.
+                dst_x = rows if rows is not None else torch.arange(P, device=x.device)
+                dx = _scatter_rows(dh, A, offsets, tiles, dst_x, x)
         return dx, dA, dB, None, None, dw, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
 # Public functions (called through mixloom.kernels)
 # --------------------------------------------------------------------------------------------
+
+
+def _check_tiles(tiles: Tensor, num_pairs: int, G: int) -> None:
+    if tiles.shape != (2, triton.cdiv(num_pairs, BLOCK_M) + G):
+        raise ValueError(
+            f"tile table of shape {tuple(tiles.shape)} was not built for {num_pairs} pairs, "
+            f"{G} groups and {BLOCK_M}-pair tiles: build it with build_routing(..., "
+            "with_tiles=True) or tile_table() after TRITON_INTERPRET is settled"
+        )
 
 
 def _check(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, offsets: Tensor) -> None:
@@ -559,7 +578,8 @@ def lora_segments(
     _check(x, A, B, scale, offsets)
     P = rows.numel() if rows is not None else x.shape[0]
     if tiles is None:
-        tiles = tile_table(offsets, P)
+        tiles = tile_table(offsets, P, BLOCK_M)
+    _check_tiles(tiles, P, A.shape[0])
     return LoraSegmentsFn.apply(x, A, B, scale.float(), offsets, rows, tiles)
 
 
@@ -578,5 +598,6 @@ def lora_combine(
     """Triton path of mixloom.kernels.lora_combine -> (T_out, N) in x's dtype."""
     _check(x, A, B, scale, offsets)
     if tiles is None:
-        tiles = tile_table(offsets, dst.numel())
+        tiles = tile_table(offsets, dst.numel(), BLOCK_M)
+    _check_tiles(tiles, dst.numel(), A.shape[0])
     return LoraCombineFn.apply(x, A, B, scale.float(), offsets, weights, dst, num_rows, rows, tiles)

@@ -19,7 +19,9 @@ Decisions (the API documents the same):
 - Content must be a non-empty string where the text is trained on or asked about: user
   and assistant messages, ``completion``, ``instruction``, ``output``. A system message,
   ``prompt`` and ``input`` may be empty.
-- A system message may only come first; a chat needs at least one assistant message.
+- Roles are system, user and assistant (no tool calls yet). A system message may only
+  come first; a chat needs at least one assistant message, and every assistant message
+  is trained on (per-message ``weight`` keys are ignored like any other extra key).
 - Validation reports every problem (up to ``max_problems``, then a count of the rest).
 """
 
@@ -274,6 +276,17 @@ def _text(
     value = obj[key]
     if not isinstance(value, str):
         problems.append(Problem(field, f"expected a string, got {_json_type(value)}"))
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        problems.append(
+            Problem(
+                field,
+                f"has an unpaired surrogate escape \\u{ord(value[e.start]):04x} at character "
+                f"{e.start + 1}, which is not text; fix the escape or the encoder",
+            )
+        )
         return None
     if not empty_ok and not value.strip():
         problems.append(Problem(field, "is empty; give the text, or drop this row"))

@@ -118,6 +118,11 @@ BAD_LINES = [
         "only be the first",
     ),
     (b'{"prompt": "a"}', "train.jsonl:2: completion", "missing"),
+    (
+        b'{"prompt": "a", "completion": "b\\ud800"}',
+        "train.jsonl:2: completion",
+        "unpaired surrogate escape \\ud800 at character 2",
+    ),
     (b'{"prompt": ["a"], "completion": "b"}', "train.jsonl:2: prompt", "got an array"),
     (b'{"prompt": "a", "completion": ""}', "train.jsonl:2: completion", "is empty"),
     (b'{"instruction": "", "output": "b"}', "train.jsonl:2: instruction", "is empty"),

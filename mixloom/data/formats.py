@@ -21,7 +21,7 @@ Decisions (the API documents the same):
   ``prompt`` and ``input`` may be empty.
 - Roles are system, user and assistant (no tool calls yet). A system message may only
   come first; a chat needs at least one assistant message, and every assistant message
-  is trained on (per-message ``weight`` keys are ignored like any other extra key).
+  is trained on unless it has ``"weight": 0`` (``weight`` is 0 or 1, assistant only).
 - Validation reports every problem (up to ``max_problems``, then a count of the rest).
 """
 
@@ -63,6 +63,7 @@ class Example:
     messages: tuple[tuple[str, str], ...]  # (role, content)
     format: Format
     source: str = ""  # "file.jsonl:12", for messages about this example
+    untrained: frozenset[int] = frozenset()  # indices of assistant messages with weight 0
 
 
 def validate_jsonl_bytes(
@@ -207,6 +208,7 @@ def _parse_chat(obj: dict[str, Any], where: str, problems: list[Problem]) -> Exa
         return None
     start = len(problems)
     out: list[tuple[str, str]] = []
+    untrained: set[int] = set()
     for i, msg in enumerate(messages):
         field = f"{where}: messages[{i}]"
         if not isinstance(msg, dict):
@@ -229,19 +231,30 @@ def _parse_chat(obj: dict[str, Any], where: str, problems: list[Problem]) -> Exa
                 )
             )
         content = _text(msg, "content", f"{field}.content", problems, empty_ok=role == "system")
+        if "weight" in msg:
+            weight = msg["weight"]
+            if role != "assistant":
+                problems.append(Problem(f"{field}.weight", "only assistant messages have a weight"))
+            elif isinstance(weight, bool) or weight not in (0, 1):
+                problems.append(
+                    Problem(f"{field}.weight", f"must be 0 (no loss) or 1 (loss), got {weight!r}")
+                )
+            elif weight == 0:
+                untrained.add(i)
         if isinstance(role, str) and content is not None:
             out.append((role, content))
-    if len(problems) == start and not any(role == "assistant" for role, _ in out):
+    trained = [i for i, (role, _) in enumerate(out) if role == "assistant" and i not in untrained]
+    if len(problems) == start and not trained:
         problems.append(
             Problem(
                 f"{where}: messages",
-                "has no assistant message, so nothing would be trained on; "
+                "has no assistant message with weight 1, so nothing would be trained on; "
                 'add {"role": "assistant", "content": ...}',
             )
         )
     if len(problems) > start:
         return None
-    return Example(tuple(out), Format.CHAT, where)
+    return Example(tuple(out), Format.CHAT, where, frozenset(untrained))
 
 
 def _parse_prompt_completion(

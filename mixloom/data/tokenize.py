@@ -4,7 +4,8 @@ Labels follow the Hugging Face convention: ``labels[t] == input_ids[t]`` where t
 a target and -100 elsewhere; the model shifts them by one, so ``labels[0]`` never counts.
 
 By default only the answer carries loss: an assistant message's content and the
-template's end-of-turn token after it (so the model learns to stop). System and user
+template's end-of-turn token after it (so the model learns to stop), unless the message
+has weight 0. System and user
 text, and the template's role headers, do not. ``train_on_inputs=True`` trains on every
 token.
 
@@ -201,7 +202,7 @@ def _chat_template_segments(example: Example, tokenizer: Any) -> list[tuple[str,
     pieces: list[tuple[str, bool]] = []
     cursor = 0
     for i, (role, content) in enumerate(example.messages):
-        if role != "assistant":
+        if role != "assistant" or i in example.untrained:
             continue
         span = _span_by_prefixes(tokenizer, msgs, i, full, cursor)
         if span is None:
@@ -258,10 +259,10 @@ def _plain_segments(example: Example, tokenizer: Any) -> list[tuple[list[int], b
     if bos is not None and bos != tokenizer.eos_token_id:
         segments.append(([int(bos)], False))
     if example.format is Format.CHAT:
-        for role, content in example.messages:
+        for i, (role, content) in enumerate(example.messages):
             if role == "assistant":
                 segments.append((_encode(tokenizer, "Assistant: "), False))
-                segments.append((_encode(tokenizer, content) + eos, True))
+                segments.append((_encode(tokenizer, content) + eos, i not in example.untrained))
                 segments.append((_encode(tokenizer, "\n"), False))
             elif role == "user":
                 segments.append((_encode(tokenizer, f"User: {content}\n"), False))

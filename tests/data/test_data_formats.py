@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from mixloom.data.formats import Example, Format, load_jsonl, validate_jsonl_bytes
+from mixloom.data.formats import (
+    Example,
+    Format,
+    load_jsonl,
+    parse_jsonl_bytes,
+    validate_jsonl_bytes,
+)
 from mixloom.errors import DataError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
@@ -47,6 +53,17 @@ def test_prompt_completion_rows_become_user_assistant(tmp_path: Path) -> None:
         (("user", "2+2="), ("assistant", "4")),
     ]
     assert {e.format for e in examples} == {Format.PROMPT_COMPLETION}
+
+
+def test_chat_weight_zero_marks_an_assistant_message_untrained() -> None:
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "weight": 0},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d", "weight": 1},
+    ]
+    [ex] = parse_jsonl_bytes(jsonl({"messages": turns}), filename="f.jsonl")
+    assert ex.untrained == frozenset({1})
 
 
 def test_alpaca_input_is_optional_and_joined_to_the_instruction(tmp_path: Path) -> None:
@@ -116,6 +133,24 @@ BAD_LINES = [
         b' {"role": "assistant", "content": "b"}]}',
         "train.jsonl:2: messages[1].role",
         "only be the first",
+    ),
+    (
+        b'{"messages": [{"role": "user", "content": "a", "weight": 1},'
+        b' {"role": "assistant", "content": "b"}]}',
+        "train.jsonl:2: messages[0].weight",
+        "only assistant messages",
+    ),
+    (
+        b'{"messages": [{"role": "user", "content": "a"},'
+        b' {"role": "assistant", "content": "b", "weight": 0.5}]}',
+        "train.jsonl:2: messages[1].weight",
+        "must be 0 (no loss) or 1 (loss), got 0.5",
+    ),
+    (
+        b'{"messages": [{"role": "user", "content": "a"},'
+        b' {"role": "assistant", "content": "b", "weight": 0}]}',
+        "train.jsonl:2: messages",
+        "no assistant message with weight 1",
     ),
     (b'{"prompt": "a"}', "train.jsonl:2: completion", "missing"),
     (

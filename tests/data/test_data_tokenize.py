@@ -97,6 +97,17 @@ def test_template_error_is_a_data_error(make_tiny_tokenizer: Any) -> None:
         encode(CHAT, tok)
 
 
+@pytest.mark.parametrize("fixture", ["chat_tok", "plain_tok"])
+def test_weight_zero_assistant_message_carries_no_loss(
+    request: pytest.FixtureRequest, fixture: str
+) -> None:
+    tok = request.getfixturevalue(fixture)
+    example = Example(CHAT.messages, Format.CHAT, CHAT.source, frozenset({2}))
+    row = encode(example, tok)
+    assert row.input_ids == encode(CHAT, tok).input_ids
+    assert [s.startswith("See you") for s in target_spans(row, tok)] == [True]
+
+
 # --- no chat template -----------------------------------------------------------------
 
 

@@ -68,3 +68,33 @@ class ProblemList:
     def raise_if_any(self, cls: type[ValidationError] = ValidationError) -> None:
         if self.problems:
             raise cls(list(self.problems))
+
+
+class RequestError(MixloomError):
+    """A request that cannot be served as asked; `param` names the offending field if any."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class NotFoundError(RequestError):
+    """The object does not exist, or belongs to another tenant (the two look the same)."""
+
+
+class ConflictError(RequestError):
+    """The object exists but its state forbids the action (e.g. cancelling a finished job)."""
+
+
+class QuotaExceededError(RequestError):
+    """A tenant limit (queued jobs, stored bytes) would be exceeded."""
+
+
+class PayloadTooLargeError(RequestError):
+    """A request body or uploaded file is larger than the deployment allows."""
+
+
+class AuthenticationError(RequestError):
+    """The API key is missing, malformed, unknown or revoked."""

@@ -1,0 +1,632 @@
+"""Fine-tuning jobs: creation and API-side state changes, the worker's lease protocol,
+and the job's events, metrics and checkpoints.
+
+State machine (the API asks, the worker holding the lease carries out):
+
+    queued --claim--> running --release--> succeeded | failed | cancelled | paused | queued
+    queued | paused --cancel--> cancelled (at once)
+    queued --pause--> paused (at once);  paused --resume--> queued (back of the queue)
+    running --cancel|pause--> running with requested_action set; the worker sees it on its
+        next `renew_lease` and releases the job as cancelled | paused (after a checkpoint)
+    running, lease expired --expire_leases--> queued (keeps its place), or cancelled |
+        paused when that was requested
+
+Every status change adds a `status` event. Events and metrics share one per-job sequence
+number (`seq`), the id of the SSE stream. Functions flush but never commit: run them inside
+`Database.transaction()`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from mixloom.errors import ConflictError, NotFoundError
+from mixloom.storage import models as m
+from mixloom.storage.ids import new_id
+from mixloom.storage.records import (
+    CheckpointRecord,
+    EventRecord,
+    JobRecord,
+    JobStatus,
+    MetricRecord,
+    RequestedAction,
+)
+
+
+class LeaseLostError(ConflictError):
+    """The worker no longer holds this job's lease (it expired and the job moved on)."""
+
+
+def _now(now: datetime | None) -> datetime:
+    return now or datetime.now(UTC)
+
+
+# --- creation and reads -------------------------------------------------------------------
+
+
+def create_job(
+    *,
+    session: Session,
+    tenant_id: str,
+    model: str,
+    training_file_id: str,
+    validation_file_id: str | None,
+    method: dict[str, Any],
+    seed: int,
+    suffix: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> JobRecord:
+    """A new job, queued at once: its files were validated line by line when uploaded."""
+    now = _now(now)
+    row = m.Job(
+        id=new_id("ftjob"),
+        tenant_id=tenant_id,
+        model=model,
+        training_file_id=training_file_id,
+        validation_file_id=validation_file_id,
+        method=method,
+        seed=seed,
+        suffix=suffix,
+        meta=metadata,
+        status=JobStatus.QUEUED.value,
+        created_at=now,
+        updated_at=now,
+        queued_at=now,
+        attempts=0,
+        last_seq=0,
+    )
+    session.add(row)
+    session.flush()
+    _event(session, row, f"Job created; queued for {model}", type="status", now=now)
+    return JobRecord.from_row(row)
+
+
+def _job_row(
+    session: Session, job_id: str, tenant_id: str | None = None, *, lock: bool = False
+) -> m.Job:
+    query = select(m.Job).where(m.Job.id == job_id)
+    if tenant_id is not None:
+        query = query.where(m.Job.tenant_id == tenant_id)
+    if lock:
+        query = query.with_for_update()
+    row = session.scalar(query)
+    if row is None:
+        raise NotFoundError(f"no job with id {job_id!r}", param="job_id", code="job_not_found")
+    return row
+
+
+def get_job(*, session: Session, job_id: str, tenant_id: str | None = None) -> JobRecord:
+    """NotFoundError if missing or (with tenant_id) another tenant's."""
+    return JobRecord.from_row(_job_row(session, job_id, tenant_id))
+
+
+def list_jobs(
+    *,
+    session: Session,
+    tenant_id: str,
+    after: str | None = None,
+    limit: int = 20,
+    status: JobStatus | None = None,
+) -> tuple[list[JobRecord], bool]:
+    """Newest first; `after` is the last id of the previous page. Returns (page, has_more)."""
+    query = select(m.Job).where(m.Job.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(m.Job.status == status.value)
+    if after is not None:
+        query = query.where(m.Job.id < after)
+    rows = list(session.scalars(query.order_by(m.Job.id.desc()).limit(limit + 1)))
+    return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def queue_position(*, session: Session, job: JobRecord) -> int | None:
+    """1 = the next job a worker will claim; None unless the job is queued."""
+    if job.status != JobStatus.QUEUED or job.queued_at is None:
+        return None
+    ahead = session.scalar(
+        select(func.count()).where(
+            m.Job.status == JobStatus.QUEUED.value,
+            or_(
+                m.Job.queued_at < job.queued_at,
+                and_(m.Job.queued_at == job.queued_at, m.Job.id < job.id),
+            ),
+        )
+    )
+    return int(ahead or 0) + 1
+
+
+# --- API-side state changes ---------------------------------------------------------------
+
+
+def _set_status(
+    session: Session,
+    row: m.Job,
+    status: JobStatus,
+    message: str,
+    *,
+    now: datetime,
+    level: str = "info",
+    error: dict[str, Any] | None = None,
+) -> None:
+    row.status = status.value
+    row.updated_at = now
+    if status.terminal:
+        row.finished_at = now
+        row.requested_action = None
+    if status != JobStatus.RUNNING:
+        row.worker_id = None
+        row.lease_expires_at = None
+    if status == JobStatus.PAUSED:
+        row.requested_action = None
+    if error is not None:
+        row.error = error
+    _event(
+        session, row, message, level=level, type="status", data={"status": status.value}, now=now
+    )
+
+
+def _refuse_finished(row: m.Job, action: str) -> None:
+    if JobStatus(row.status).terminal:
+        raise ConflictError(
+            f"job {row.id} already {row.status}; a finished job cannot be {action}",
+            param="job_id",
+            code="job_finished",
+        )
+
+
+def cancel_job(
+    *, session: Session, job_id: str, tenant_id: str, now: datetime | None = None
+) -> JobRecord:
+    """Cancel at once unless running; a running job gets requested_action=cancel."""
+    now = _now(now)
+    row = _job_row(session, job_id, tenant_id, lock=True)
+    status = JobStatus(row.status)
+    if status == JobStatus.CANCELLED:
+        return JobRecord.from_row(row)
+    _refuse_finished(row, "cancelled")
+    if status == JobStatus.RUNNING:
+        if row.requested_action != RequestedAction.CANCEL.value:
+            row.requested_action = RequestedAction.CANCEL.value
+            row.updated_at = now
+            _event(session, row, "Cancellation requested; the worker will stop the job", now=now)
+    else:
+        _set_status(session, row, JobStatus.CANCELLED, "Job cancelled", now=now)
+    session.flush()
+    return JobRecord.from_row(row)
+
+
+def pause_job(
+    *, session: Session, job_id: str, tenant_id: str, now: datetime | None = None
+) -> JobRecord:
+    """Pause at once if waiting; a running job gets requested_action=pause."""
+    now = _now(now)
+    row = _job_row(session, job_id, tenant_id, lock=True)
+    status = JobStatus(row.status)
+    _refuse_finished(row, "paused")
+    if status == JobStatus.RUNNING:
+        if row.requested_action == RequestedAction.CANCEL.value:
+            raise ConflictError(
+                f"job {row.id} is being cancelled; it cannot be paused",
+                param="job_id",
+                code="cancel_requested",
+            )
+        if row.requested_action != RequestedAction.PAUSE.value:
+            row.requested_action = RequestedAction.PAUSE.value
+            row.updated_at = now
+            _event(session, row, "Pause requested; the worker will checkpoint and stop", now=now)
+    elif status in (JobStatus.QUEUED, JobStatus.VALIDATING_FILES):
+        _set_status(session, row, JobStatus.PAUSED, "Job paused", now=now)
+    session.flush()
+    return JobRecord.from_row(row)
+
+
+def resume_job(
+    *, session: Session, job_id: str, tenant_id: str, now: datetime | None = None
+) -> JobRecord:
+    """Paused -> queued (it resumes from its last checkpoint); withdraws a pending pause."""
+    now = _now(now)
+    row = _job_row(session, job_id, tenant_id, lock=True)
+    status = JobStatus(row.status)
+    _refuse_finished(row, "resumed")
+    if status == JobStatus.PAUSED:
+        row.queued_at = now
+        _set_status(session, row, JobStatus.QUEUED, "Job resumed; queued", now=now)
+    elif status == JobStatus.RUNNING:
+        if row.requested_action == RequestedAction.CANCEL.value:
+            raise ConflictError(
+                f"job {row.id} is being cancelled; it cannot be resumed",
+                param="job_id",
+                code="cancel_requested",
+            )
+        if row.requested_action == RequestedAction.PAUSE.value:
+            row.requested_action = None
+            row.updated_at = now
+            _event(session, row, "Pause request withdrawn; the job keeps running", now=now)
+    session.flush()
+    return JobRecord.from_row(row)
+
+
+# --- the worker's side --------------------------------------------------------------------
+
+
+def claim_jobs(
+    *,
+    session: Session,
+    worker_id: str,
+    lease_seconds: float,
+    limit: int = 1,
+    model: str | None = None,
+    default_max_running: int | None = None,
+    now: datetime | None = None,
+) -> list[JobRecord]:
+    """Claim up to `limit` queued jobs, oldest first, leasing them to `worker_id`.
+
+    Postgres: `SELECT ... FOR UPDATE SKIP LOCKED`, so concurrent workers never take the same
+    job and never wait on each other. SQLite: the transaction began IMMEDIATE (see db.py)
+    and holds the write lock, so select-then-update is atomic. `model` restricts the claim
+    to jobs on the base model this worker holds; `default_max_running` (with each tenant's
+    own `max_running_jobs` taking precedence) skips tenants already at their running limit.
+    Commit promptly: the row locks are held until then.
+    """
+    now = _now(now)
+    claimed: list[JobRecord] = []
+    for _ in range(limit):
+        query = select(m.Job.id).where(
+            m.Job.status == JobStatus.QUEUED.value, m.Job.requested_action.is_(None)
+        )
+        if model is not None:
+            query = query.where(m.Job.model == model)
+        if default_max_running is not None:
+            other = aliased(m.Job)
+            running = (
+                select(func.count())
+                .where(other.tenant_id == m.Job.tenant_id, other.status == JobStatus.RUNNING.value)
+                .scalar_subquery()
+            )
+            cap = (
+                select(func.coalesce(m.Tenant.max_running_jobs, default_max_running))
+                .where(m.Tenant.id == m.Job.tenant_id)
+                .scalar_subquery()
+            )
+            query = query.where(running < cap)
+        query = (
+            query.order_by(m.Job.queued_at, m.Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True, of=m.Job)
+        )
+        job_id = session.scalar(query)
+        if job_id is None:
+            break
+        row = _job_row(session, job_id)
+        row.status = JobStatus.RUNNING.value
+        row.worker_id = worker_id
+        row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        row.heartbeat_at = now
+        row.started_at = row.started_at or now
+        row.updated_at = now
+        row.attempts += 1
+        _event(
+            session,
+            row,
+            f"Job started by worker {worker_id} (attempt {row.attempts})",
+            type="status",
+            data={"status": JobStatus.RUNNING.value, "worker_id": worker_id},
+            now=now,
+        )
+        session.flush()
+        claimed.append(JobRecord.from_row(row))
+    return claimed
+
+
+def _leased_row(session: Session, job_id: str, worker_id: str) -> m.Job:
+    row = _job_row(session, job_id, lock=True)
+    if row.status != JobStatus.RUNNING.value or row.worker_id != worker_id:
+        raise LeaseLostError(
+            f"worker {worker_id} no longer holds job {job_id} (status {row.status}, "
+            f"held by {row.worker_id}); stop training it",
+            code="lease_lost",
+        )
+    return row
+
+
+def renew_lease(
+    *,
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> JobRecord:
+    """Heartbeat. The returned record's `requested_action` tells the worker to cancel or pause.
+
+    Raises LeaseLostError when the lease was lost; the worker must drop the job.
+    """
+    now = _now(now)
+    row = _leased_row(session, job_id, worker_id)
+    row.heartbeat_at = now
+    row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    session.flush()
+    return JobRecord.from_row(row)
+
+
+def release_job(
+    *,
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    status: JobStatus,
+    message: str | None = None,
+    error: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> JobRecord:
+    """End the worker's lease, leaving the job `status`.
+
+    succeeded | failed | cancelled: finished. paused: the API's resume re-queues it.
+    queued: back in the queue at its old place (e.g. the worker shuts down).
+    `error` is {"message", "code", "param"} for failed jobs.
+    """
+    if status in (JobStatus.RUNNING, JobStatus.VALIDATING_FILES):
+        raise ValueError(f"release_job cannot leave a job {status}")
+    now = _now(now)
+    row = _leased_row(session, job_id, worker_id)
+    level = "error" if status == JobStatus.FAILED else "info"
+    text = (
+        message
+        or {
+            JobStatus.SUCCEEDED: "Job succeeded",
+            JobStatus.FAILED: "Job failed" + (f": {error['message']}" if error else ""),
+            JobStatus.CANCELLED: "Job cancelled",
+            JobStatus.PAUSED: "Job paused",
+            JobStatus.QUEUED: f"Worker {worker_id} released the job; queued again",
+        }[status]
+    )
+    if status == JobStatus.QUEUED:
+        row.requested_action = None
+    _set_status(session, row, status, text, now=now, level=level, error=error)
+    session.flush()
+    return JobRecord.from_row(row)
+
+
+def expire_leases(*, session: Session, now: datetime | None = None) -> list[JobRecord]:
+    """Running jobs whose worker stopped heartbeating: re-queue them at their old place
+    (cancelled or paused instead when that was requested). Any process may call this."""
+    now = _now(now)
+    rows = session.scalars(
+        select(m.Job)
+        .where(m.Job.status == JobStatus.RUNNING.value, m.Job.lease_expires_at < now)
+        .with_for_update(skip_locked=True)
+    ).all()
+    out = []
+    for row in rows:
+        lost = f"worker {row.worker_id} stopped heartbeating"
+        if row.requested_action == RequestedAction.CANCEL.value:
+            _set_status(session, row, JobStatus.CANCELLED, f"Job cancelled ({lost})", now=now)
+        elif row.requested_action == RequestedAction.PAUSE.value:
+            _set_status(session, row, JobStatus.PAUSED, f"Job paused ({lost})", now=now)
+        else:
+            _set_status(
+                session,
+                row,
+                JobStatus.QUEUED,
+                f"Job queued again: {lost}; it resumes from its last checkpoint",
+                now=now,
+                level="warning",
+            )
+        out.append(JobRecord.from_row(row))
+    session.flush()
+    return out
+
+
+def set_job_status(
+    *,
+    session: Session,
+    job_id: str,
+    status: JobStatus,
+    message: str | None = None,
+    error: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> JobRecord:
+    """Set a status without a lease check (admin tools, tests, file re-validation)."""
+    now = _now(now)
+    row = _job_row(session, job_id, lock=True)
+    if status == JobStatus.QUEUED:
+        row.queued_at = now
+    _set_status(session, row, status, message or f"Job {status.value}", now=now, error=error)
+    session.flush()
+    return JobRecord.from_row(row)
+
+
+def set_adapter_path(
+    *,
+    session: Session,
+    job_id: str,
+    path: str,
+    fine_tuned_model: str | None = None,
+    trained_tokens: int | None = None,
+    now: datetime | None = None,
+) -> JobRecord:
+    """Record the adapter zip the worker wrote; the download route serves it."""
+    row = _job_row(session, job_id, lock=True)
+    row.adapter_path = path
+    row.fine_tuned_model = fine_tuned_model or row.fine_tuned_model
+    if trained_tokens is not None:
+        row.trained_tokens = trained_tokens
+    row.updated_at = _now(now)
+    session.flush()
+    return JobRecord.from_row(row)
+
+
+def set_trained_tokens(
+    *, session: Session, job_id: str, trained_tokens: int, now: datetime | None = None
+) -> JobRecord:
+    row = _job_row(session, job_id, lock=True)
+    row.trained_tokens = trained_tokens
+    row.updated_at = _now(now)
+    session.flush()
+    return JobRecord.from_row(row)
+
+
+# --- events, metrics, checkpoints ---------------------------------------------------------
+
+
+def _next_seq(row: m.Job) -> int:
+    row.last_seq = (row.last_seq or 0) + 1
+    return row.last_seq
+
+
+def _event(
+    session: Session,
+    row: m.Job,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+    now: datetime,
+) -> EventRecord:
+    event = m.JobEvent(
+        job_id=row.id,
+        seq=_next_seq(row),
+        created_at=now,
+        level=level,
+        type=type,
+        message=message,
+        data=data,
+    )
+    session.add(event)
+    session.flush()
+    return EventRecord.from_row(event)
+
+
+def add_event(
+    *,
+    session: Session,
+    job_id: str,
+    message: str,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> EventRecord:
+    """Append an event; publish `record.to_message()` on the bus after commit."""
+    row = _job_row(session, job_id, lock=True)
+    return _event(session, row, message, level=level, type=type, data=data, now=_now(now))
+
+
+def add_metrics(
+    *,
+    session: Session,
+    job_id: str,
+    step: int,
+    values: dict[str, Any],
+    now: datetime | None = None,
+) -> MetricRecord:
+    """Append one step's metrics (e.g. train_loss, learning_rate, tokens_per_second)."""
+    row = _job_row(session, job_id, lock=True)
+    metric = m.JobMetric(
+        job_id=job_id, seq=_next_seq(row), step=step, created_at=_now(now), values=values
+    )
+    session.add(metric)
+    session.flush()
+    return MetricRecord.from_row(metric)
+
+
+def add_checkpoint(
+    *,
+    session: Session,
+    job_id: str,
+    step: int,
+    path: str,
+    metrics: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> CheckpointRecord:
+    """Record a checkpoint zip (adapter at `step`); it is downloadable at once."""
+    now = _now(now)
+    row = _job_row(session, job_id, lock=True)
+    ckpt = m.Checkpoint(
+        id=new_id("ftckpt"), job_id=job_id, step=step, path=path, metrics=metrics, created_at=now
+    )
+    session.add(ckpt)
+    session.flush()
+    _event(
+        session,
+        row,
+        f"Checkpoint saved at step {step}",
+        type="checkpoint",
+        data={"checkpoint_id": ckpt.id, "step": step},
+        now=now,
+    )
+    return CheckpointRecord.from_row(ckpt)
+
+
+def list_events(
+    *, session: Session, job_id: str, after: int | None = None, limit: int = 20
+) -> tuple[list[EventRecord], bool]:
+    """Newest first; `after` is the numeric id of the last event of the previous page."""
+    query = select(m.JobEvent).where(m.JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(m.JobEvent.id < after)
+    rows = list(session.scalars(query.order_by(m.JobEvent.id.desc()).limit(limit + 1)))
+    return [EventRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def list_metrics(
+    *, session: Session, job_id: str, after_step: int | None = None, limit: int = 100
+) -> tuple[list[MetricRecord], bool]:
+    """Oldest step first (a series); `after_step` is the last step of the previous page."""
+    query = select(m.JobMetric).where(m.JobMetric.job_id == job_id)
+    if after_step is not None:
+        query = query.where(m.JobMetric.step > after_step)
+    query = query.order_by(m.JobMetric.step, m.JobMetric.seq).limit(limit + 1)
+    rows = list(session.scalars(query))
+    return [MetricRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def progress_since(
+    *, session: Session, job_id: str, after_seq: int, limit: int = 500
+) -> list[EventRecord | MetricRecord]:
+    """Events and metrics with seq > after_seq, in seq order (SSE replay)."""
+    events = session.scalars(
+        select(m.JobEvent)
+        .where(m.JobEvent.job_id == job_id, m.JobEvent.seq > after_seq)
+        .order_by(m.JobEvent.seq)
+        .limit(limit)
+    )
+    metrics = session.scalars(
+        select(m.JobMetric)
+        .where(m.JobMetric.job_id == job_id, m.JobMetric.seq > after_seq)
+        .order_by(m.JobMetric.seq)
+        .limit(limit)
+    )
+    merged: list[EventRecord | MetricRecord] = [EventRecord.from_row(r) for r in events]
+    merged += [MetricRecord.from_row(r) for r in metrics]
+    merged.sort(key=lambda r: r.seq)
+    return merged[:limit]
+
+
+def list_checkpoints(
+    *, session: Session, job_id: str, after: str | None = None, limit: int = 10
+) -> tuple[list[CheckpointRecord], bool]:
+    """Newest first; `after` is the last checkpoint id of the previous page."""
+    query = select(m.Checkpoint).where(m.Checkpoint.job_id == job_id)
+    if after is not None:
+        query = query.where(m.Checkpoint.id < after)
+    rows = list(session.scalars(query.order_by(m.Checkpoint.id.desc()).limit(limit + 1)))
+    return [CheckpointRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def get_checkpoint(*, session: Session, job_id: str, checkpoint_id: str) -> CheckpointRecord:
+    row = session.scalar(
+        select(m.Checkpoint).where(m.Checkpoint.id == checkpoint_id, m.Checkpoint.job_id == job_id)
+    )
+    if row is None:
+        raise NotFoundError(
+            f"job {job_id} has no checkpoint {checkpoint_id!r}",
+            param="checkpoint_id",
+            code="checkpoint_not_found",
+        )
+    return CheckpointRecord.from_row(row)

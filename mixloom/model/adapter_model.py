@@ -144,12 +144,14 @@ class AdapterModel(nn.Module):
         st.token_mask = attention_mask.bool() if attention_mask is not None else None
         st.training = training
         st.router_logs = {} if collect_router else None
+        st._real = {}
         try:
             yield st
         finally:
             st.segments = None
             st.token_mask = None
             st.training = False
+            st._real = {}
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Per MixLoRA adapter: its load-balance loss over the last forward's router logs."""

@@ -50,7 +50,9 @@ def _ours_to_file_key(key: str, spec: AdapterSpec) -> list[tuple[str, Any]]:
     Ours: layers.{L}.self_attn.{p}.lora_A | layers.{L}.mlp.{p}.lora_A (LoRA) |
           layers.{L}.mlp.router | layers.{L}.mlp.experts.{p}.lora_A (E stacked) | .magnitude
     """
-    m = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(?:experts\.)?(\w+)\.(lora_A|lora_B|magnitude)", key)
+    m = re.fullmatch(
+        r"layers\.(\d+)\.(self_attn|mlp)\.(?:experts\.)?(\w+)\.(lora_A|lora_B|magnitude)", key
+    )
     r = re.fullmatch(r"layers\.(\d+)\.mlp\.router", key)
     if spec.is_mixlora:
         if r:
@@ -133,27 +135,32 @@ def _act_name(model: AdapterModel) -> str:
 
 
 def save_adapter(model: AdapterModel, name: str, out_dir: str | Path, base_name: str) -> Path:
-    """Write one adapter's files into out_dir (atomically: a temp folder renamed at the end)."""
+    """Write one adapter's files into out_dir; each file lands whole (temp file + rename),
+    and other files in out_dir (metrics, checkpoints) are left alone."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     spec = model.specs[name]
     tensors = export_tensors(model, name)
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    if spec.is_mixlora:
-        torch.save(tensors, tmp / "adapter_model.bin")
     cfg = adapter_config(spec, base_name, _act_name(model))
-    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    (tmp / SPEC_FILE).write_text(json.dumps(spec_to_json(spec), indent=2))
-    if out.exists():
-        import shutil
 
-        shutil.rmtree(out)
-    tmp.replace(out)
+    def put(fname: str, write: Any) -> None:
+        tmp = out / f".{fname}.tmp{os.getpid()}"
+        write(tmp)
+        os.replace(tmp, out / fname)
+
+    put(
+        "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"})
+    )
+    if spec.is_mixlora:
+        put("adapter_model.bin", lambda p: torch.save(tensors, p))
+    put(SPEC_FILE, lambda p: p.write_text(json.dumps(spec_to_json(spec), indent=2)))
+    put("adapter_config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
     return out
 
 
-def read_spec(adapter_dir: str | Path, name: str | None = None) -> tuple[AdapterSpec, dict[str, Any]]:
+def read_spec(
+    adapter_dir: str | Path, name: str | None = None
+) -> tuple[AdapterSpec, dict[str, Any]]:
     """The adapter's spec (exact when written by mixloom) and its adapter_config.json."""
     folder = Path(adapter_dir)
     cfg_path = folder / "adapter_config.json"
@@ -223,7 +230,7 @@ def load_adapter_into(model: AdapterModel, adapter_dir: str | Path, name: str) -
     try:
         for key, p in model.named_adapter_parameters(name):
             parts = []
-            for fkey, index in _ours_to_file_key(key, spec):
+            for fkey, _ in _ours_to_file_key(key, spec):
                 if fkey not in tensors:
                     raise ModelLoadError(f"{adapter_dir}: missing tensor {fkey!r}")
                 parts.append(tensors[fkey])

@@ -46,14 +46,35 @@ class FusedState:
     router_logs: dict[str, list[RouterLog]] | None = None  # collected when not None
     backend: str = "torch"
 
-    def dropout(self, name: str, x: Tensor, p: float) -> Tensor:
+    _real: dict[Segment, Tensor] = field(default_factory=dict)  # per-forward cache
+
+    def real_tokens(self, seg: Segment, per_seq: int, device: torch.device) -> Tensor:
+        """(n_real,) indices of the segment's non-padding tokens within its flattened rows."""
+        if seg not in self._real:
+            n = (seg.end - seg.start) * per_seq
+            if self.token_mask is None:
+                self._real[seg] = torch.arange(n, device=device)
+            else:
+                mask = self.token_mask[seg.start : seg.end].reshape(-1)
+                self._real[seg] = torch.nonzero(mask).squeeze(1)
+        return self._real[seg]
+
+    def dropout(self, name: str, x: Tensor, p: float, real: Tensor | None = None) -> Tensor:
         """Inverted dropout drawn from the adapter's own stream (training only).
 
+        With `real` (indices of non-padding rows of x), random numbers are drawn for those
+        rows only, so a job's masks do not depend on how wide the fused batch is padded.
         The mask is an ordinary tensor product, so autograd's backward applies the same mask.
         """
         if not self.training or p == 0.0:
             return x
-        keep = torch.rand(x.shape, generator=self.generators[name], device=x.device) >= p
+        gen = self.generators[name]
+        if real is None:
+            keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
+        else:
+            keep = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+            drawn = torch.rand((real.shape[0], *x.shape[1:]), generator=gen, device=x.device)
+            keep[real] = drawn >= p
         return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
 
     def jitter(self, name: str, x: Tensor, eps: float) -> Tensor:
@@ -158,7 +179,8 @@ def _lora_rows(
     inputs, offsets, scales = [], [0], []
     for seg, w in active:
         xs = x[seg.start * per_seq : seg.end * per_seq]
-        inputs.append(state.dropout(seg.name or "", xs, w.spec.dropout))
+        real = state.real_tokens(seg, per_seq, x.device) if w.spec.dropout else None
+        inputs.append(state.dropout(seg.name or "", xs, w.spec.dropout, real))
         offsets.append(offsets[-1] + xs.shape[0])
         scales.append(w.spec.scale)
     A, B = _stack([w for _, w in active])
@@ -310,12 +332,7 @@ class MultiAdapterMLP(nn.Module):
             spec = self.specs[seg.name or ""]
             w: MixLoraWeights = self.moe[seg.name]  # type: ignore[assignment]
             lo, hi = seg.start * per_seq, seg.end * per_seq
-            real = (
-                st.token_mask.reshape(-1)[lo:hi]
-                if st.token_mask is not None
-                else torch.ones(hi - lo, dtype=torch.bool, device=xf.device)
-            )
-            tok = torch.nonzero(real).squeeze(1)  # (n_j,) local rows of real tokens
+            tok = st.real_tokens(seg, per_seq, xf.device)  # (n_j,) local rows of real tokens
             xs = xf[lo:hi].index_select(0, tok)
             xs = st.jitter(seg.name or "", xs, spec.jitter_noise)
             logits = xs.float() @ w.router.float().t()  # (n_j, E)

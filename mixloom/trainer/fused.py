@@ -1,0 +1,268 @@
+"""The fused multi-job trainer: every step takes one micro-batch from each active job, runs
+the frozen base ONCE over all rows, and gives each job the gradient of its own loss.
+
+Invariant (tested): training jobs fused gives the same adapters as training each alone.
+It holds because (1) every op of the base is row-wise independent across sequences, (2) each
+adapter touches only its own rows, (3) each job's loss is normalised by its own target
+count, and (4) dropout/jitter masks come from the job's own RNG stream.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mixloom.data.tokenize import IGNORE_INDEX, EncodedRow, collate
+from mixloom.model.adapter_model import AdapterModel
+from mixloom.model.layers import Segment
+from mixloom.trainer.job import Job, JobStatus
+
+
+@dataclass
+class JobStepMetrics:
+    """What one fused step did for one job."""
+
+    name: str
+    step: int  # optimizer steps done after this fused step
+    micro: int  # micro-batches done in the current optimizer step (0 after a step)
+    stepped: bool  # an optimizer step happened
+    loss: float  # mean token loss of the micro-batch
+    step_loss: float | None  # mean token loss of the whole optimizer step, when stepped
+    aux_loss: float | None
+    lr: float
+    tokens: int  # real tokens of the micro-batch
+    grad_norm: float | None
+    router_load: list[float] | None  # MixLoRA: fraction of routed pairs per expert
+    status: str
+
+
+@dataclass
+class StepReport:
+    jobs: list[JobStepMetrics]
+    tokens: int
+    seconds: float
+    shared_with: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class FusedTrainer:
+    """Holds the shared AdapterModel and the active jobs; `step()` runs one fused step."""
+
+    def __init__(self, model: AdapterModel, pad_id: int) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.jobs: dict[str, Job] = {}
+
+    # -- membership --------------------------------------------------------------------
+
+    def add_job(self, job: Job, *, resume: dict[str, Any] | None = None) -> None:
+        """Join between steps. `resume`: a checkpoint state from `job_state`."""
+        if job.name in self.jobs:
+            raise ValueError(f"job {job.name!r} is already training")
+        self.model.add_adapter(job.adapter)
+        job.build_optimizer(self.model.adapter_parameters(job.name))
+        if resume is not None:
+            self._restore(job, resume)
+        self.jobs[job.name] = job
+
+    def remove_job(self, name: str, *, drop_adapter: bool = True) -> Job:
+        """Leave between steps; frees the job's rows at once (and its weights if asked)."""
+        job = self.jobs.pop(name)
+        if drop_adapter:
+            self.model.remove_adapter(name)
+        return job
+
+    @property
+    def active(self) -> list[Job]:
+        return [j for j in self.jobs.values() if j.status == JobStatus.RUNNING and not j.done]
+
+    # -- one fused step ----------------------------------------------------------------
+
+    def step(self) -> StepReport:
+        t0 = time.perf_counter()
+        jobs = self.active
+        if not jobs:
+            return StepReport([], 0, 0.0)
+        batches = []
+        for job in jobs:
+            rows, targets = job.next_micro_batch()
+            batches.append((job, rows, targets))
+        input_ids, labels, mask, segments = self._collate(batches)
+        dev = self.model.device
+        input_ids, labels, mask = input_ids.to(dev), labels.to(dev), mask.to(dev)
+
+        # The base stays in eval mode (no base dropout); adapters train through FusedState.
+        with self.model.fused(segments, mask, training=True):
+            hidden = self.model.model.model(input_ids=input_ids, attention_mask=mask)
+            hidden = hidden.last_hidden_state  # (B, T, H)
+            aux = self.model.aux_losses()
+            loads = self.model.router_load()
+
+        losses: dict[str, Tensor] = {}
+        micro_loss: dict[str, float] = {}
+        for (job, _, targets), seg in zip(batches, segments, strict=True):
+            token_sum = self._token_loss_sum(
+                hidden[seg.start : seg.end], labels[seg.start : seg.end]
+            )
+            loss = token_sum / max(1, targets)
+            n_micro = job.micro_batches
+            if job.name in aux:
+                loss = loss + aux[job.name] / n_micro
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                self._fail(job, f"loss became {value} at step {job.step + 1}")
+                continue
+            losses[job.name] = loss
+            n_here = int((labels[seg.start : seg.end, 1:] != IGNORE_INDEX).sum())
+            micro_loss[job.name] = float(token_sum.detach()) / max(1, n_here)
+            job.loss_sum += float(token_sum.detach())
+            if job.name in aux:
+                job.aux_sum += float(aux[job.name].detach()) / n_micro
+        if losses:
+            torch.stack(list(losses.values())).sum().backward()
+        for job, _, _ in batches:
+            if job.status == JobStatus.FAILED:  # its rows may hold inf*0 = NaN gradients
+                job.optimizer.zero_grad(set_to_none=True)
+
+        report = []
+        total_tokens = 0
+        for (job, _, targets), seg in zip(batches, segments, strict=True):
+            tokens = int(mask[seg.start : seg.end].sum())
+            if job.status != JobStatus.RUNNING:
+                report.append(self._metrics(job, False, float("nan"), None, tokens, None, loads))
+                continue
+            total_tokens += tokens
+            job.tokens_seen += tokens
+            stepped = job.advance_micro()
+            grad_norm = None
+            step_loss = None
+            if stepped:
+                grad_norm = self._optimizer_step(job)
+                if job.status == JobStatus.RUNNING:
+                    step_loss = job.loss_sum / max(1, targets)
+                    job.advance_step()
+                    if job.done:
+                        job.status = JobStatus.SUCCEEDED
+            report.append(
+                self._metrics(
+                    job, stepped, micro_loss[job.name], step_loss, tokens, grad_norm, loads
+                )
+            )
+        seconds = time.perf_counter() - t0
+        return StepReport(report, total_tokens, seconds, [j.name for j, _, _ in batches])
+
+    def _collate(
+        self, batches: list[tuple[Job, list[EncodedRow], int]]
+    ) -> tuple[Tensor, Tensor, Tensor, list[Segment]]:
+        """Stack every job's micro-batch as contiguous row blocks, right-padded to one width."""
+        all_rows: list[EncodedRow] = []
+        segments = []
+        for job, rows, _ in batches:
+            segments.append(Segment(job.name, len(all_rows), len(all_rows) + len(rows)))
+            all_rows.extend(rows)
+        input_ids, labels, mask = collate(all_rows, self.pad_id)
+        return input_ids, labels, mask, segments
+
+    def _token_loss_sum(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """Sum of next-token cross-entropy over target positions only: logits are computed
+        for those positions alone, in fp32 (no (B, T, V) tensor for prompt or padding)."""
+        target = labels[:, 1:]  # (b, T-1)
+        keep = target != IGNORE_INDEX
+        h = hidden[:, :-1][keep]  # (n_targets, H)
+        logits = self.model.model.lm_head(h).float()  # (n_targets, V)
+        return F.cross_entropy(logits, target[keep], reduction="sum")
+
+    def _optimizer_step(self, job: Job) -> float | None:
+        params = self.model.adapter_parameters(job.name)
+        max_norm = job.hp.max_grad_norm if job.hp.max_grad_norm is not None else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(norm):
+            self._fail(job, f"gradient norm became {norm} at step {job.step + 1}")
+            return norm
+        job.optimizer.step()
+        job.scheduler.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _fail(self, job: Job, message: str) -> None:
+        job.status = JobStatus.FAILED
+        job.error = message
+        job.optimizer.zero_grad(set_to_none=True)
+
+    def _metrics(
+        self,
+        job: Job,
+        stepped: bool,
+        loss: float,
+        step_loss: float | None,
+        tokens: int,
+        grad_norm: float | None,
+        loads: dict[str, list[float]],
+    ) -> JobStepMetrics:
+        aux = job.aux_sum if job.adapter.is_mixlora else None
+        return JobStepMetrics(
+            name=job.name,
+            step=job.step,
+            micro=job.micro,
+            stepped=stepped,
+            loss=loss,
+            step_loss=step_loss,
+            aux_loss=aux,
+            lr=job.lr,
+            tokens=tokens,
+            grad_norm=grad_norm,
+            router_load=loads.get(job.name),
+            status=job.status.value,
+        )
+
+    # -- evaluation --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validation_loss(self, name: str, batch_size: int = 8) -> float | None:
+        """Mean token loss of the job's validation rows (eval mode: no dropout, no jitter)."""
+        job = self.jobs[name]
+        if not job.validation_rows:
+            return None
+        total, count = 0.0, 0
+        dev = self.model.device
+        for i in range(0, len(job.validation_rows), batch_size):
+            rows = job.validation_rows[i : i + batch_size]
+            input_ids, labels, mask = (t.to(dev) for t in collate(rows, self.pad_id))
+            segs = [Segment(name, 0, len(rows))]
+            with self.model.fused(segs, mask, training=False, collect_router=False):
+                hidden = self.model.model.model(input_ids=input_ids, attention_mask=mask)
+            total += float(self._token_loss_sum(hidden.last_hidden_state, labels))
+            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return total / max(1, count)
+
+    # -- checkpoint state --------------------------------------------------------------
+
+    def job_state(self, name: str) -> dict[str, Any]:
+        """Everything needed to resume the job exactly (taken between optimizer steps)."""
+        job = self.jobs[name]
+        if job.micro:
+            raise RuntimeError("checkpoint only between optimizer steps (micro == 0)")
+        return {
+            "adapter": self.model.adapter_state_dict(name),
+            "optimizer": job.optimizer.state_dict(),
+            "scheduler": job.scheduler.state_dict(),
+            "rng": self.model.generators[name].get_state(),
+            "counters": job.counters(),
+            "status": job.status.value,
+        }
+
+    def _restore(self, job: Job, state: dict[str, Any]) -> None:
+        self.model.load_adapter_state_dict(job.name, state["adapter"])
+        job.optimizer.load_state_dict(state["optimizer"])
+        job.scheduler.load_state_dict(state["scheduler"])
+        self.model.generators[job.name].set_state(state["rng"])
+        job.restore_counters(state["counters"])

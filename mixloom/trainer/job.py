@@ -1,0 +1,164 @@
+"""One training job's own state inside a fused trainer: data order and cursor, optimizer,
+LR schedule, gradient accumulation, counters. Nothing here knows about other jobs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+from mixloom.data.tokenize import EncodedRow
+from mixloom.jobspec import LoraHyperparameters
+from mixloom.model.specs import AdapterSpec
+
+
+class JobStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+def lr_lambda(kind: str, warmup: int, total: int):  # type: ignore[no-untyped-def]
+    """Multiplier of the peak LR at optimizer step `s` (0-based): linear warmup, then
+    linear decay to 0, cosine decay to 0, or constant."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (s - warmup) / max(1, total - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return f
+
+
+@dataclass
+class Job:
+    """A job as the trainer runs it. `rows` are tokenised training rows."""
+
+    name: str
+    adapter: AdapterSpec
+    hp: LoraHyperparameters
+    rows: list[EncodedRow]
+    seed: int = 42
+    validation_rows: list[EncodedRow] = field(default_factory=list)
+
+    # runtime state (restored from checkpoints)
+    epoch: int = 0
+    cursor: int = 0  # rows of the current epoch already consumed by finished optimizer steps
+    step: int = 0  # optimizer steps done
+    micro: int = 0  # micro-batches done within the current optimizer step
+    status: JobStatus = JobStatus.RUNNING
+    error: str | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    loss_sum: float = 0.0  # summed token loss of the current optimizer step
+    aux_sum: float = 0.0
+    tokens_seen: int = 0
+    _perm: list[int] | None = None
+    _perm_epoch: int = -1
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise ValueError(f"job {self.name!r} has no training rows")
+
+    # -- schedule ----------------------------------------------------------------------
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.rows) / self.hp.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        total = self.hp.n_epochs * self.steps_per_epoch
+        return min(total, self.hp.max_steps) if self.hp.max_steps else total
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.hp.warmup_ratio * self.total_steps)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def build_optimizer(self, params: list[torch.nn.Parameter]) -> None:
+        self.optimizer = torch.optim.AdamW(
+            params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay, foreach=False
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.hp.lr_scheduler, self.warmup_steps, self.total_steps)
+        )
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- data order --------------------------------------------------------------------
+
+    def _permutation(self) -> list[int]:
+        """This epoch's row order: a shuffle seeded by (seed, epoch), the same on resume."""
+        if self._perm_epoch != self.epoch or self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = torch.randperm(len(self.rows), generator=g).tolist()
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def step_rows(self) -> list[EncodedRow]:
+        """Rows of the current optimizer step (batch_size, or fewer at an epoch's end)."""
+        perm = self._permutation()
+        idx = perm[self.cursor : self.cursor + self.hp.batch_size]
+        return [self.rows[i] for i in idx]
+
+    @property
+    def micro_batches(self) -> int:
+        return math.ceil(len(self.step_rows()) / self.hp.micro)
+
+    def next_micro_batch(self) -> tuple[list[EncodedRow], int]:
+        """(rows of the next micro-batch, target tokens of the whole optimizer step).
+
+        The loss of every micro-batch is divided by the whole step's target count, so
+        accumulation gives exactly the gradient of the full batch's mean token loss."""
+        rows = self.step_rows()
+        targets = sum(r.num_targets for r in rows)
+        lo = self.micro * self.hp.micro
+        return rows[lo : lo + self.hp.micro], targets
+
+    def advance_micro(self) -> bool:
+        """Count one finished micro-batch; True when the optimizer step is complete."""
+        self.micro += 1
+        return self.micro >= self.micro_batches
+
+    def advance_step(self) -> None:
+        self.cursor += len(self.step_rows())
+        self.step += 1
+        self.micro = 0
+        self.loss_sum = 0.0
+        self.aux_sum = 0.0
+        if self.cursor >= len(self.rows):
+            self.epoch += 1
+            self.cursor = 0
+
+    # -- checkpoint state --------------------------------------------------------------
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "step": self.step,
+            "micro": self.micro,
+            "tokens_seen": self.tokens_seen,
+        }
+
+    def restore_counters(self, data: dict[str, Any]) -> None:
+        self.epoch = int(data["epoch"])
+        self.cursor = int(data["cursor"])
+        self.step = int(data["step"])
+        self.micro = int(data["micro"])
+        self.tokens_seen = int(data.get("tokens_seen", 0))

@@ -1,0 +1,93 @@
+"""The invariant everything rests on: jobs trained fused equal each job trained alone."""
+
+from __future__ import annotations
+
+import torch
+from helpers import lora_hp, make_job, mixlora_hp, trainer_for
+from tiny import tiny_llama
+
+from mixloom.trainer.job import JobStatus
+
+
+def _weights(trainer, name):  # type: ignore[no-untyped-def]
+    return trainer.model.adapter_state_dict(name)
+
+
+def _assert_same(a: dict, b: dict, atol: float = 2e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+def _jobs():  # type: ignore[no-untyped-def]
+    return [
+        make_job(
+            "lora-a", lora_hp(r=4, batch_size=4, micro_batch_size=2, learning_rate=4e-3), seed=1
+        ),
+        make_job(
+            "moe-b",
+            mixlora_hp(num_experts=4, top_k=2, batch_size=3, learning_rate=6e-3, jitter_noise=0.05),
+            seed=2,
+        ),
+        make_job(
+            "moe-c",
+            mixlora_hp(
+                r=8,
+                num_experts=3,
+                routing="switch",
+                batch_size=2,
+                learning_rate=3e-3,
+                target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                expert_lora={"r": 4, "lora_alpha": 16, "lora_dropout": 0.2},
+                lr_scheduler="cosine",
+                warmup_ratio=0.2,
+            ),
+            seed=3,
+        ),
+    ]
+
+
+def _alone(job, steps):  # type: ignore[no-untyped-def]
+    trainer = trainer_for(tiny_llama())
+    trainer.add_job(job)
+    while trainer.active and job.step < steps:
+        trainer.step()
+    return _weights(trainer, job.name)
+
+
+def test_fused_equals_separate_with_accumulation_and_a_late_joiner() -> None:
+    steps = 3
+    fused = trainer_for(tiny_llama())
+    a, b, c = _jobs()
+    fused.add_job(a)
+    fused.add_job(b)
+    for _ in range(2):  # c joins after two fused steps
+        fused.step()
+    fused.add_job(c)
+    while fused.active:
+        reports = fused.step()
+        assert {m.name for m in reports.jobs} <= {"lora-a", "moe-b", "moe-c"}
+        for job in list(fused.active):
+            if job.step >= steps:
+                job.status = JobStatus.SUCCEEDED
+    assert a.step == b.step == c.step == steps
+    changed = _weights(fused, "lora-a")
+    assert any(float(v.abs().sum()) > 0 for k, v in changed.items() if "lora_B" in k)
+    for job in _jobs():
+        _assert_same(_weights(fused, job.name), _alone(job, steps))
+
+
+def test_poisoned_job_fails_alone() -> None:
+    steps = 3
+    fused = trainer_for(tiny_llama())
+    good = make_job("good", mixlora_hp(), seed=4)
+    bad = make_job("bad", lora_hp(learning_rate=10.0, max_grad_norm=None), seed=5)
+    fused.add_job(good)
+    fused.add_job(bad)
+    with torch.no_grad():  # poison: the bad job's weights hold a NaN from the start
+        next(iter(fused.model.adapter_parameters("bad"))).view(-1)[0] = float("nan")
+    while fused.active and good.step < steps:
+        fused.step()
+    assert bad.status == JobStatus.FAILED
+    assert "nan" in (bad.error or "").lower()
+    _assert_same(_weights(fused, "good"), _alone(make_job("good", mixlora_hp(), seed=4), steps))

@@ -11,6 +11,8 @@ from mixloom.errors import MixloomError
 # Modules exposing `register(subparsers)`. Each handler is stored as `func` on its parser.
 _COMMAND_MODULES = [
     "mixloom.trainer.cli",  # train, generate
+    "mixloom.storage.cli",  # tenants, keys, db
+    "mixloom.server.cli",  # api
 ]
 
 

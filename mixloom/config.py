@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     max_running_jobs: int = 8
     max_request_bytes: int = 1024 * 1024
     max_seq_len: int = 4096
+    # API
+    sse_poll_seconds: float = 2.0  # an idle SSE stream re-reads the database this often
+    sse_max_streams: int = 64  # concurrent SSE streams (each parks a thread while it waits)
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
 
     @property
     def resolved_database_url(self) -> str:

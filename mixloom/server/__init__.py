@@ -1,1 +1,1 @@
-
+"""The REST API (FastAPI). Imports storage, never torch, the trainer or the kernels."""

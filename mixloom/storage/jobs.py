@@ -82,7 +82,14 @@ def create_job(
     )
     session.add(row)
     session.flush()
-    _event(session, row, f"Job created; queued for {model}", type="status", now=now)
+    _event(
+        session,
+        row,
+        f"Job created; queued for {model}",
+        type="status",
+        data={"status": JobStatus.QUEUED.value},
+        now=now,
+    )
     return JobRecord.from_row(row)
 
 

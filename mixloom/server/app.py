@@ -1,0 +1,103 @@
+"""The FastAPI application: `create_app()` wires settings, database, bus and routes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+import mixloom
+from mixloom.config import Settings, get_settings
+from mixloom.server.deps import ServerContext
+from mixloom.server.errors import install_error_handlers
+from mixloom.server.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
+from mixloom.server.registry import served_models
+from mixloom.server.routes import files, jobs, models, stream
+from mixloom.storage import migrate
+from mixloom.storage.bus import ProgressBus, make_bus
+from mixloom.storage.db import Database
+
+DESCRIPTION = """Multi-tenant LoRA / MixLoRA fine-tuning.
+
+Authenticate with `Authorization: Bearer <api key>`. Errors come as
+`{"error": {"message", "type", "param", "code"}}`. Creating POSTs accept an
+`Idempotency-Key` header: a retry with the same key and body returns the first response.
+"""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    db: Database | None = None,
+    bus: ProgressBus | None = None,
+    run_migrations: bool = False,
+) -> FastAPI:
+    """Build the API. Pass `db`/`bus` to share them (e.g. with an in-process worker);
+    otherwise they are made from settings and closed on shutdown."""
+    settings = settings or get_settings()
+    owns_db, owns_bus = db is None, bus is None
+    if db is None:
+        if run_migrations:
+            migrate.upgrade(settings.resolved_database_url)
+        db = Database.connect(settings.resolved_database_url)
+    bus = bus or make_bus(settings.redis_url)
+    ctx = ServerContext(
+        settings=settings,
+        db=db,
+        bus=bus,
+        models=served_models(settings),
+        started_at=int(time.time()),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_bus:
+            ctx.bus.close()
+        if owns_db:
+            ctx.db.dispose()
+
+    app = FastAPI(
+        title="mixloom",
+        version=mixloom.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    for router in (models.router, files.router, jobs.router, stream.router):
+        app.include_router(router)
+
+    @app.get("/healthz", tags=["health"], include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    def limit_for(method: str, path: str) -> int:
+        if method == "POST" and path == "/v1/files":
+            return settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+        return settings.max_request_bytes
+
+    app.add_middleware(BodySizeLimit, limit_for=limit_for)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents a 422 on every route; mixloom answers bad input with 400."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,169 @@
+"""Every error leaves the API as {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mixloom.errors import (
+    AuthenticationError,
+    ConflictError,
+    DataError,
+    MixloomError,
+    NotFoundError,
+    PayloadTooLargeError,
+    Problem,
+    QuotaExceededError,
+    RequestError,
+    ValidationError,
+)
+from mixloom.server.schemas import ErrorResponse
+
+log = logging.getLogger("mixloom.server")
+
+# HTTP status -> error type
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    410: "not_found_error",
+    411: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "quota_exceeded",
+    500: "server_error",
+}
+
+
+class GoneError(NotFoundError):
+    """A download whose file was recorded but is no longer on disk."""
+
+
+_REQUEST_ERROR_STATUS: list[tuple[type[RequestError], int]] = [
+    (AuthenticationError, 401),
+    (GoneError, 410),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (PayloadTooLargeError, 413),
+    (QuotaExceededError, 429),
+]
+
+# Declared on every route so the OpenAPI document tells clients (and schemathesis) the truth.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": ERROR_TYPES[code]}
+    for code in (400, 401, 404, 409, 413, 429)
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    problems: list[Problem] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "message": message,
+        "type": ERROR_TYPES.get(status, "invalid_request_error"),
+        "param": param,
+        "code": code,
+    }
+    if problems and len(problems) > 1:
+        body["problems"] = [{"where": p.where, "message": p.message} for p in problems]
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _request_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestError)
+    status = next((s for cls, s in _REQUEST_ERROR_STATUS if isinstance(exc, cls)), 400)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return error_response(status, exc.message, param=exc.param, code=exc.code, headers=headers)
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ValidationError)
+    problems = exc.problems
+    param: str | None
+    if isinstance(exc, DataError):
+        param, code = "file", "invalid_file"
+    else:
+        param, code = (problems[0].where if len(problems) == 1 else None), "invalid_value"
+    return error_response(400, str(exc), param=param, code=code, problems=problems)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _request_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for err in exc.errors():
+        where = _loc(tuple(err.get("loc", ())))
+        kind = err.get("type", "")
+        msg = str(err.get("msg", "invalid value"))
+        if kind == "json_invalid":
+            ctx = err.get("ctx") or {}
+            where = ""
+            msg = (
+                f"the request body is not valid JSON ({ctx.get('error', 'parse error')} "
+                f"at character {_loc(tuple(err.get('loc', ())))}); send one JSON object"
+            )
+        elif kind == "extra_forbidden":
+            msg = "unknown key (not a mixloom setting; check the spelling)"
+        elif kind == "missing":
+            msg = "required; it is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        problems.append(Problem(where, msg))
+    if not problems:
+        problems.append(Problem("", "invalid request"))
+    if len(problems) == 1:
+        message = str(problems[0])
+    else:
+        message = f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+    param = problems[0].where or None if len(problems) == 1 else None
+    return error_response(400, message, param=param, code="invalid_value", problems=problems)
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; see /docs"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}; see /docs"
+    else:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    code = "request_too_large" if exc.status_code == 413 else None
+    return error_response(
+        exc.status_code, message, code=code, headers=getattr(exc, "headers", None)
+    )
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    message = "internal error; the server logged it"
+    if isinstance(exc, MixloomError):
+        message = f"internal error: {exc}"
+    return error_response(500, message, code="internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestError, _request_error)
+    app.add_exception_handler(ValidationError, _validation_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,321 @@
+"""Fine-tuning jobs: create, list, get, cancel/pause/resume, events, metrics, checkpoints,
+adapter downloads."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import FileResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from mixloom.errors import (
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    ProblemList,
+    QuotaExceededError,
+    ValidationError,
+)
+from mixloom.jobspec import Method
+from mixloom.server.deps import Context, CurrentTenant, ServerContext
+from mixloom.server.errors import ERROR_RESPONSES, GoneError
+from mixloom.server.idempotency import request_hash, stored_response
+from mixloom.server.schemas import (
+    CheckpointPublic,
+    CheckpointsPublic,
+    EventPublic,
+    EventsPublic,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    MetricPublic,
+    MetricsPublic,
+)
+from mixloom.storage import files, idempotency, jobs, tenants
+from mixloom.storage.records import JobRecord, JobStatus, TenantRecord
+
+router = APIRouter(tags=["fine_tuning"], responses=ERROR_RESPONSES)
+
+JOBS = "/v1/fine_tuning/jobs"
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+]
+_EVENT_ID = re.compile(r"^ftevent-(\d{1,18})$")
+ZIP_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/zip": {}}, "description": "adapter_config.json + weights"},
+    410: {"description": "the archive was recorded but is gone from disk"},
+}
+
+
+def method_json(method: Method) -> dict[str, Any]:
+    """The method with every hyperparameter filled in, as stored and shown."""
+    hp = method.hyperparameters.model_dump(mode="json")
+    return {"type": method.type, method.type: {"hyperparameters": hp}}
+
+
+def _check_against_model(ctx: ServerContext, body: JobCreate) -> None:
+    problems = ProblemList()
+    served = ctx.model(body.model)
+    if served is None:
+        names = ", ".join(m.id for m in ctx.models)
+        problems.add("model", f"this deployment does not serve {body.model!r}; use one of: {names}")
+    seq = body.method.hyperparameters.max_seq_len
+    limit = min(ctx.settings.max_seq_len, served.max_position_embeddings if served else seq)
+    if seq > limit:
+        problems.add(
+            f"method.{body.method.type}.hyperparameters.max_seq_len",
+            f"{seq} exceeds the {limit} tokens this deployment allows for {body.model}",
+        )
+    problems.raise_if_any(ConfigError)
+
+
+def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str) -> None:
+    try:
+        files.get_file(session=session, file_id=file_id, tenant_id=tenant.id)
+    except NotFoundError:
+        raise NotFoundError(
+            f"{param}: no file with id {file_id!r}; upload it with POST /v1/files",
+            param=param,
+            code="file_not_found",
+        ) from None
+
+
+def _public(session: Session, job: JobRecord) -> JobPublic:
+    return JobPublic.of(job, jobs.queue_position(session=session, job=job))
+
+
+def _publish_since(ctx: ServerContext, job_id: str, after_seq: int) -> None:
+    """Push the events a state change added to live SSE streams (after commit)."""
+    with ctx.db.transaction() as session:
+        new = jobs.progress_since(session=session, job_id=job_id, after_seq=after_seq)
+    for record in new:
+        ctx.bus.publish(job_id, record.to_message())
+
+
+@router.post(JOBS, response_model=JobPublic)
+def create_job(
+    ctx: Context, tenant: CurrentTenant, body: JobCreate, idempotency_key: IdempotencyKey = None
+) -> Any:
+    """Validate the job against the served base model and the tenant's files, and queue it."""
+    _check_against_model(ctx, body)
+    digest = request_hash(body.model_dump(mode="json"))
+    for attempt in range(2):
+        try:
+            with ctx.db.transaction() as session:
+                if idempotency_key:
+                    replay = stored_response(
+                        session=session,
+                        tenant_id=tenant.id,
+                        key=idempotency_key,
+                        method="POST",
+                        path=JOBS,
+                        digest=digest,
+                    )
+                    if replay is not None:
+                        return replay
+                _check_file(session, tenant, body.training_file, "training_file")
+                if body.validation_file is not None:
+                    _check_file(session, tenant, body.validation_file, "validation_file")
+                tenants.lock_tenant(session=session, tenant_id=tenant.id)
+                waiting = tenants.tenant_usage(session=session, tenant_id=tenant.id)
+                cap = tenant.max_queued_jobs or ctx.settings.max_queued_jobs
+                if waiting["waiting_jobs"] >= cap:
+                    raise QuotaExceededError(
+                        f"this tenant already has {waiting['waiting_jobs']} jobs waiting "
+                        f"(the limit is {cap}); wait for some to start or cancel them",
+                        code="job_quota_exceeded",
+                    )
+                job = jobs.create_job(
+                    session=session,
+                    tenant_id=tenant.id,
+                    model=body.model,
+                    training_file_id=body.training_file,
+                    validation_file_id=body.validation_file,
+                    method=method_json(body.method),
+                    seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+                    suffix=body.suffix,
+                    metadata=body.metadata,
+                )
+                public = _public(session, job)
+                if idempotency_key:
+                    idempotency.save_idempotency(
+                        session=session,
+                        tenant_id=tenant.id,
+                        key=idempotency_key,
+                        request_method="POST",
+                        request_path=JOBS,
+                        request_hash=digest,
+                        response_status=200,
+                        response_body=public.model_dump(mode="json"),
+                    )
+        except IntegrityError:
+            if idempotency_key and attempt == 0:
+                continue  # a concurrent request with this key won; replay its response
+            raise
+        _publish_since(ctx, job.id, 0)
+        ctx.bus.wake()
+        return public
+    raise AssertionError("unreachable")
+
+
+@router.get(JOBS, response_model=JobsPublic)
+def list_jobs(
+    ctx: Context,
+    tenant: CurrentTenant,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    status: JobStatus | None = None,
+) -> JobsPublic:
+    """Newest first. `after`: the last id of the previous page."""
+    with ctx.db.transaction() as session:
+        page, has_more = jobs.list_jobs(
+            session=session, tenant_id=tenant.id, after=after, limit=limit, status=status
+        )
+        return JobsPublic(data=[_public(session, j) for j in page], has_more=has_more)
+
+
+@router.get(JOBS + "/{job_id}", response_model=JobPublic)
+def get_job(ctx: Context, tenant: CurrentTenant, job_id: str) -> JobPublic:
+    with ctx.db.transaction() as session:
+        return _public(session, jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id))
+
+
+def _transition(ctx: ServerContext, tenant: TenantRecord, job_id: str, action: Any) -> JobPublic:
+    with ctx.db.transaction() as session:
+        before = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
+        job = action(session=session, job_id=job_id, tenant_id=tenant.id)
+        public = _public(session, job)
+    if job.last_seq != before.last_seq:
+        _publish_since(ctx, job_id, before.last_seq)
+    if job.status == JobStatus.QUEUED and before.status != JobStatus.QUEUED:
+        ctx.bus.wake()
+    return public
+
+
+@router.post(JOBS + "/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(ctx: Context, tenant: CurrentTenant, job_id: str) -> JobPublic:
+    """Queued or paused: cancelled at once. Running: `requested_action` becomes "cancel"
+    and the worker stops the job within a heartbeat. A cancelled job: returned unchanged."""
+    return _transition(ctx, tenant, job_id, jobs.cancel_job)
+
+
+@router.post(JOBS + "/{job_id}/pause", response_model=JobPublic)
+def pause_job(ctx: Context, tenant: CurrentTenant, job_id: str) -> JobPublic:
+    """Queued: paused at once. Running: `requested_action` becomes "pause"; the worker
+    saves a checkpoint and releases it as paused."""
+    return _transition(ctx, tenant, job_id, jobs.pause_job)
+
+
+@router.post(JOBS + "/{job_id}/resume", response_model=JobPublic)
+def resume_job(ctx: Context, tenant: CurrentTenant, job_id: str) -> JobPublic:
+    """Paused: queued again (training resumes from the last checkpoint). Running with a
+    pending pause: the request is withdrawn."""
+    return _transition(ctx, tenant, job_id, jobs.resume_job)
+
+
+@router.get(JOBS + "/{job_id}/events", response_model=EventsPublic)
+def list_events(
+    ctx: Context,
+    tenant: CurrentTenant,
+    job_id: str,
+    after: Annotated[str | None, Query(max_length=64, description="an event id")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> EventsPublic:
+    """Newest first. `after`: the last event id of the previous page."""
+    after_id = None
+    if after is not None:
+        match = _EVENT_ID.match(after)
+        if match is None:
+            raise ValidationError(f"{after!r} is not an event id (ftevent-N)", where="after")
+        after_id = int(match.group(1))
+    with ctx.db.transaction() as session:
+        jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
+        page, has_more = jobs.list_events(
+            session=session, job_id=job_id, after=after_id, limit=limit
+        )
+    return EventsPublic(data=[EventPublic.of(e) for e in page], has_more=has_more)
+
+
+@router.get(JOBS + "/{job_id}/metrics", response_model=MetricsPublic)
+def list_metrics(
+    ctx: Context,
+    tenant: CurrentTenant,
+    job_id: str,
+    after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="a step")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> MetricsPublic:
+    """Oldest step first. `after`: the last step of the previous page."""
+    with ctx.db.transaction() as session:
+        jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
+        page, has_more = jobs.list_metrics(
+            session=session, job_id=job_id, after_step=after, limit=limit
+        )
+    return MetricsPublic(data=[MetricPublic.of(r) for r in page], has_more=has_more)
+
+
+@router.get(JOBS + "/{job_id}/checkpoints", response_model=CheckpointsPublic)
+def list_checkpoints(
+    ctx: Context,
+    tenant: CurrentTenant,
+    job_id: str,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> CheckpointsPublic:
+    """Newest first. `after`: the last checkpoint id of the previous page."""
+    with ctx.db.transaction() as session:
+        job = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
+        page, has_more = jobs.list_checkpoints(
+            session=session, job_id=job_id, after=after, limit=limit
+        )
+    data = [CheckpointPublic.of(c, job) for c in page]
+    return CheckpointsPublic(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+def _zip(path: str, filename: str) -> FileResponse:
+    if not Path(path).is_file():
+        raise GoneError(
+            f"the archive {filename} was removed from the server's disk", code="archive_missing"
+        )
+    return FileResponse(path, media_type="application/zip", filename=filename)
+
+
+@router.get(JOBS + "/{job_id}/adapter", response_class=FileResponse, responses=ZIP_RESPONSE)
+def download_adapter(ctx: Context, tenant: CurrentTenant, job_id: str) -> FileResponse:
+    """The trained adapter as a zip (PEFT layout for LoRA, MixLoRA layout for MixLoRA).
+    409 until the job has succeeded; checkpoints are downloadable earlier."""
+    with ctx.db.transaction() as session:
+        job = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
+    if job.adapter_path is None:
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            hint = "it has no final adapter; its checkpoints may be downloadable"
+        else:
+            hint = "the adapter is written when it succeeds; try again then"
+        raise ConflictError(
+            f"job {job.id} is {job.status.value}: {hint}", param="job_id", code="adapter_not_ready"
+        )
+    return _zip(job.adapter_path, f"{job.id}-adapter.zip")
+
+
+@router.get(
+    JOBS + "/{job_id}/checkpoints/{checkpoint_id}/adapter",
+    response_class=FileResponse,
+    responses=ZIP_RESPONSE,
+)
+def download_checkpoint(
+    ctx: Context, tenant: CurrentTenant, job_id: str, checkpoint_id: str
+) -> FileResponse:
+    """A checkpoint's adapter as a zip, in the same layout as the final one."""
+    with ctx.db.transaction() as session:
+        jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
+        ckpt = jobs.get_checkpoint(session=session, job_id=job_id, checkpoint_id=checkpoint_id)
+    return _zip(ckpt.path, f"{job_id}-step-{ckpt.step}.zip")

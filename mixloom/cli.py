@@ -13,6 +13,7 @@ _COMMAND_MODULES = [
     "mixloom.trainer.cli",  # train, generate
     "mixloom.storage.cli",  # tenants, keys, db
     "mixloom.server.cli",  # api
+    "mixloom.clients.cli",  # models, files, jobs, adapters (HTTP client)
 ]
 
 

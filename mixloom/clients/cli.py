@@ -1,0 +1,419 @@
+"""`mixloom files|jobs|adapters|models`: the API from a shell, through `Client`.
+
+The server and key come from --base-url / $MIXLOOM_BASE_URL (default
+http://127.0.0.1:8000) and --api-key / $MIXLOOM_API_KEY. --json prints the API's objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mixloom.clients.client import API_KEY_ENV, BASE_URL_ENV, DEFAULT_BASE_URL, Client
+from mixloom.clients.errors import APIError
+from mixloom.clients.progress import progress, total_steps
+from mixloom.clients.types import File, Job, Metric
+from mixloom.errors import MixloomError
+
+STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
+
+
+class ClientCommandError(MixloomError):
+    """A client command was given something it cannot use (the message says what)."""
+
+
+def register(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--base-url",
+        default=None,
+        help=f"the mixloom server (default ${BASE_URL_ENV} or {DEFAULT_BASE_URL})",
+    )
+    common.add_argument("--api-key", default=None, help=f"your API key (default ${API_KEY_ENV})")
+    common.add_argument("--json", action="store_true", help="print the API's JSON objects")
+
+    models = sub.add_parser("models", help="base models the server fine-tunes")
+    msub = models.add_subparsers(dest="action", metavar="ACTION", required=True)
+    msub.add_parser("list", parents=[common], help="list served base models").set_defaults(
+        func=_models_list
+    )
+
+    files = sub.add_parser("files", help="upload and manage JSONL training files")
+    fsub = files.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = fsub.add_parser(
+        "upload", parents=[common], help="upload a JSONL file (checked line by line)"
+    )
+    up.add_argument("path", type=Path)
+    up.add_argument("--purpose", default="fine-tune")
+    up.set_defaults(func=_files_upload)
+    fl = fsub.add_parser("list", parents=[common], help="list your files, newest first")
+    _list_options(fl)
+    fl.set_defaults(func=_files_list)
+    fg = fsub.add_parser("get", parents=[common], help="show one file")
+    fg.add_argument("file_id")
+    fg.set_defaults(func=_files_get)
+    fd = fsub.add_parser("delete", parents=[common], help="delete a file no unfinished job uses")
+    fd.add_argument("file_id")
+    fd.set_defaults(func=_files_delete)
+
+    jobs = sub.add_parser("jobs", help="create, list, watch and control fine-tuning jobs")
+    jsub = jobs.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = jsub.add_parser("create", parents=[common], help="create a fine-tuning job")
+    create.add_argument(
+        "--training-file",
+        required=True,
+        help="a file id (file-...) or a local JSONL path to upload",
+    )
+    create.add_argument("--validation-file", help="a file id or a local JSONL path")
+    create.add_argument("--method", choices=("lora", "mixlora"), default="lora")
+    create.add_argument("--model", help="base model id (default: the server's first)")
+    create.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a hyperparameter, e.g. --hp r=16 --hp learning_rate=1e-4 "
+        "--hp target_modules=q_proj,v_proj (repeat)",
+    )
+    create.add_argument("--seed", type=int)
+    create.add_argument("--suffix")
+    create.add_argument("--watch", action="store_true", help="then watch it to the end")
+    create.set_defaults(func=_jobs_create)
+    jl = jsub.add_parser("list", parents=[common], help="list your jobs, newest first")
+    _list_options(jl)
+    jl.add_argument("--status", choices=STATUSES)
+    jl.set_defaults(func=_jobs_list)
+    for name, helptext, func in (
+        ("get", "show a job and its progress", _jobs_get),
+        ("cancel", "cancel a job", _jobs_cancel),
+        ("pause", "pause a job (a running one checkpoints first)", _jobs_pause),
+        ("resume", "queue a paused job again", _jobs_resume),
+        ("watch", "live progress bar with loss until the job ends", _jobs_watch),
+        ("events", "a job's events, oldest first", _jobs_events),
+    ):
+        p = jsub.add_parser(name, parents=[common], help=helptext)
+        p.add_argument("job_id")
+        p.set_defaults(func=func)
+
+    adapters = sub.add_parser("adapters", help="download trained adapters")
+    asub = adapters.add_subparsers(dest="action", metavar="ACTION", required=True)
+    dl = asub.add_parser(
+        "download", parents=[common], help="download a job's adapter zip (or a checkpoint's)"
+    )
+    dl.add_argument("job_id")
+    dl.add_argument("--checkpoint", help="a checkpoint id (ftckpt-...); default: the final adapter")
+    dl.add_argument("-o", "--output", type=Path, default=Path("."), help="file or directory")
+    dl.set_defaults(func=_adapters_download)
+
+
+def _list_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=20, help="page size (1-100)")
+    parser.add_argument("--after", help="the last id of the previous page")
+    parser.add_argument("--all", action="store_true", help="every page, not just one")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.base_url, args.api_key)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _when(ts: int | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _file_row(f: File) -> list[str]:
+    return [f.id, f.filename, str(f.rows), str(f.bytes), _when(f.created_at)]
+
+
+def _job_row(j: Job) -> list[str]:
+    status = j.status + (f" ({j.requested_action} requested)" if j.requested_action else "")
+    return [j.id, status, j.method_type, j.model, str(j.trained_tokens or 0), _when(j.created_at)]
+
+
+# --- models ---------------------------------------------------------------------------
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.list_models()
+    if args.json:
+        _print_json([m.raw for m in models])
+    else:
+        _table(
+            [[m.id, str(m.max_position_embeddings), m.description] for m in models],
+            ["ID", "CONTEXT", "DESCRIPTION"],
+        )
+    return 0
+
+
+# --- files ----------------------------------------------------------------------------
+
+
+def _files_upload(args: argparse.Namespace) -> int:
+    if not args.path.is_file():
+        raise ClientCommandError(f"{args.path} is not a file; give the path of a JSONL file")
+    with _client(args) as client:
+        f = client.upload_file(args.path, purpose=args.purpose)
+    if args.json:
+        _print_json(f.raw)
+    else:
+        print(f"{f.id}\t{f.filename}\t{f.rows} rows")
+    return 0
+
+
+def _files_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.all:
+            rows = list(client.iter_files(page_size=min(100, args.limit)))
+            more = False
+        else:
+            page = client.list_files(after=args.after, limit=args.limit)
+            rows, more = page.data, page.has_more
+    if args.json:
+        _print_json([f.raw for f in rows])
+    else:
+        _table([_file_row(f) for f in rows], ["ID", "FILENAME", "ROWS", "BYTES", "CREATED"])
+        if more:
+            print(f"(more: --after {rows[-1].id}, or --all)")
+    return 0
+
+
+def _files_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        f = client.get_file(args.file_id)
+    if args.json:
+        _print_json(f.raw)
+    else:
+        _table([_file_row(f)], ["ID", "FILENAME", "ROWS", "BYTES", "CREATED"])
+    return 0
+
+
+def _files_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_file(args.file_id)
+    print(
+        json.dumps({"id": args.file_id, "deleted": True})
+        if args.json
+        else f"deleted {args.file_id}"
+    )
+    return 0
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+
+def parse_hyperparameter(text: str) -> tuple[str, Any]:
+    """ "r=16" -> ("r", 16); JSON values are decoded, "a,b" becomes a list, else a string."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise ClientCommandError(f"--hp {text!r}: write NAME=VALUE, e.g. --hp r=16")
+    raw = raw.strip()
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = [v.strip() for v in raw.split(",") if v.strip()] if "," in raw else raw
+    return name.strip(), value
+
+
+def _file_id(client: Client, value: str) -> str:
+    path = Path(value)
+    if path.is_file():
+        f = client.upload_file(path)
+        print(f"uploaded {path} as {f.id} ({f.rows} rows)", file=sys.stderr)
+        return f.id
+    return value
+
+
+def _jobs_create(args: argparse.Namespace) -> int:
+    hp = dict(parse_hyperparameter(h) for h in args.hp)
+    with _client(args) as client:
+        training = _file_id(client, args.training_file)
+        validation = _file_id(client, args.validation_file) if args.validation_file else None
+        job = client.create_job(
+            training_file=training,
+            validation_file=validation,
+            model=args.model,
+            method=args.method,
+            hyperparameters=hp or None,
+            seed=args.seed,
+            suffix=args.suffix,
+        )
+        if args.json:
+            _print_json(job.raw)
+        else:
+            print(f"{job.id}\t{job.status}")
+        if args.watch:
+            return _watch(client, job.id, quiet=args.json)
+    return 0
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.all:
+            rows = list(client.iter_jobs(status=args.status, page_size=min(100, args.limit)))
+            more = False
+        else:
+            page = client.list_jobs(after=args.after, limit=args.limit, status=args.status)
+            rows, more = page.data, page.has_more
+    if args.json:
+        _print_json([j.raw for j in rows])
+    else:
+        _table(
+            [_job_row(j) for j in rows], ["ID", "STATUS", "METHOD", "MODEL", "TOKENS", "CREATED"]
+        )
+        if more:
+            print(f"(more: --after {rows[-1].id}, or --all)")
+    return 0
+
+
+def _training_rows(client: Client, job: Job) -> int | None:
+    try:
+        return client.get_file(job.training_file).rows
+    except APIError:
+        return None  # the file was deleted after the job finished
+
+
+def _jobs_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.get_job(args.job_id)
+        if args.json:
+            _print_json(job.raw)
+            return 0
+        metrics = list(client.iter_metrics(job.id))
+        p = progress(job, metrics, _training_rows(client, job))
+    print(f"{job.id}  {job.status}  {job.method_type} on {job.model}")
+    if job.requested_action:
+        print(f"  {job.requested_action} requested")
+    if job.queue_position:
+        print(f"  queue position: {job.queue_position}")
+    step = f"{p.step}/{p.total}" if p.total else str(p.step)
+    pct = f" ({p.fraction:.0%})" if p.fraction is not None else ""
+    print(f"  step {step}{pct}")
+    if metrics and metrics[-1].loss is not None:
+        print(f"  loss {metrics[-1].loss:.4f}")
+    if p.tokens_per_s is not None:
+        print(f"  {p.tokens_per_s:.0f} tokens/s")
+    if p.eta_s is not None:
+        print(f"  ETA {p.eta_s:.0f} s")
+    if job.error:
+        print(f"  error: {job.error.message}")
+    if job.adapter_available:
+        print(f"  adapter: mixloom adapters download {job.id}")
+    return 0
+
+
+def _transition(args: argparse.Namespace, action: str) -> int:
+    with _client(args) as client:
+        job = getattr(client, f"{action}_job")(args.job_id)
+    if args.json:
+        _print_json(job.raw)
+    else:
+        _table([_job_row(job)], ["ID", "STATUS", "METHOD", "MODEL", "TOKENS", "CREATED"])
+    return 0
+
+
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    return _transition(args, "cancel")
+
+
+def _jobs_pause(args: argparse.Namespace) -> int:
+    return _transition(args, "pause")
+
+
+def _jobs_resume(args: argparse.Namespace) -> int:
+    return _transition(args, "resume")
+
+
+def _jobs_events(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        events = list(client.iter_events(args.job_id))[::-1]
+    if args.json:
+        _print_json([e.raw for e in events])
+    else:
+        for e in events:
+            print(f"{_when(e.created_at)}  {e.level:<7} {e.message}")
+    return 0
+
+
+def _jobs_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _watch(client, args.job_id, quiet=args.json)
+
+
+def _watch(client: Client, job_id: str, *, quiet: bool = False) -> int:
+    """A progress bar over optimizer steps with the latest loss; events print above it.
+    Exit status 0 if the job succeeded, 1 if it failed or was cancelled."""
+    from tqdm import tqdm
+
+    job = client.get_job(job_id)
+    rows = _training_rows(client, job)
+    bar = tqdm(
+        total=total_steps(job, rows),
+        desc=job_id,
+        unit="step",
+        disable=quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    status = job.status
+    try:
+        for message in client.stream(job_id):
+            if message.event == "metrics":
+                metric = Metric.from_json(message.data)
+                reported = metric.metrics.get("total_steps")
+                if isinstance(reported, int) and reported != bar.total:
+                    bar.total = reported
+                bar.update(max(0, metric.step - bar.n))
+                bar.set_postfix(_postfix(metric), refresh=True)
+            elif message.event == "event":
+                bar.write(f"{_when(message.data.get('created_at'))}  {message.data.get('message')}")
+            elif message.event == "end":
+                status = str(message.data.get("status", status))
+    finally:
+        bar.close()
+    if status not in ("succeeded", "failed", "cancelled"):
+        status = client.get_job(job_id).status
+    if quiet:
+        _print_json(client.get_job(job_id).raw)
+    else:
+        print(f"{job_id} {status}")
+    return 0 if status == "succeeded" else 1
+
+
+def _postfix(metric: Metric) -> dict[str, str]:
+    out = {}
+    if metric.loss is not None:
+        out["loss"] = f"{metric.loss:.4f}"
+    val = metric.metrics.get("val_loss")
+    if isinstance(val, int | float):
+        out["val_loss"] = f"{val:.4f}"
+    tps = metric.metrics.get("tokens_per_s")
+    if isinstance(tps, int | float):
+        out["tok/s"] = f"{tps:.0f}"
+    return out
+
+
+# --- adapters -------------------------------------------------------------------------
+
+
+def _adapters_download(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        path = client.download_adapter(args.job_id, args.output, checkpoint_id=args.checkpoint)
+    if args.json:
+        _print_json({"job_id": args.job_id, "path": str(path), "bytes": path.stat().st_size})
+    else:
+        print(path)
+    return 0

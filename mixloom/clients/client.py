@@ -1,0 +1,478 @@
+"""`Client`: the mixloom REST API from Python, over HTTP only.
+
+    from mixloom.clients import Client
+    client = Client("http://127.0.0.1:8000", api_key="mxl-...")
+    f = client.upload_file("train.jsonl")
+    job = client.create_job(training_file=f.id, method="mixlora", hyperparameters={"r": 8})
+    for message in client.stream(job.id):
+        ...
+
+Requests that fail with 429 or 5xx, or cannot connect, are retried with exponential
+backoff (honouring `Retry-After`); creating POSTs carry an `Idempotency-Key`, so a retry
+never creates a thing twice. Error responses raise the typed exceptions of
+`mixloom.clients.errors`, carrying the server's message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from mixloom.clients.errors import APIConnectionError, error_for
+from mixloom.clients.types import (
+    Checkpoint,
+    Event,
+    File,
+    Job,
+    Metric,
+    Model,
+    Page,
+    StreamMessage,
+)
+
+T = TypeVar("T")
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+BASE_URL_ENV = "MIXLOOM_BASE_URL"
+API_KEY_ENV = "MIXLOOM_API_KEY"
+JOBS = "/v1/fine_tuning/jobs"
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# 429s that report a full tenant quota: waiting seconds will not free it, so no retry.
+_QUOTA_CODES = frozenset({"job_quota_exceeded", "storage_quota_exceeded"})
+_CHUNK = 1024 * 1024
+
+
+class Client:
+    """Typed methods for every route of the API.
+
+    Args:
+        base_url: the server, e.g. "http://127.0.0.1:8000"; default $MIXLOOM_BASE_URL.
+        api_key: a tenant's key; default $MIXLOOM_API_KEY.
+        timeout: seconds per request (connect, read, write).
+        max_retries: retries after the first try, for 429, 5xx and connection errors.
+        backoff: first delay in seconds; doubles each retry (with jitter), capped by
+            `max_backoff`. A `Retry-After` header wins over the computed delay (capped too).
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._sleep = sleep
+        headers = {"User-Agent": "mixloom-client"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- transport --------------------------------------------------------------------
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None:
+            after = _retry_after(response.headers.get("Retry-After"))
+            if after is not None:
+                return min(after, self.max_backoff)
+        base = min(self.backoff * 2**attempt, self.max_backoff)
+        return base * (0.5 + random.random() / 2)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        files: Callable[[], dict[str, Any]] | None = None,
+        data: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        stream: bool = False,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
+        """One request with retries; raises the typed error of a final error status.
+        `files` is a factory so that every attempt sends the upload from its start."""
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        attempt = 0
+        while True:
+            response: httpx.Response | None = None
+            try:
+                request = self._http.build_request(
+                    method,
+                    path,
+                    params=params,
+                    json=json_body,
+                    files=files() if files else None,
+                    data=data,
+                    headers=headers,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                )
+                response = self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries:
+                    raise APIConnectionError(
+                        f"cannot reach the mixloom server at {self.base_url} ({exc}); "
+                        f"is it running? set --base-url or ${BASE_URL_ENV}"
+                    ) from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                if stream:
+                    response.read()
+                error = error_for(response.status_code, _body(response), dict(response.headers))
+                retriable = (
+                    response.status_code in RETRY_STATUSES and error.code not in _QUOTA_CODES
+                )
+                if not retriable or attempt >= self.max_retries:
+                    raise error
+            self._sleep(self._delay(attempt, response))
+            attempt += 1
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._send(method, path, **kwargs).json()
+
+    def _page(
+        self,
+        path: str,
+        parse: Callable[[dict[str, Any]], T],
+        cursor: Callable[[T], str],
+        params: dict[str, Any],
+    ) -> Page[T]:
+        body = self._json("GET", path, params=params)
+        data = [parse(item) for item in body["data"]]
+        has_more = bool(body.get("has_more"))
+        return Page(data=data, has_more=has_more, next_after=cursor(data[-1]) if data else None)
+
+    @staticmethod
+    def _iterate(fetch: Callable[[str | None], Page[T]]) -> Iterator[T]:
+        after: str | None = None
+        while True:
+            page = fetch(after)
+            yield from page.data
+            if not page.has_more or page.next_after is None:
+                return
+            after = page.next_after
+
+    # --- models -----------------------------------------------------------------------
+
+    def list_models(self) -> list[Model]:
+        """GET /v1/models: the base models a job may name."""
+        return [Model.from_json(m) for m in self._json("GET", "/v1/models")["data"]]
+
+    # --- files ------------------------------------------------------------------------
+
+    def upload_file(
+        self,
+        file: str | os.PathLike[str] | bytes,
+        *,
+        filename: str | None = None,
+        purpose: str = "fine-tune",
+        idempotency_key: str | None = None,
+    ) -> File:
+        """POST /v1/files: a JSONL path or its bytes. The server checks every line and
+        raises BadRequestError listing all problems at once."""
+        if isinstance(file, bytes):
+            content, name = file, filename or "upload.jsonl"
+        else:
+            path = Path(file)
+            content, name = path.read_bytes(), filename or path.name
+
+        def parts() -> dict[str, Any]:
+            return {"file": (name, content, "application/jsonl")}
+
+        headers = {"Idempotency-Key": idempotency_key or _new_key()}
+        body = self._json(
+            "POST", "/v1/files", files=parts, data={"purpose": purpose}, headers=headers
+        )
+        return File.from_json(body)
+
+    def list_files(
+        self, *, after: str | None = None, limit: int = 20, purpose: str | None = None
+    ) -> Page[File]:
+        """GET /v1/files: newest first."""
+        params = {"after": after, "limit": limit, "purpose": purpose}
+        return self._page("/v1/files", File.from_json, lambda f: f.id, params)
+
+    def iter_files(self, *, purpose: str | None = None, page_size: int = 100) -> Iterator[File]:
+        """Every file, newest first, fetching pages as needed."""
+        return self._iterate(
+            lambda after: self.list_files(after=after, limit=page_size, purpose=purpose)
+        )
+
+    def get_file(self, file_id: str) -> File:
+        return File.from_json(self._json("GET", f"/v1/files/{file_id}"))
+
+    def download_file(self, file_id: str, dest: str | os.PathLike[str]) -> Path:
+        """GET /v1/files/{id}/content into `dest` (a file path or a directory)."""
+        return self._download(f"/v1/files/{file_id}/content", dest, f"{file_id}.jsonl")
+
+    def delete_file(self, file_id: str) -> bool:
+        """DELETE /v1/files/{id}; ConflictError while an unfinished job uses it."""
+        return bool(self._json("DELETE", f"/v1/files/{file_id}").get("deleted"))
+
+    # --- jobs -------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        training_file: str,
+        model: str | None = None,
+        method: str | dict[str, Any] = "lora",
+        hyperparameters: dict[str, Any] | None = None,
+        validation_file: str | None = None,
+        seed: int | None = None,
+        suffix: str | None = None,
+        metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """POST /v1/fine_tuning/jobs.
+
+        `method` is "lora" or "mixlora" (with `hyperparameters` by PEFT/MixLoRA names), or a
+        whole method object as the API takes it. `model` defaults to the first served model.
+        """
+        if isinstance(method, str):
+            method_body: dict[str, Any] = {"type": method}
+            if hyperparameters:
+                method_body[method] = {"hyperparameters": hyperparameters}
+        else:
+            if hyperparameters:
+                raise ValueError("give hyperparameters inside the method object, not beside it")
+            method_body = method
+        body: dict[str, Any] = {
+            "model": model or self.list_models()[0].id,
+            "training_file": training_file,
+            "method": method_body,
+        }
+        optional = {
+            "validation_file": validation_file,
+            "seed": seed,
+            "suffix": suffix,
+            "metadata": metadata,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        headers = {"Idempotency-Key": idempotency_key or _new_key()}
+        return Job.from_json(self._json("POST", JOBS, json_body=body, headers=headers))
+
+    def list_jobs(
+        self, *, after: str | None = None, limit: int = 20, status: str | None = None
+    ) -> Page[Job]:
+        """GET /v1/fine_tuning/jobs: newest first."""
+        params = {"after": after, "limit": limit, "status": status}
+        return self._page(JOBS, Job.from_json, lambda j: j.id, params)
+
+    def iter_jobs(self, *, status: str | None = None, page_size: int = 100) -> Iterator[Job]:
+        return self._iterate(
+            lambda after: self.list_jobs(after=after, limit=page_size, status=status)
+        )
+
+    def get_job(self, job_id: str) -> Job:
+        return Job.from_json(self._json("GET", f"{JOBS}/{job_id}"))
+
+    def cancel_job(self, job_id: str) -> Job:
+        """A running job gets `requested_action="cancel"` and stops within a heartbeat."""
+        return Job.from_json(self._json("POST", f"{JOBS}/{job_id}/cancel"))
+
+    def pause_job(self, job_id: str) -> Job:
+        return Job.from_json(self._json("POST", f"{JOBS}/{job_id}/pause"))
+
+    def resume_job(self, job_id: str) -> Job:
+        return Job.from_json(self._json("POST", f"{JOBS}/{job_id}/resume"))
+
+    def list_events(self, job_id: str, *, after: str | None = None, limit: int = 20) -> Page[Event]:
+        """GET .../events: newest first."""
+        params = {"after": after, "limit": limit}
+        return self._page(f"{JOBS}/{job_id}/events", Event.from_json, lambda e: e.id, params)
+
+    def iter_events(self, job_id: str, *, page_size: int = 100) -> Iterator[Event]:
+        return self._iterate(lambda after: self.list_events(job_id, after=after, limit=page_size))
+
+    def list_metrics(
+        self, job_id: str, *, after: int | None = None, limit: int = 100
+    ) -> Page[Metric]:
+        """GET .../metrics: oldest step first; `after` is a step."""
+        params = {"after": after, "limit": limit}
+        return self._page(
+            f"{JOBS}/{job_id}/metrics", Metric.from_json, lambda m: str(m.step), params
+        )
+
+    def iter_metrics(self, job_id: str, *, page_size: int = 1000) -> Iterator[Metric]:
+        return self._iterate(
+            lambda after: self.list_metrics(
+                job_id, after=int(after) if after is not None else None, limit=page_size
+            )
+        )
+
+    def list_checkpoints(
+        self, job_id: str, *, after: str | None = None, limit: int = 10
+    ) -> Page[Checkpoint]:
+        """GET .../checkpoints: newest first."""
+        params = {"after": after, "limit": limit}
+        return self._page(
+            f"{JOBS}/{job_id}/checkpoints", Checkpoint.from_json, lambda c: c.id, params
+        )
+
+    def iter_checkpoints(self, job_id: str, *, page_size: int = 100) -> Iterator[Checkpoint]:
+        return self._iterate(
+            lambda after: self.list_checkpoints(job_id, after=after, limit=page_size)
+        )
+
+    def download_adapter(
+        self,
+        job_id: str,
+        dest: str | os.PathLike[str] = ".",
+        *,
+        checkpoint_id: str | None = None,
+    ) -> Path:
+        """The adapter zip of a succeeded job, or of one checkpoint, into `dest` (a file
+        path, or a directory for the server's file name). ConflictError until it exists."""
+        if checkpoint_id:
+            path = f"{JOBS}/{job_id}/checkpoints/{checkpoint_id}/adapter"
+            default = f"{job_id}-{checkpoint_id}.zip"
+        else:
+            path, default = f"{JOBS}/{job_id}/adapter", f"{job_id}-adapter.zip"
+        return self._download(path, dest, default)
+
+    def _download(self, path: str, dest: str | os.PathLike[str], default: str) -> Path:
+        response = self._send("GET", path, stream=True)
+        try:
+            target = Path(dest)
+            if target.is_dir():
+                target = target / (_attachment_name(response) or default)
+            part = target.with_name(target.name + ".part")
+            with open(part, "wb") as out:
+                for chunk in response.iter_bytes(_CHUNK):
+                    out.write(chunk)
+            os.replace(part, target)
+            return target
+        finally:
+            response.close()
+
+    def stream(self, job_id: str, *, after: int = 0) -> Iterator[StreamMessage]:
+        """GET .../stream: the job's events and metrics live, replayed from sequence number
+        `after`. Reconnects (with Last-Event-ID) when the connection drops; ends after the
+        server's `end` frame, once the job is finished."""
+        last = after
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream", "Last-Event-ID": str(last)}
+            read_forever = httpx.Timeout(self._http.timeout.connect, read=None)
+            try:
+                response = self._send(
+                    "GET",
+                    f"{JOBS}/{job_id}/stream",
+                    headers=headers,
+                    stream=True,
+                    timeout=read_forever,
+                )
+                try:
+                    for message in _parse_sse(response.iter_lines()):
+                        failures = 0
+                        if message.id is not None:
+                            last = message.id
+                        yield message
+                        if message.event == "end":
+                            return
+                finally:
+                    response.close()
+            except (httpx.TransportError, APIConnectionError) as exc:
+                failures += 1
+                if failures > self.max_retries:
+                    raise APIConnectionError(f"lost the stream of job {job_id}: {exc}") from exc
+                self._sleep(self._delay(failures - 1, None))
+
+    def wait(self, job_id: str, *, poll: float = 2.0, timeout: float | None = None) -> Job:
+        """Poll until the job is succeeded, failed or cancelled; TimeoutError after
+        `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if job.finished:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
+            self._sleep(poll)
+
+
+def _new_key() -> str:
+    return f"mixloom-client-{uuid.uuid4()}"
+
+
+def _body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return response.text
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _attachment_name(response: httpx.Response) -> str | None:
+    disposition = response.headers.get("Content-Disposition", "")
+    for part in disposition.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "filename" and value:
+            name = Path(value.strip('"')).name
+            return name or None
+    return None
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[StreamMessage]:
+    """Frames of a text/event-stream; comments and `retry:` lines are skipped."""
+    event, ident, data = "message", None, list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                payload = json.loads("\n".join(data))
+                yield StreamMessage(event=event, id=ident, data=payload)
+            event, ident, data = "message", None, list[str]()
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if key == "event":
+            event = value
+        elif key == "data":
+            data.append(value)
+        elif key == "id" and value.isdigit():
+            ident = int(value)

@@ -1,0 +1,179 @@
+"""What the client returns: frozen records of the API's objects, and pages of them.
+
+Each record keeps the whole JSON object in `raw`, so a field the server adds later is
+still reachable before the client knows its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "raw"}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    created: int
+    max_position_embeddings: int
+    description: str = ""
+    owned_by: str = "mixloom"
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Model:
+        return cls(**_known(cls, data), raw=data)
+
+
+@dataclass(frozen=True)
+class File:
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    rows: int
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> File:
+        return cls(**_known(cls, data), raw=data)
+
+
+@dataclass(frozen=True)
+class JobError:
+    message: str
+    code: str | None = None
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    created_at: int
+    model: str
+    training_file: str
+    status: str
+    method: dict[str, Any]
+    seed: int
+    started_at: int | None = None
+    finished_at: int | None = None
+    validation_file: str | None = None
+    suffix: str | None = None
+    metadata: dict[str, Any] | None = None
+    requested_action: str | None = None
+    queue_position: int | None = None
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    trained_tokens: int | None = None
+    adapter_available: bool = False
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Job:
+        values = _known(cls, data)
+        err = data.get("error")
+        values["error"] = JobError(**_known(JobError, err)) if isinstance(err, dict) else None
+        return cls(**values, raw=data)
+
+    @property
+    def method_type(self) -> str:
+        return str(self.method.get("type", ""))
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        body = self.method.get(self.method_type) or {}
+        hp = body.get("hyperparameters") if isinstance(body, dict) else None
+        return hp if isinstance(hp, dict) else {}
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    created_at: int
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Event:
+        return cls(**_known(cls, data), raw=data)
+
+
+@dataclass(frozen=True)
+class Metric:
+    step: int
+    created_at: int
+    metrics: dict[str, Any]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Metric:
+        return cls(**_known(cls, data), raw=data)
+
+    @property
+    def loss(self) -> float | None:
+        value = self.metrics.get("loss", self.metrics.get("train_loss"))
+        return float(value) if isinstance(value, int | float) else None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: str
+    created_at: int
+    fine_tuning_job_id: str
+    step_number: int
+    fine_tuned_model_checkpoint: str
+    metrics: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Checkpoint:
+        return cls(**_known(cls, data), raw=data)
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a list route; `next_after` is the cursor of the next page, if any."""
+
+    data: list[T]
+    has_more: bool
+    next_after: str | None
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """One SSE frame of a job's live stream: `event` is "event", "metrics" or "end"."""
+
+    event: str
+    id: int | None
+    data: dict[str, Any]
+
+    @property
+    def metric(self) -> Metric | None:
+        return Metric.from_json(self.data) if self.event == "metrics" else None
+
+    @property
+    def job_event(self) -> Event | None:
+        return Event.from_json(self.data) if self.event == "event" else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,9 +88,11 @@ class FusedTrainer:
 
     # -- one fused step ----------------------------------------------------------------
 
-    def step(self) -> StepReport:
+    def step(self, names: Collection[str] | None = None) -> StepReport:
+        """One fused step over the active jobs, or over those of them named in `names`
+        (a scheduler picks each step's composition; the others simply wait)."""
         t0 = time.perf_counter()
-        jobs = self.active
+        jobs = [j for j in self.active if names is None or j.name in names]
         if not jobs:
             return StepReport([], 0, 0.0)
         batches = []

@@ -50,22 +50,23 @@ def read_config(path: str | Path) -> tuple[TrainConfig, list[JobSpec], Path]:
             [Problem(f"{path}: {p.where}", p.message) for p in pydantic_problems(exc)]
         ) from None
     problems = ProblemList()
-    jobs: list[JobSpec] = []
+    parsed: list[tuple[int, JobSpec]] = []
     for i, raw in enumerate(cfg.jobs):
         try:
-            jobs.append(parse_job(raw, where=f"jobs[{i}]"))
+            parsed.append((i, parse_job(raw, where=f"jobs[{i}]")))
         except ConfigError as exc:
             for p in exc.problems:
                 problems.add(f"{path}: {p.where}", p.message)
-    names = [j.name for j in jobs]
-    for name in sorted({n for n in names if names.count(n) > 1}):
+    names = [raw.get("name", "job") for raw in cfg.jobs]
+    for name in sorted({n for n in names if names.count(n) > 1}, key=str):
         problems.add(f"{path}: jobs", f"job name {name!r} is used twice; names must be unique")
     base = path.parent
-    for i, job in enumerate(jobs):
+    for i, job in parsed:
         for key in ("training_file", "validation_file"):
             value = getattr(job, key)
             if value is not None and not (base / value).exists():
                 problems.add(f"{path}: jobs[{i}].{key}", f"file {value!r} does not exist")
+    jobs = [job for _, job in parsed]
     problems.raise_if_any(ConfigError)
     return cfg, jobs, base
 

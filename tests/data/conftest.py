@@ -7,30 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-# "<|im_start|>role\ncontent<|im_end|>\n" turns, as many instruction-tuned models use.
-TURN_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tiny_tokenizer(chat_template: str | None = None) -> Any:
-    """Byte-level BPE with no merges: one token per byte, plus special tokens."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    specials = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    wrapped.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    wrapped.chat_template = chat_template
-    return wrapped
+from tiny import TURN_TEMPLATE, tiny_tokenizer
+from transformers import AutoTokenizer
 
 
 @pytest.fixture

@@ -1,0 +1,130 @@
+"""Exports load in the ecosystem's loaders with the same logits: MixLoRA in `mixlora`,
+LoRA in PEFT; and import restores exactly what was saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_llama
+
+from mixloom.model.adapter_model import AdapterModel
+from mixloom.model.formats import load_adapter_model, read_spec, save_adapter
+from mixloom.model.specs import AdapterSpec, LoraSpec
+
+
+def _trained_like(model: AdapterModel, name: str, seed: int) -> None:
+    """Give every adapter weight a nonzero value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_adapter_parameters(name):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture
+def base_dir(tmp_path):  # type: ignore[no-untyped-def]
+    tiny_llama().save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _export(base_dir, tmp_path, spec: AdapterSpec):  # type: ignore[no-untyped-def]
+    model = AdapterModel(tiny_llama())
+    model.add_adapter(spec)
+    _trained_like(model, spec.name, 3)
+    return save_adapter(model, spec.name, tmp_path / spec.name, str(base_dir))
+
+
+def test_mixlora_export_loads_in_mixlora_with_equal_logits(base_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mixlora import MixLoraModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    spec = AdapterSpec(
+        name="moe",
+        kind="mixlora",
+        lora=LoraSpec(r=4, alpha=8),
+        expert=LoraSpec(r=4, alpha=8),
+        num_experts=4,
+        top_k=2,
+    )
+    folder = _export(base_dir, tmp_path, spec)
+    assert {"adapter_model.bin", "adapter_model.safetensors", "adapter_config.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    ours = load_adapter_model(AutoModelForCausalLM.from_pretrained(base_dir), folder)
+    ref, _ = MixLoraModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    ref.eval()
+    for layer in ref.model.layers:  # the reference leaves expert dropout on in eval mode
+        for moe in layer.mlp.mixlora_moes.values():
+            for expert in moe.experts_.values():
+                expert.dropout_.eval()
+    ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, ref(input_ids=ids).logits
+    base = AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=ids).logits
+    assert (a - base).abs().max() > 1e-2  # the adapter changes the output
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_export_loads_in_peft_with_equal_logits(base_dir, tmp_path, dora: bool) -> None:  # type: ignore[no-untyped-def]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = AdapterSpec(
+        name="lo",
+        kind="lora",
+        lora=LoraSpec(r=4, alpha=8, dora=dora, rslora=not dora),
+        targets=("q_proj", "v_proj", "up_proj", "down_proj"),
+    )
+    folder = _export(base_dir, tmp_path, spec)
+    ours = load_adapter_model(AutoModelForCausalLM.from_pretrained(base_dir), folder)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(folder))
+    peft.eval()
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("routing", ["top_k", "top_p", "switch"])
+def test_import_restores_spec_and_weights(base_dir, tmp_path, routing: str) -> None:  # type: ignore[no-untyped-def]
+    spec = AdapterSpec(
+        name="x",
+        kind="mixlora",
+        lora=LoraSpec(r=2),
+        expert=LoraSpec(r=3, alpha=5.5, dora=True),
+        num_experts=3,
+        routing=routing,
+        top_p=0.6,
+        targets=("k_proj", "gate_proj", "down_proj"),
+    )
+    model = AdapterModel(tiny_llama())
+    model.add_adapter(spec)
+    _trained_like(model, "x", 4)
+    folder = save_adapter(model, "x", tmp_path / "x", str(base_dir))
+    loaded, cfg = read_spec(folder, "x")
+    assert loaded == spec
+    assert cfg["act_fn"] == "silu" and cfg["peft_type"] == "MIXLORA"
+    assert (
+        cfg["routing_strategy"]
+        == {"top_k": "mixlora", "top_p": "mixlora-dynamic", "switch": "mixlora-switch"}[routing]
+    )
+    again = load_adapter_model(tiny_llama(), folder)
+    saved = model.adapter_state_dict("x")
+    restored = again.inner.adapter_state_dict("adapter")
+    assert saved.keys() == restored.keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], restored[k], atol=0, rtol=0)
+
+
+def test_loader_errors_say_what_is_wrong(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mixloom.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no adapter_config.json"):
+        load_adapter_model(tiny_llama(), tmp_path)
+    spec = AdapterSpec(name="w", kind="lora", lora=LoraSpec(r=4))
+    model = AdapterModel(tiny_llama())
+    model.add_adapter(spec)
+    folder = save_adapter(model, "w", tmp_path / "w", "base")
+    with pytest.raises(ModelLoadError, match="expected"):  # a different base shape
+        load_adapter_model(tiny_llama(hidden_size=32, intermediate_size=48), folder)

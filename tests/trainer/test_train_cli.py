@@ -1,0 +1,99 @@
+"""`mixloom train CONFIG` end to end on a tiny model, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny import save_tiny_base
+
+from mixloom.cli import main
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+
+def _config(tmp_path: Path, jobs: list[dict], **top: object) -> Path:
+    cfg = {"base_model": str(tmp_path / "base"), "output_dir": "out", "jobs": jobs, **top}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_two_jobs_writes_adapters_and_metrics(tmp_path: Path) -> None:
+    save_tiny_base(tmp_path / "base")
+    shutil.copy(EXAMPLES / "chat.jsonl", tmp_path / "chat.jsonl")
+    shutil.copy(EXAMPLES / "alpaca.jsonl", tmp_path / "alpaca.jsonl")
+    hp = {"batch_size": 2, "n_epochs": 2, "learning_rate": 1e-3, "checkpoint_every": 1}
+    jobs = [
+        {
+            "name": "lo",
+            "training_file": "chat.jsonl",
+            "method": {"type": "lora", "lora": {"hyperparameters": {**hp, "r": 4}}},
+        },
+        {
+            "name": "mx",
+            "training_file": "alpaca.jsonl",
+            "validation_file": "chat.jsonl",
+            "method": {"type": "mixlora", "mixlora": {"hyperparameters": {**hp, "num_experts": 3}}},
+        },
+    ]
+    assert main(["train", str(_config(tmp_path, jobs)), "--no-progress"]) == 0
+    for name, weights in (("lo", "adapter_model.safetensors"), ("mx", "adapter_model.bin")):
+        folder = tmp_path / "out" / name
+        assert (folder / weights).exists() and (folder / "adapter_config.json").exists()
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in lines] == [1, 2, 3, 4]
+        assert all(x["loss"] > 0 for x in lines)
+        assert {"lo", "mx"} - {name} <= set(lines[0]["shared_with"])  # trained in the same steps
+        assert (folder / "checkpoints" / "step-4").is_dir()
+    mx_lines = (tmp_path / "out" / "mx" / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(mx_lines[-1])
+    assert last["val_loss"] > 0 and len(last["router_load"]) == 3
+
+
+def test_config_errors_name_every_problem_and_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    jobs = [
+        {
+            "name": "a",
+            "training_file": "ok.jsonl",
+            "method": {"type": "lora", "lora": {"hyperparameters": {"rank": 8}}},
+        },
+        {"name": "a", "training_file": "missing.jsonl"},
+        {
+            "name": "c",
+            "training_file": "ok.jsonl",
+            "method": {"type": "mixlora", "mixlora": {"hyperparameters": {"top_k": "two"}}},
+        },
+    ]
+    path = _config(tmp_path, jobs, epochs=3)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "epochs: unknown key" in err
+    assert main(["train", str(_config(tmp_path, jobs))]) == 2
+    err = capsys.readouterr().err
+    assert "jobs[0].method.lora.hyperparameters.rank: unknown key" in err
+    assert "jobs[2].method.mixlora.hyperparameters.top_k" in err and "integer" in err
+    assert "job name 'a' is used twice" in err
+    assert "jobs[1].training_file: file 'missing.jsonl' does not exist" in err
+
+
+def test_bad_data_names_file_line_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_tiny_base(tmp_path / "base")
+    (tmp_path / "bad.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        '{"messages": [{"role": "robot", "content": "hi"}]}\n'
+        "not json\n"
+    )
+    path = _config(tmp_path, [{"name": "b", "training_file": "bad.jsonl"}])
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2: messages[0].role" in err
+    assert "bad.jsonl:3" in err

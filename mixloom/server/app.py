@@ -12,6 +12,7 @@ from fastapi.openapi.utils import get_openapi
 
 import mixloom
 from mixloom.config import Settings, get_settings
+from mixloom.server.dashboard import install_dashboard
 from mixloom.server.deps import ServerContext
 from mixloom.server.errors import install_error_handlers
 from mixloom.server.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
@@ -71,6 +72,7 @@ def create_app(
     install_error_handlers(app)
     for router in (models.router, files.router, jobs.router, stream.router):
         app.include_router(router)
+    install_dashboard(app)
 
     @app.get("/healthz", tags=["health"], include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -379,7 +379,10 @@ def _watch(client: Client, job_id: str, *, quiet: bool = False) -> int:
                 bar.update(max(0, metric.step - bar.n))
                 bar.set_postfix(_postfix(metric), refresh=True)
             elif message.event == "event":
-                bar.write(f"{_when(message.data.get('created_at'))}  {message.data.get('message')}")
+                bar.write(
+                    f"{_when(message.data.get('created_at'))}  {message.data.get('message')}",
+                    file=sys.stderr,
+                )
             elif message.event == "end":
                 status = str(message.data.get("status", status))
     finally:

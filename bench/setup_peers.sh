@@ -15,6 +15,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q "torch==2.13.0"
 # MoE-PEFT's own pins, then MoE-PEFT itself without its (over-strict) dependency list.
 pip install -q "transformers==4.46.3" "tokenizers==0.20.3" "huggingface-hub==0.36.2" \
-    "datasets==3.1.0" evaluate scikit-learn sentencepiece tiktoken
+    "datasets==3.1.0" evaluate scikit-learn sentencepiece tiktoken accelerate
 pip install -q --no-deps "moe-peft==2.0.2"
 python -c "import moe_peft, transformers; print('moe-peft ok, transformers', transformers.__version__)"

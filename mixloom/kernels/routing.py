@@ -21,7 +21,7 @@ def interpret() -> bool:
 def block_m() -> int:
     """Pairs per kernel tile (see segmented.py). 16 keeps interpreter tests small and exercises
     tile edges; 64 on a GPU (64 gathered rows x 128 features of bf16 is a 16 KiB tile)."""
-    return 16 if interpret() else 64
+    return int(os.environ.get("MIXLOOM_BLOCK_M", 16 if interpret() else 64))
 
 
 @dataclass(frozen=True)

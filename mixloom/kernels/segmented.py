@@ -21,6 +21,8 @@ Layers: kernel + launcher (check, allocate, launch) -> autograd Function -> publ
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,11 +34,19 @@ from mixloom.kernels.routing import block_m, interpret, tile_table
 INTERPRET = interpret()
 BLOCK_M = block_m()
 
-_BLOCK_K = 32 if INTERPRET else 128  # shrink's reduction step over the input features
-_BLOCK_N = 32 if INTERPRET else 128  # expand's output columns per program
-_BLOCK_P = 16 if INTERPRET else 64  # weight-grad reduction step over the pairs of a group
-_BLOCK_F = 32 if INTERPRET else 128  # weight-grad tile over the wide (feature) dimension
-_WARPS = 4
+
+def _knob(name: str, interpreted: int, gpu: int) -> int:
+    """Tile sizes: small under the interpreter (fast CPU tests), tuned ones on a GPU.
+    MIXLOOM_<NAME> overrides, for bench/gpu.sh's sweep."""
+    return int(os.environ.get(f"MIXLOOM_{name}", interpreted if INTERPRET else gpu))
+
+
+_BLOCK_K = _knob("BLOCK_K", 32, 128)  # shrink's reduction step over the input features
+_BLOCK_N = _knob("BLOCK_N", 32, 128)  # expand's output columns per program
+_BLOCK_P = _knob("BLOCK_P", 16, 64)  # weight-grad reduction step over the pairs of a group
+_BLOCK_F = _knob("BLOCK_F", 32, 128)  # weight-grad tile over the wide (feature) dimension
+_WARPS = _knob("WARPS", 4, 4)
+_STAGES = _knob("STAGES", 1, 3)
 
 
 def _block_r(R: int) -> int:
@@ -176,6 +186,7 @@ def shrink(
         BLOCK_R=_block_r(R),
         BLOCK_K=_BLOCK_K,
         num_warps=_WARPS,
+        num_stages=_STAGES,
     )
     return out
 
@@ -316,6 +327,7 @@ def expand(
         BLOCK_N=_BLOCK_N,
         BLOCK_R=_block_r(R),
         num_warps=_WARPS,
+        num_stages=_STAGES,
     )
     return out
 
@@ -442,6 +454,7 @@ def seg_outer(
         BLOCK_1=b1,
         BLOCK_2=b2,
         num_warps=_WARPS,
+        num_stages=_STAGES,
     )
     return out
 

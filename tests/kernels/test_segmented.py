@@ -188,3 +188,41 @@ def test_wrong_tile_table_is_refused():
         kernels.lora_segments(
             x, A, B, scale, routing.offsets, routing.rows, backend="triton", tiles=bad
         )
+
+
+def test_layer_chain_transposed_weights_no_host_sync():
+    """A MixLoRA-like chain: routing, gathered up (lora_segments), then down (lora_combine) with
+    transposed weight views, forward and backward vs the reference; on a GPU, also with
+    torch's sync debug mode set to error: not one device->host copy on the triton path."""
+    case = CASES[2]
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    x, A, B, scale, groups, weights, G = _make(case, dtype)
+
+    def chain(backend, x, A, B, w):
+        r = kernels.build_routing(groups, G, with_tiles=backend == "triton")
+        wp = w.reshape(-1)[r.order]  # (P,)
+        y = kernels.lora_segments(
+            x, A, B, scale, r.offsets, r.rows, backend=backend, tiles=r.tiles
+        )  # (P, N)
+        return kernels.lora_combine(
+            y, B.transpose(1, 2), A.transpose(1, 2), scale, r.offsets, wp, r.rows, case.T,
+            backend=backend, tiles=r.tiles,
+        )  # fmt: skip
+
+    leaves = [t.detach().requires_grad_(True) for t in (x, A, B, weights)]
+    dout = torch.randn(case.T, case.H, generator=torch.Generator().manual_seed(5)).to(x)
+    if ON_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = chain("triton", *leaves)
+        grads = torch.autograd.grad(out, leaves, dout)
+    finally:
+        if ON_GPU:
+            torch.cuda.set_sync_debug_mode(0)
+    ref_leaves = [t.detach().float().requires_grad_(True) for t in (x, A, B, weights)]
+    ref = chain("torch", *ref_leaves)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
+    assert _rel(out, ref) < TOL[dtype]
+    for name, got, want in zip(("dx", "dA", "dB", "dweights"), grads, ref_grads, strict=True):
+        assert _rel(got, want) < TOL[dtype], name

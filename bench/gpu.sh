@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a CUDA machine, in one go (about 6 minutes on an H200):
+# On a CUDA machine, in one go (under 7 minutes on an H200; each step has its own timeout):
 #   1. kernel correctness on the GPU: tests/kernels with TRITON_INTERPRET=0 (forward and every
 #      gradient vs the reference, fp32/fp16/bf16; the layer chain under sync-debug "error")
 #   2. the kernel-level comparison at the DESIGN.md shape (bench_lora_segments.py --config design)
@@ -22,27 +22,27 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 
 echo "== 1. kernel correctness on the GPU"
-timeout 150 python3 -m pytest -q -m "not slow" -p no:cacheprovider tests/kernels 2>&1 \
+timeout 110 python3 -m pytest -q -m "not slow" -p no:cacheprovider tests/kernels 2>&1 \
     | tee "$out/gpu_tests.log" | tail -25
 
 echo "== 2. kernel benchmark at the DESIGN shape"
-timeout 90 python3 bench/bench_lora_segments.py --config design --json "$out/kernels_design.json" \
+timeout 70 python3 bench/bench_lora_segments.py --config design --json "$out/kernels_design.json" \
     2>&1 | tee "$out/kernels_design.md"
 
 echo "== 3. tile sweep (triton rows only)"
-for knobs in "BLOCK_N=256" "WARPS=8" "BLOCK_M=128 WARPS=8" "BLOCK_K=64 STAGES=4"; do
+for knobs in "BLOCK_M=32" "BLOCK_N=256" "WARPS=8"; do
     echo "-- $knobs"
-    env $(for k in $knobs; do printf 'MIXLOOM_%s ' "$k"; done) timeout 40 \
+    env $(for k in $knobs; do printf 'MIXLOOM_%s ' "$k"; done) timeout 25 \
         python3 bench/bench_lora_segments.py --config design --methods triton 2>&1 | grep '^| [sc]'
 done | tee "$out/kernels_sweep.md"
 
 echo "== 4. end to end"
 if [ -f mixloom/trainer/fused.py ]; then
     # The DESIGN targets: mixloom 4 jobs vs PEFT 1 job; mixloom 16 jobs vs mixloom 4 jobs.
-    timeout "${E2E_TIMEOUT:-100}" python3 bench/bench_e2e.py --config gpu --jobs 4 16 \
+    timeout 80 python3 bench/bench_e2e.py --config gpu --jobs 4 16 \
         --systems mixloom --steps 3 --warmup 1 --json "$out/e2e_gpu_mixloom.json" 2>&1 \
         | tee "$out/e2e_gpu_mixloom.md"
-    timeout "${E2E_TIMEOUT:-100}" python3 bench/bench_e2e.py --config gpu --jobs 1 4 \
+    timeout 55 python3 bench/bench_e2e.py --config gpu --jobs 1 4 \
         --systems peft --steps 3 --warmup 1 --json "$out/e2e_gpu_peft.json" 2>&1 \
         | tee "$out/e2e_gpu_peft.md"
 else

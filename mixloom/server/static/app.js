@@ -63,8 +63,8 @@ function fmtTime(ts) {
   if (!ts) return '—';
   const d = new Date(ts * 1000);
   const sameDay = d.toDateString() === new Date().toDateString();
-  return sameDay ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' })
-    : d.toLocaleString([], { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' });
+  return sameDay ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false })
+    : d.toLocaleString([], { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit', hour12: false });
 }
 function fmtDuration(s) {
   if (s === null || s === undefined || !Number.isFinite(s)) return '—';
@@ -589,12 +589,17 @@ async function renderNewJob() {
     h('div', { class: 'actions' }, submit, h('a', { class: 'button', href: '#/' }, 'Cancel')));
   view.appendChild(form);
 
+  const uploaded = new WeakMap(); // File -> id: a resubmitted form does not upload twice
   async function upload(input, name) {
+    const file = input.files[0];
+    if (uploaded.has(file)) return uploaded.get(file);
     const data = new FormData();
-    data.append('file', input.files[0]);
+    data.append('file', file);
     data.append('purpose', 'fine-tune');
     try {
-      return (await api('POST', '/v1/files', data)).id;
+      const id = (await api('POST', '/v1/files', data)).id;
+      uploaded.set(file, id);
+      return id;
     } catch (e) {
       const lines = (e.problems && e.problems.length ? e.problems.map((p) => p.message ? `${p.where}: ${p.message}` : p.where) : [e.message]);
       setError(name, lines.join('\n'));

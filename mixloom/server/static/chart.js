@@ -22,7 +22,7 @@ function niceTicks(lo, hi, count) {
 
 function fmtTick(v) {
   const a = Math.abs(v);
-  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(0);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(1).replace('.0e', 'e');
   return String(+v.toPrecision(4));
 }
 

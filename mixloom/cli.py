@@ -13,6 +13,7 @@ _COMMAND_MODULES = [
     "mixloom.trainer.cli",  # train, generate
     "mixloom.storage.cli",  # tenants, keys, db
     "mixloom.server.cli",  # api
+    "mixloom.scheduler.cli",  # worker, serve
     "mixloom.clients.cli",  # models, files, jobs, adapters (HTTP client)
 ]
 

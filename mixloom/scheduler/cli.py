@@ -1,0 +1,137 @@
+"""`mixloom worker` (a training worker) and `mixloom serve` (API + worker in one process)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from typing import Any
+
+from mixloom.scheduler.settings import WorkerSettings
+
+
+def register(sub: Any) -> None:
+    w = sub.add_parser(
+        "worker", help="train queued jobs on this machine's base model (any number of workers)"
+    )
+    _worker_flags(w)
+    w.add_argument(
+        "--no-migrate", action="store_true", help="do not upgrade the database schema at start"
+    )
+    w.set_defaults(func=_worker)
+
+    s = sub.add_parser(
+        "serve",
+        help="API and worker in one process (default: SQLite, in-process bus, SmolLM2-135M)",
+    )
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    _worker_flags(s)
+    s.set_defaults(func=_serve)
+
+
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("worker (defaults from MIXLOOM_WORKER_* variables)")
+    g.add_argument("--worker-id", help="a name for this worker in job events")
+    g.add_argument("--lease-seconds", type=float, help="lease length (default 30)")
+    g.add_argument("--heartbeat-seconds", type=float, help="default: a third of the lease")
+    g.add_argument("--poll-seconds", type=float, help="look for new jobs this often (default 2)")
+    g.add_argument("--step-token-budget", type=int, help="padded tokens per fused step")
+    g.add_argument("--memory-budget-gb", type=float, help="default: 90%% of GPU / free RAM")
+    g.add_argument("--metrics-interval-seconds", type=float, help="metrics to the DB this often")
+    g.add_argument("--max-jobs", type=int, help="jobs admitted at once (default 32)")
+    g.add_argument("--log-level", default="info")
+
+
+def _options(args: argparse.Namespace) -> WorkerSettings:
+    given = {
+        k: getattr(args, k)
+        for k in WorkerSettings.model_fields
+        if getattr(args, k, None) is not None
+    }
+    return WorkerSettings(**given)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        logging.getLogger("mixloom.worker").info(
+            "signal %d: finishing the step, then leaving", signum
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from mixloom.config import get_settings
+    from mixloom.scheduler.worker import Worker
+    from mixloom.storage import migrate
+    from mixloom.storage.bus import make_bus
+    from mixloom.storage.db import Database
+
+    _setup_logging(args.log_level)
+    settings = get_settings()
+    if not args.no_migrate:
+        migrate.upgrade(settings.resolved_database_url)
+    db = Database.connect(settings.resolved_database_url)
+    bus = make_bus(settings.redis_url)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        Worker(settings, _options(args), db=db, bus=bus).run(stop)
+    finally:
+        bus.close()
+        db.dispose()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mixloom.config import get_settings
+    from mixloom.scheduler.worker import Worker
+    from mixloom.server.app import create_app
+    from mixloom.storage import migrate
+    from mixloom.storage.bus import make_bus
+    from mixloom.storage.db import Database
+
+    _setup_logging(args.log_level)
+    settings = get_settings()
+    migrate.upgrade(settings.resolved_database_url)
+    db = Database.connect(settings.resolved_database_url)
+    bus = make_bus(settings.redis_url)
+    app = create_app(settings, db=db, bus=bus)
+    stop = threading.Event()
+    worker = Worker(settings, _options(args), db=db, bus=bus)
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            worker.run(stop)
+        except BaseException as exc:
+            failed.append(exc)
+            logging.getLogger("mixloom.worker").exception("the worker stopped")
+
+    thread = threading.Thread(target=work, name="mixloom-worker", daemon=True)
+    thread.start()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    )
+    try:
+        server.run()
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+        bus.close()
+        db.dispose()
+    return 1 if failed else 0

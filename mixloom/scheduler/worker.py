@@ -1,0 +1,748 @@
+"""The worker: one base model, many jobs trained together in fused steps.
+
+Loop (one thread; a heartbeat thread renews leases beside it):
+
+    expire dead workers' leases -> carry out cancel/pause requests -> claim queued jobs that
+    fit (fair share, memory admission) -> compose the step (fair share, token budget) ->
+    one fused step -> metrics, checkpoints, finished jobs -> again
+
+Two workers never train one job at once: a worker steps a job only while its lease is
+surely valid (renewed less than `lease - margin` seconds ago by its own clock), and writes
+a checkpoint or result only in a transaction that re-checks the lease. A killed worker's
+jobs are re-queued by whichever process next runs `expire_leases` and resume from their last
+checkpoint, which holds everything a run needs (adapter, optimizer, schedule, RNG, data
+cursor), so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mixloom.config import Settings
+from mixloom.errors import DataError
+from mixloom.scheduler import memory
+from mixloom.scheduler.policy import Candidate, compose_step
+from mixloom.scheduler.queue import claim_next, hyperparameters
+from mixloom.scheduler.settings import WorkerSettings
+from mixloom.storage import files, jobs
+from mixloom.storage.bus import ProgressBus
+from mixloom.storage.db import Database
+from mixloom.storage.jobs import LeaseLostError
+from mixloom.storage.records import JobRecord, JobStatus, RequestedAction
+
+log = logging.getLogger("mixloom.worker")
+
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "mixloom_adapter.json",
+)
+OOM_RETRIES_ALONE = 3  # a job that runs out of memory this often on its own fails
+MIN_TOKEN_BUDGET = 256  # out-of-memory back-off halves the step budget down to this
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+
+
+def jobs_dir(settings: Settings) -> Path:
+    """Checkpoints and adapters; shared storage when workers run on several machines."""
+    return settings.data_dir / "jobs"
+
+
+@dataclass
+class Held:
+    """A job this worker holds a lease on and trains."""
+
+    record: JobRecord
+    job: Any  # trainer.job.Job
+    order: int
+    state_bytes: int
+    lease_ok_until: float  # monotonic; the lease is surely valid before this
+    requested: RequestedAction | None = None
+    lost: bool = False
+    last_served: int = -1
+    last_metrics_at: float = -math.inf
+    last_step_at: float = field(default_factory=time.monotonic)
+    sec_per_step: float | None = None
+    started_step: int = 0
+    last_ckpt_step: int = -1
+    oom_alone: int = 0
+    last_loss: float | None = None
+    # state at the start of the current optimizer step, to replay it after an OOM
+    replay: dict[str, Any] | None = None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 8 * memory.GIB
+
+
+class Worker:
+    """Trains every job it can hold on one base model. `run(stop)` until `stop` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: WorkerSettings | None = None,
+        *,
+        db: Database,
+        bus: ProgressBus,
+        base: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.options = options or WorkerSettings()
+        self.id = self.options.worker_id or default_worker_id()
+        self.db = db
+        self.bus = bus
+        self.model_id = settings.base_model
+        self.base = base  # model.base.BaseModel; loaded in run() when not given
+        self.held: dict[str, Held] = {}
+        self.token_budget = self.options.step_token_budget
+        self.steps = 0
+        self.ready = threading.Event()  # the base model is loaded and the loop runs
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._notified: set[str] = set()
+        self._orders = 0
+        self._last_step_seconds = 0.0
+        self._last_claim = -math.inf
+        self._last_expire = -math.inf
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        self._load()
+        done = threading.Event()
+        threads = [
+            threading.Thread(target=self._heartbeats, args=(done,), daemon=True),
+            threading.Thread(target=self._wakeups, args=(done,), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        log.info(
+            "worker %s ready: %s, memory budget %.2f GiB, step budget %d tokens",
+            self.id,
+            self.model_id,
+            self.budget / memory.GIB,
+            self.token_budget,
+        )
+        self.ready.set()
+        try:
+            while not stop.is_set():
+                self.tick()
+                if not self._runnable():
+                    self._wake.wait(min(self.options.poll_seconds, 0.5))
+        finally:
+            self._shutdown()
+            done.set()
+
+    def _load(self) -> None:
+        import torch
+
+        from mixloom import kernels
+        from mixloom.data.tokenize import pad_id_of
+        from mixloom.model.adapter_model import AdapterModel
+        from mixloom.model.base import load_base_model
+        from mixloom.trainer.fused import FusedTrainer
+
+        if self.base is None:
+            self.base = load_base_model(
+                self.model_id, dtype=self.settings.dtype, device=self.settings.device
+            )
+        base = self.base
+        backend = kernels.resolve_backend(self.settings.kernel_backend, base.device)
+        self.model = AdapterModel(base.model, backend=backend)
+        self.trainer = FusedTrainer(self.model, pad_id_of(base.tokenizer))
+        params = list(base.model.parameters())
+        base_bytes = sum(p.numel() * p.element_size() for p in params)
+        self.shape = memory.ModelShape.from_config(
+            base.model.config, dtype_bytes=params[0].element_size(), base_bytes=base_bytes
+        )
+        if self.options.memory_budget_gb is not None:
+            self.budget = int(self.options.memory_budget_gb * memory.GIB)
+        elif base.device.type == "cuda":
+            total = torch.cuda.get_device_properties(base.device).total_memory
+            self.budget = int(0.9 * total)
+        else:
+            self.budget = base_bytes + int(0.8 * _available_ram())
+
+    def _runnable(self) -> bool:
+        return any(self._usable(h) for h in self.held.values())
+
+    # -- one turn of the loop ----------------------------------------------------------
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_expire >= min(self.options.lease_seconds / 2, 5.0):
+            self._last_expire = now
+            self._expire()
+        self._carry_out_requests()
+        if self._wake.is_set() or now - self._last_claim >= self.options.poll_seconds:
+            self._wake.clear()
+            self._last_claim = now
+            self._claim()
+        names = self._compose()
+        if names:
+            self._step(names)
+
+    def _expire(self) -> None:
+        with self.db.transaction() as session:
+            expired = jobs.expire_leases(session=session)
+        for record in expired:
+            log.warning("lease of %s expired (worker %s died?)", record.id, record.worker_id)
+            self._publish(record.id, record.last_seq - 1)
+        if any(r.status == JobStatus.QUEUED for r in expired):
+            self._wake.set()
+
+    # -- leases ------------------------------------------------------------------------
+
+    def _heartbeats(self, done: threading.Event) -> None:
+        while not done.wait(self.options.heartbeat):
+            with self._lock:
+                ids = [i for i, h in self.held.items() if not h.lost]
+            for job_id in ids:
+                self._renew(job_id)
+
+    def _renew(self, job_id: str) -> None:
+        started = time.monotonic()
+        try:
+            with self.db.transaction() as session:
+                record = jobs.renew_lease(
+                    session=session,
+                    job_id=job_id,
+                    worker_id=self.id,
+                    lease_seconds=self.options.lease_seconds,
+                )
+        except LeaseLostError as exc:
+            with self._lock:
+                if job_id in self.held:  # (else it was released meanwhile: nothing lost)
+                    log.warning("%s", exc)
+                    self.held[job_id].lost = True
+            return
+        except Exception:  # the database is unreachable: stop stepping when the lease may lapse
+            log.exception("heartbeat for %s failed", job_id)
+            return
+        with self._lock:
+            h = self.held.get(job_id)
+            if h is not None:
+                h.lease_ok_until = started + self.options.lease_seconds
+                h.requested = record.requested_action
+        if record.requested_action is not None:
+            self._wake.set()
+
+    def _usable(self, h: Held) -> bool:
+        """Safe to step: the lease outlives the step by a margin (no double training)."""
+        margin = min(
+            0.9 * self.options.lease_seconds,
+            2 * self._last_step_seconds + 0.1 * self.options.lease_seconds,
+        )
+        return (
+            not h.lost
+            and h.job.status.value == "running"
+            and not h.job.done
+            and h.lease_ok_until - time.monotonic() > margin
+        )
+
+    def _wakeups(self, done: threading.Event) -> None:
+        while not done.is_set():
+            try:
+                if self.bus.wait_for_wake(1.0):
+                    self._wake.set()
+            except Exception:
+                log.exception("progress bus wait failed")
+                done.wait(self.options.poll_seconds)
+
+    def _publish(self, job_id: str, after_seq: int) -> None:
+        """Send a job's new events/metrics (already committed) to live streams."""
+        try:
+            with self.db.transaction() as session:
+                new = jobs.progress_since(session=session, job_id=job_id, after_seq=after_seq)
+            for record in new:
+                self.bus.publish(job_id, record.to_message())
+        except Exception:  # the database has them; streams catch up from it
+            log.exception("publishing progress of %s failed", job_id)
+
+    # -- requests from the API ---------------------------------------------------------
+
+    def _carry_out_requests(self) -> None:
+        for h in list(self.held.values()):
+            if h.lost:
+                log.warning("dropping %s: its lease was lost", h.record.id)
+                self._drop(h)
+            elif h.requested == RequestedAction.CANCEL:
+                self._release(h, JobStatus.CANCELLED, f"Job cancelled at step {h.job.step}")
+            elif h.requested == RequestedAction.PAUSE and h.job.micro == 0:
+                self._pause(h)
+
+    def _pause(self, h: Held) -> None:
+        step = h.job.step
+        if step > max(h.last_ckpt_step, 0) and not self._checkpoint(h):
+            return
+        self._release(
+            h,
+            JobStatus.PAUSED,
+            f"Job paused at step {step} of {h.job.total_steps}; resume continues from there",
+        )
+
+    # -- claiming ----------------------------------------------------------------------
+
+    def _admitted_state(self) -> int:
+        return sum(h.state_bytes for h in self.held.values())
+
+    def _fits(self, record: JobRecord, hp: Any) -> memory.Admission:
+        return memory.admit(
+            self.shape, hp, budget=self.budget, admitted_state=self._admitted_state()
+        )
+
+    def _claim(self) -> None:
+        while len(self.held) < self.options.max_jobs:
+            claimed_at = time.monotonic()  # before the lease starts: a conservative clock
+            with self.db.transaction() as session:
+                result = claim_next(
+                    session=session,
+                    worker_id=self.id,
+                    lease_seconds=self.options.lease_seconds,
+                    model=self.model_id,
+                    fits=self._fits,
+                    default_max_running=self.settings.max_running_jobs,
+                    notified=self._notified,
+                )
+            for job_id, seq in result.touched:
+                self._publish(job_id, seq)
+            if result.claimed is None:
+                return
+            self._start(result.claimed, claimed_at)
+
+    def _start(self, record: JobRecord, claimed_at: float) -> None:
+        """Load the job's data, build its trainer job, resume from its last checkpoint."""
+        from mixloom.model.specs import AdapterSpec
+        from mixloom.trainer.checkpoint import latest_checkpoint, load_checkpoint
+        from mixloom.trainer.job import Job
+        from mixloom.trainer.job import JobStatus as TrainStatus
+
+        hp = hyperparameters(record)
+        self._orders += 1
+        h = Held(
+            record,
+            None,
+            self._orders,
+            memory.job_state_bytes(self.shape, hp),
+            claimed_at + self.options.lease_seconds,
+        )
+        with self._lock:
+            self.held[record.id] = h
+        try:
+            with self.db.transaction() as session:
+                train = files.get_file(session=session, file_id=record.training_file_id)
+                val = (
+                    files.get_file(session=session, file_id=record.validation_file_id)
+                    if record.validation_file_id
+                    else None
+                )
+            rows = self._encode(train.path, hp)
+            val_rows = self._encode(val.path, hp) if val else []
+            adapter = AdapterSpec.from_hyperparameters(record.id, hp, seed=record.seed)
+            job = Job(record.id, adapter, hp, rows, seed=record.seed, validation_rows=val_rows)
+            ckpt = latest_checkpoint(jobs_dir(self.settings) / record.id / "checkpoints")
+            self.trainer.add_job(job, resume=load_checkpoint(ckpt) if ckpt else None)
+        except (DataError, ValueError, OSError) as exc:
+            h.job = None
+            self._release(
+                h,
+                JobStatus.FAILED,
+                error={"message": str(exc), "code": "invalid_training_data", "param": None},
+            )
+            return
+        h.job = job
+        h.started_step = job.step
+        h.last_ckpt_step = job.step if ckpt else -1
+        params = sum(p.numel() for p in self.model.adapter_parameters(record.id))
+        where = f"resuming from the checkpoint at step {job.step}" if ckpt else "from scratch"
+        self._event(
+            h,
+            f"Training on worker {self.id}: {len(rows)} rows, {job.total_steps} steps "
+            f"({hp.n_epochs} epoch(s)), {params:,} trainable parameters; {where}",
+            data={"rows": len(rows), "total_steps": job.total_steps, "resumed_step": job.step},
+        )
+        log.info("%s: started (%s)", record.id, where)
+        if job.done:  # a worker died between the final checkpoint and the release
+            job.status = TrainStatus.SUCCEEDED
+            self._finish(h, self.trainer.validation_loss(record.id))
+
+    def _encode(self, path: str, hp: Any) -> list[Any]:
+        from mixloom.data.formats import load_jsonl
+        from mixloom.data.tokenize import encode_dataset
+
+        return list(
+            encode_dataset(
+                load_jsonl(path),
+                self.base.tokenizer,
+                max_seq_len=hp.max_seq_len,
+                train_on_inputs=hp.train_on_inputs,
+            ).rows
+        )
+
+    # -- stepping ----------------------------------------------------------------------
+
+    def _compose(self) -> list[str]:
+        candidates = []
+        for h in self.held.values():
+            if not self._usable(h):
+                continue
+            rows, _ = h.job.next_micro_batch()
+            candidates.append(
+                Candidate(
+                    name=h.record.id,
+                    tenant_id=h.record.tenant_id,
+                    rows=len(rows),
+                    width=max(len(r.input_ids) for r in rows),
+                    last_served=h.last_served,
+                    order=h.order,
+                )
+            )
+        if not candidates:
+            return []
+
+        def activation(c: Candidate, width: int) -> int:
+            hp = self.held[c.name].job.hp
+            return memory.activation_bytes(self.shape, hp, c.rows, width, targets=c.rows * width)
+
+        free = self.budget - self.shape.base_bytes - self._admitted_state()
+        return compose_step(
+            candidates, token_budget=self.token_budget, memory_free=free, activation=activation
+        )
+
+    def _step(self, names: list[str]) -> None:
+        for name in names:
+            h = self.held[name]
+            if h.job.micro == 0:
+                h.replay = {
+                    "step": h.job.step,
+                    "tokens_seen": h.job.tokens_seen,
+                    "rng": self.model.generators[name].get_state(),
+                }
+        try:
+            report = self.trainer.step(names)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            self._out_of_memory(names, exc)
+            return
+        self.steps += 1
+        self._last_step_seconds = report.seconds
+        for m in report.jobs:
+            h = self.held[m.name]
+            h.last_served = self.steps
+            h.oom_alone = 0
+            job = h.job
+            if m.step_loss is not None:
+                h.last_loss = m.step_loss
+            if job.status.value == "failed":
+                self._release(
+                    h,
+                    JobStatus.FAILED,
+                    error={"message": job.error or "failed", "code": "training_failed"},
+                )
+                continue
+            if not m.stepped:
+                continue
+            now = time.monotonic()
+            elapsed = now - h.last_step_at
+            h.last_step_at = now
+            h.sec_per_step = (
+                elapsed if h.sec_per_step is None else 0.8 * h.sec_per_step + 0.2 * elapsed
+            )
+            every = job.hp.checkpoint_every
+            ckpt_now = bool(every) and job.step % every == 0 and not job.done
+            val = self.trainer.validation_loss(m.name) if job.done else None
+            if (
+                job.done
+                or ckpt_now
+                or now - h.last_metrics_at >= self.options.metrics_interval_seconds
+            ):
+                h.last_metrics_at = now
+                self._metrics(h, m, report, val)
+            if ckpt_now and not self._checkpoint(h):
+                continue
+            if job.done:
+                self._finish(h, val)
+
+    def _metrics(self, h: Held, m: Any, report: Any, val: float | None) -> None:
+        import torch
+
+        job = h.job
+        remaining = job.total_steps - job.step
+        eta = remaining * (h.sec_per_step or 0.0)
+        values: dict[str, Any] = {
+            "train_loss": m.step_loss,
+            "learning_rate": m.lr,
+            "grad_norm": m.grad_norm,
+            "epoch": job.epoch,
+            "total_steps": job.total_steps,
+            "tokens": m.tokens,
+            "trained_tokens": job.tokens_seen,
+            "tokens_per_second": round(m.tokens / report.seconds, 1) if report.seconds else 0.0,
+            "step_tokens_per_second": round(report.tokens_per_s, 1),
+            "step_seconds": round(report.seconds, 4),
+            "shared_with": [n for n in report.shared_with if n != m.name],
+            "eta_seconds": round(eta, 1),
+            "estimated_finish": int(time.time() + eta),
+            "cpu_memory_bytes": _rss_bytes(),
+            "worker_id": self.id,
+        }
+        if m.aux_loss is not None:
+            values["aux_loss"] = m.aux_loss
+        if m.router_load is not None:
+            values["router_load"] = [round(x, 4) for x in m.router_load]
+        if self.model.device.type == "cuda":
+            values["gpu_memory_bytes"] = int(torch.cuda.memory_allocated(self.model.device))
+            values["gpu_peak_memory_bytes"] = int(
+                torch.cuda.max_memory_allocated(self.model.device)
+            )
+        if val is not None:
+            values["valid_loss"] = val
+        with self.db.transaction() as session:
+            record = jobs.add_metrics(
+                session=session, job_id=h.record.id, step=job.step, values=values
+            )
+        self.bus.publish(h.record.id, record.to_message())
+
+    def _out_of_memory(self, names: list[str], exc: BaseException) -> None:
+        """Undo the failed step exactly (gradients, counters, RNG back to the start of each
+        job's optimizer step) and retry with half the token budget; a job that does not fit
+        even alone, OOM_RETRIES_ALONE times, fails."""
+        import torch
+
+        for name in names:
+            h = self.held[name]
+            job = h.job
+            job.optimizer.zero_grad(set_to_none=True)
+            if h.replay is not None and job.step == h.replay["step"]:
+                job.micro = 0
+                job.loss_sum = 0.0
+                job.aux_sum = 0.0
+                job.tokens_seen = h.replay["tokens_seen"]
+                self.model.generators[name].set_state(h.replay["rng"])
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        old = self.token_budget
+        self.token_budget = max(MIN_TOKEN_BUDGET, old // 2)
+        log.warning("out of memory in a step of %d job(s): %s", len(names), exc)
+        for name in names:
+            h = self.held[name]
+            if len(names) == 1:
+                h.oom_alone += 1
+                if h.oom_alone >= OOM_RETRIES_ALONE:
+                    self._release(
+                        h,
+                        JobStatus.FAILED,
+                        error={
+                            "message": f"out of memory even when trained alone "
+                            f"({h.oom_alone} tries); lower micro_batch_size or max_seq_len",
+                            "code": "out_of_memory",
+                        },
+                    )
+                    continue
+            self._event(
+                h,
+                f"Out of memory in a fused step of {len(names)} job(s); retrying the step "
+                f"with a budget of {self.token_budget} tokens (was {old})",
+                level="warning",
+            )
+        time.sleep(min(1.0, self.options.poll_seconds))
+
+    # -- checkpoints and results -------------------------------------------------------
+
+    def _save(self, h: Held, folder: Path) -> Path:
+        """Write a resumable checkpoint folder and its adapter zip; returns the zip."""
+        from mixloom.trainer.checkpoint import save_checkpoint
+
+        save_checkpoint(self.trainer, h.record.id, folder, self.base.name_or_path)
+        return _zip_adapter(folder, folder.with_suffix(".zip"))
+
+    def _checkpoint(self, h: Held) -> bool:
+        job = h.job
+        root = jobs_dir(self.settings) / h.record.id / "checkpoints"
+        path = self._save(h, root / f"step-{job.step}")
+        metrics: dict[str, Any] = {"train_loss": h.last_loss}
+        val = self.trainer.validation_loss(h.record.id)
+        if val is not None:
+            metrics["valid_loss"] = val
+        ok = self._leased(
+            h,
+            lambda s: jobs.add_checkpoint(
+                session=s, job_id=h.record.id, step=job.step, path=str(path), metrics=metrics
+            ),
+        )
+        if ok:
+            h.last_ckpt_step = job.step
+        return ok
+
+    def _finish(self, h: Held, val: float | None = None) -> None:
+        job = h.job
+        root = jobs_dir(self.settings) / h.record.id
+        path = self._save(h, root / "checkpoints" / f"step-{job.step}")
+        final = root / "adapter.zip"
+        shutil.copyfile(path, final.with_suffix(".zip.tmp"))
+        os.replace(final.with_suffix(".zip.tmp"), final)
+        suffix = h.record.suffix or "mixloom"
+        name = f"ft:{self.model_id}:{suffix}:{h.record.id}"
+        took = time.time() - (h.record.started_at.timestamp() if h.record.started_at else 0)
+        text = (
+            f"Job succeeded: {job.step} steps, {job.tokens_seen:,} tokens"
+            + (f", validation loss {val:.4f}" if val is not None else "")
+            + f"; adapter ready to download ({took:.0f} s since it first started)"
+        )
+
+        def write(session: Any) -> None:
+            jobs.add_checkpoint(
+                session=session,
+                job_id=h.record.id,
+                step=job.step,
+                path=str(path),
+                metrics={"valid_loss": val} if val is not None else None,
+            )
+            jobs.set_adapter_path(
+                session=session,
+                job_id=h.record.id,
+                path=str(final),
+                fine_tuned_model=name,
+                trained_tokens=job.tokens_seen,
+            )
+            jobs.release_job(
+                session=session,
+                job_id=h.record.id,
+                worker_id=self.id,
+                status=JobStatus.SUCCEEDED,
+                message=text,
+            )
+
+        if self._leased(h, write):
+            log.info("%s: succeeded", h.record.id)
+            self._drop(h)
+
+    def _leased(self, h: Held, write: Any) -> bool:
+        """Run `write(session)` in a transaction that first checks our lease; publish after."""
+        seq = h.record.last_seq
+        try:
+            with self.db.transaction() as session:
+                before = jobs.renew_lease(
+                    session=session,
+                    job_id=h.record.id,
+                    worker_id=self.id,
+                    lease_seconds=self.options.lease_seconds,
+                )
+                seq = before.last_seq
+                write(session)
+        except LeaseLostError as exc:
+            log.warning("%s", exc)
+            h.lost = True
+            self._drop(h)
+            return False
+        self._publish(h.record.id, seq)
+        return True
+
+    def _event(self, h: Held, message: str, *, level: str = "info", data: Any = None) -> None:
+        self._leased(
+            h,
+            lambda s: jobs.add_event(
+                session=s, job_id=h.record.id, message=message, level=level, data=data
+            ),
+        )
+
+    def _release(
+        self,
+        h: Held,
+        status: JobStatus,
+        message: str | None = None,
+        *,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        if error is not None:
+            error.setdefault("param", None)
+        self._leased(
+            h,
+            lambda s: jobs.release_job(
+                session=s,
+                job_id=h.record.id,
+                worker_id=self.id,
+                status=status,
+                message=message,
+                error=error,
+            ),
+        )
+        log.info("%s: released as %s", h.record.id, status.value)
+        self._drop(h)
+
+    def _drop(self, h: Held) -> None:
+        """Forget the job here (its adapter weights and optimizer state are freed)."""
+        with self._lock:
+            self.held.pop(h.record.id, None)
+        if h.job is not None and h.record.id in self.trainer.jobs:
+            self.trainer.remove_job(h.record.id)
+
+    def _shutdown(self) -> None:
+        """Checkpoint what can be checkpointed and put every held job back in the queue."""
+        for h in list(self.held.values()):
+            if h.lost or h.job is None:
+                self._drop(h)
+                continue
+            try:
+                if h.job.micro == 0 and h.job.step > max(h.last_ckpt_step, 0):
+                    self._checkpoint(h)
+                if h.record.id in self.held:
+                    self._release(
+                        h,
+                        JobStatus.QUEUED,
+                        f"Worker {self.id} shut down at step {h.job.step}; queued again, "
+                        "it resumes from its last checkpoint",
+                    )
+            except Exception:
+                log.exception("releasing %s at shutdown failed; its lease will expire", h.record.id)
+        self.bus.wake()
+
+
+def _zip_adapter(folder: Path, target: Path) -> Path:
+    """The adapter files of a checkpoint folder, at the root of a zip (written atomically)."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in ADAPTER_FILES:
+            if (folder / name).exists():
+                zf.write(folder / name, arcname=name)
+    os.replace(tmp, target)
+    return target

@@ -5,6 +5,22 @@ set -euo pipefail
 venv=${1:-.venv}
 py=${PYTHON:-python3.11}
 command -v "$py" >/dev/null || py=python3
+# System packages that tests drive: Debian's chromium (tests/dashboard, through Playwright)
+# and docker-compose (validates docker/compose.yaml without an engine; skipped when the
+# docker compose plugin exists). apt-get needs root, as in CI.
+need=()
+command -v chromium >/dev/null || need+=(chromium)
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+  need+=(docker-compose)
+fi
+if ((${#need[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "setup: install ${need[*]} with apt-get as root for the dashboard and docker tests" >&2
+  fi
+fi
 rm -rf "$venv"
 "$py" -m venv "$venv"
 . "$venv/bin/activate"

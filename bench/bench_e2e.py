@@ -193,7 +193,8 @@ def run_one(system: str, config: str, jobs: int, steps: int, warmup: int) -> dic
         cmd = [str(MOE_PEFT_PY), str(BENCH / "peer_moe_peft.py"), json.dumps({**args, **spec})]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(args)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -4,6 +4,7 @@ storage functions it will call."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from conftest import GOOD_JSONL, MODEL, Api
@@ -108,10 +109,10 @@ def test_whole_lifecycle(api: Api) -> None:
     ckpts = c.get(f"{JOBS}/{jid}/checkpoints", headers=h).json()["data"]
     assert [(k["step_number"], k["fine_tuning_job_id"]) for k in ckpts] == [(2, jid)]
     r = c.get(f"{JOBS}/{jid}/checkpoints/{ckpts[0]['id']}/adapter", headers=h)
-    assert r.status_code == 200 and r.content == open(ckpt_path, "rb").read()
+    assert r.status_code == 200 and r.content == Path(ckpt_path).read_bytes()
     r = c.get(f"{JOBS}/{jid}/adapter", headers=h)
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
-    assert r.content == open(adapter_path, "rb").read()
+    assert r.content == Path(adapter_path).read_bytes()
 
     # events, newest first, paginated
     events = c.get(f"{JOBS}/{jid}/events?limit=100", headers=h).json()["data"]

@@ -52,6 +52,9 @@ _WARPS = _knob("WARPS", 4, 4)
 _STAGES = _knob("STAGES", 1, 3)
 
 
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 def _block_r(R: int) -> int:
     # tl.dot needs every block dim >= 16 on a GPU (8x8 passes the interpreter, not the GPU).
     return max(16, triton.next_power_of_2(R))
@@ -70,11 +73,13 @@ def _check_device(*ts: Tensor) -> None:
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_FP32: tl.constexpr):
-    """acc += a @ b with fp32 accumulation; DOT_FP32 casts both tiles to fp32 (ieee)."""
+def _mma(a, b, acc, DOT_FP32: tl.constexpr, DOT: tl.constexpr):
+    """acc += a @ b in fp32: both tiles cast to fp32 (ieee) if DOT_FP32, else to DOT (the
+    activations' fp16/bf16, for the tensor cores: fp32 adapter weights over a bf16 base are
+    rounded there, as under autocast)."""
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b.to(a.dtype), acc)
+    return tl.dot(a.to(DOT), b.to(DOT), acc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +109,7 @@ def _shrink_kernel(
     HAS_ROWS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -136,7 +142,7 @@ def _shrink_kernel(
             mask=(offs_r[None, :] < R) & (kk[:, None] < K),
             other=0.0,
         )  # (BLOCK_K, BLOCK_R)
-        acc = _mma(xt, wt, acc, DOT_FP32)
+        acc = _mma(xt, wt, acc, DOT_FP32, DOT)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + g)
     tl.store(
@@ -185,6 +191,7 @@ def shrink(
         HAS_ROWS=rows is not None,
         HAS_SCALE=scale is not None,
         DOT_FP32=INTERPRET or src.dtype == torch.float32,
+        DOT=_TL_DTYPE[src.dtype],
         BLOCK_M=BLOCK_M,
         BLOCK_R=_block_r(R),
         BLOCK_K=_BLOCK_K,
@@ -223,6 +230,7 @@ def _expand_kernel(
     HAS_PW: tl.constexpr,
     SCATTER: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -252,10 +260,7 @@ def _expand_kernel(
         mask=(offs_r[:, None] < R) & mask_n[None, :],
         other=0.0,
     )  # (BLOCK_R, BLOCK_N)
-    if DOT_FP32:
-        acc = tl.dot(h, w.to(tl.float32), input_precision="ieee")
-    else:
-        acc = tl.dot(h.to(w.dtype), w)  # (BLOCK_M, BLOCK_N) fp32
+    acc = _mma(h, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, DOT)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + g)
     if HAS_PW:
@@ -326,7 +331,8 @@ def expand(
         HAS_SCALE=scale is not None,
         HAS_PW=pair_weight is not None,
         SCATTER=dst is not None,
-        DOT_FP32=INTERPRET or w.dtype == torch.float32,
+        DOT_FP32=INTERPRET or out_dtype == torch.float32,
+        DOT=_TL_DTYPE[out_dtype],
         BLOCK_M=BLOCK_M,
         BLOCK_N=block_n,
         BLOCK_R=_block_r(R),
@@ -415,6 +421,7 @@ def _seg_outer_kernel(
     B_ROWS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    DOT: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_1: tl.constexpr,
     BLOCK_2: tl.constexpr,
@@ -447,10 +454,7 @@ def _seg_outer_kernel(
             mask=mask_p[:, None] & (offs_2[None, :] < M2),
             other=0.0,
         )  # (BLOCK_P, BLOCK_2)
-        if DOT_FP32:
-            acc = tl.dot(at.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(at.to(out_ptr.dtype.element_ty), bt.to(out_ptr.dtype.element_ty), acc)
+        acc = _mma(at, bt, acc, DOT_FP32, DOT)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + g)
     tl.store(
@@ -471,6 +475,7 @@ def seg_outer(
     scale: Tensor | None,  # (G,) fp32
     offsets: Tensor,  # (G+1,) int64
     out_dtype: torch.dtype,
+    compute: torch.dtype,  # the activations' dtype: the dot runs in it
 ) -> Tensor:
     """out[g] = scale[g] * sum over pairs p of group g of a[a_rows[p]].T @ b[b_rows[p]].
 
@@ -505,7 +510,8 @@ def seg_outer(
         A_ROWS=a_rows is not None,
         B_ROWS=b_rows is not None,
         HAS_SCALE=scale is not None,
-        DOT_FP32=INTERPRET or out_dtype == torch.float32,
+        DOT_FP32=INTERPRET or compute == torch.float32,
+        DOT=_TL_DTYPE[compute],
         BLOCK_P=_BLOCK_P,
         BLOCK_1=b1,
         BLOCK_2=b2,
@@ -543,11 +549,11 @@ class LoraSegmentsFn(torch.autograd.Function):
         P = h.shape[0]
         dx = dA = dB = None
         if need_b:
-            dB = seg_outer(dy, None, h, None, scale, offsets, B.dtype)  # (G, N, R)
+            dB = seg_outer(dy, None, h, None, scale, offsets, B.dtype, x.dtype)  # (G, N, R)
         if need_x or need_a:
             dh = shrink(dy, None, _t(B), scale, offsets, tiles, P)  # (P, R) = s * dy @ B[g]
             if need_a:
-                dA = seg_outer(dh, None, x, rows, None, offsets, A.dtype)  # (G, R, H)
+                dA = seg_outer(dh, None, x, rows, None, offsets, A.dtype, x.dtype)  # (G, R, H)
             if need_x:
                 dx = _scatter_rows(dh, A, offsets, tiles, rows, x)
         return dx, dA, dB, None, None, None, None
@@ -590,14 +596,14 @@ class LoraCombineFn(torch.autograd.Function):
         dx = dA = dB = dw = None
         if need_b:
             hw = h * w[:, None]  # (P, R)
-            dB = seg_outer(dout, dst, hw, None, scale, offsets, B.dtype)  # (G, N, R)
+            dB = seg_outer(dout, dst, hw, None, scale, offsets, B.dtype, x.dtype)  # (G, N, R)
         if need_x or need_a or need_w:
             dhu = shrink(dout, dst, _t(B), scale, offsets, tiles, P)  # (P, R) s*dout[dst]@B[g]
             if need_w:
                 dw = (dhu * h).sum(1).to(ctx.weights_dtype)  # (P,)
             dh = dhu * w[:, None]  # (P, R)
             if need_a:
-                dA = seg_outer(dh, None, x, rows, None, offsets, A.dtype)  # (G, R, H)
+                dA = seg_outer(dh, None, x, rows, None, offsets, A.dtype, x.dtype)  # (G, R, H)
             if need_x:
                 dx = _scatter_rows(dh, A, offsets, tiles, rows, x)
                 if rows is None:  # per-pair input may hold pairs outside every group

@@ -226,3 +226,37 @@ def test_layer_chain_transposed_weights_no_host_sync():
     assert _rel(out, ref) < TOL[dtype]
     for name, got, want in zip(("dx", "dA", "dB", "dweights"), grads, ref_grads, strict=True):
         assert _rel(got, want) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+def test_fp32_adapter_weights_over_half_activations(dtype: torch.dtype):
+    """The model's usual mix: fp32 adapter weights, fp16/bf16 activations. Outputs and dx
+    come back in the activations' dtype, dA/dB in fp32."""
+    case = CASES[2]
+    x, A, B, scale, groups, weights, G = _make(case, dtype)
+    A, B = A.float(), B.float()
+    r = kernels.build_routing(groups, G, with_tiles=True)
+    w = weights.reshape(-1)[r.order]
+
+    def tri(x, A, B, w):
+        y = kernels.lora_segments(
+            x, A, B, scale, r.offsets, r.rows, backend="triton", tiles=r.tiles
+        )
+        return kernels.lora_combine(
+            y, B.transpose(1, 2), A.transpose(1, 2), scale, r.offsets, w, r.rows, case.T,
+            backend="triton", tiles=r.tiles,
+        )  # fmt: skip
+
+    def ref(x, A, B, w):
+        y = reference.lora_segments(x, A, B, scale, r.offsets, r.rows)
+        return reference.lora_combine(
+            y, B.transpose(1, 2), A.transpose(1, 2), scale, r.offsets, w, r.rows, case.T
+        )
+
+    out, grads = _grads(tri, [x, A, B, w], seed=4)
+    out_ref, grads_ref = _grads(ref, [x.float(), A, B, w], seed=4)
+    assert out.dtype == dtype
+    assert [g.dtype for g in grads] == [dtype, torch.float32, torch.float32, torch.float32]
+    assert _rel(out, out_ref) < 2 * TOL[dtype]
+    for name, got, want in zip(("dx", "dA", "dB", "dweights"), grads, grads_ref, strict=True):
+        assert _rel(got, want) < 2 * TOL[dtype], name

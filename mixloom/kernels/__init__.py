@@ -70,8 +70,9 @@ def lora_segments(
     """Grouped LoRA: y[p] = scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T. See reference.py.
 
     Args:
-        x: (T, H). A: (G, R, H). B: (G, N, R). scale: (G,) fp32. offsets: (G+1,) int64 with
-        offsets[0] == 0 and offsets[G] == P. rows: (P,) int64 or None (P == T).
+        x: (T, H). A: (G, R, H). B: (G, N, R). scale: (G,) fp32. offsets: (G+1,) int64;
+        pairs before offsets[0] or from offsets[G] on belong to no group and give 0.
+        rows: (P,) int64 or None (P == T).
         tiles: the triton tile table (Routing.tiles); built from offsets when None.
     Returns: (P, N) in x's dtype.
     """
@@ -101,7 +102,7 @@ def lora_combine(
 
     Args:
         x: (T_in, H); per pair (T_in == P) when rows is None. A, B, scale, offsets: as in
-        lora_segments, except that pairs outside every group are allowed and add nothing.
+        lora_segments; pairs outside every group add nothing.
         weights: (P,) routing weight of each pair (differentiable). dst: (P,) int64 output row.
         num_rows: T_out.
     Returns: (T_out, N) in x's dtype.

@@ -22,13 +22,15 @@ def lora_segments(
     offsets: Tensor,  # (G+1,) int64, on x.device
     rows: Tensor | None = None,  # (P,) int64 or None (P == T, identity)
 ) -> Tensor:
-    """y[p] = scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T for every pair p of group g.
+    """y[p] = scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T for every pair p of group g; 0 for
+    pairs outside every group (before offsets[0] or from offsets[G] on: build_routing's -1).
 
     Returns: (P, N) in x's dtype; accumulation in fp32. Differentiable through autograd.
     """
     xs = x if rows is None else x.index_select(0, rows)  # (P, H)
     bounds = offsets.tolist()  # note: host sync; the Triton path avoids it
-    outs = []
+    P, N = xs.shape[0], B.shape[1]
+    outs = [x.new_zeros(bounds[0], N, dtype=torch.float32)]  # pairs of group -1, if any
     for g in range(A.shape[0]):
         lo, hi = bounds[g], bounds[g + 1]
         if hi == lo:
@@ -36,8 +38,7 @@ def lora_segments(
         xg = xs[lo:hi].float()  # (P_g, H)
         h = xg @ A[g].float().t()  # (P_g, R)
         outs.append((h @ B[g].float().t()) * scale[g])  # (P_g, N)
-    if not outs:
-        return x.new_zeros(xs.shape[0], B.shape[1])
+    outs.append(x.new_zeros(P - bounds[-1], N, dtype=torch.float32))
     return torch.cat(outs).to(x.dtype)
 
 

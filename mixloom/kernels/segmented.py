@@ -539,6 +539,7 @@ class LoraSegmentsFn(torch.autograd.Function):
         P = rows.numel() if rows is not None else x.shape[0]
         h = shrink(x, rows, A, None, offsets, tiles, P)  # (P, R) fp32
         y = expand(h, B, scale, offsets, tiles, out_dtype=x.dtype)  # (P, N)
+        zero_outside(y, offsets)  # pairs outside every group (group -1) read 0
         ctx.save_for_backward(x, A, B, scale, offsets, rows, tiles, h)
         return y
 
@@ -560,13 +561,11 @@ class LoraSegmentsFn(torch.autograd.Function):
 
 
 def _scatter_rows(dh: Tensor, A: Tensor, offsets: Tensor, tiles: Tensor, rows, x: Tensor):
-    """dx[rows[p]] += dh[p] @ A[g] -> (T, H) in x's dtype; rows None: dx[p] = dh[p] @ A[g].
-
-    With rows None the rows of pairs outside every group are left unset: only lora_segments
-    takes that path, and it requires offsets to cover every row.
-    """
+    """dx[rows[p]] += dh[p] @ A[g] -> (T, H) in x's dtype; rows None: dx[p] = dh[p] @ A[g]
+    (0 for pairs outside every group)."""
     if rows is None:
-        return expand(dh, _t(A), None, offsets, tiles, out_dtype=x.dtype)  # (T, H)
+        dx = expand(dh, _t(A), None, offsets, tiles, out_dtype=x.dtype)  # (T, H)
+        return zero_outside(dx, offsets)
     dx = expand(dh, _t(A), None, offsets, tiles, out_dtype=x.dtype, dst=rows, num_dst=x.shape[0])
     return dx.to(x.dtype)
 
@@ -606,8 +605,6 @@ class LoraCombineFn(torch.autograd.Function):
                 dA = seg_outer(dh, None, x, rows, None, offsets, A.dtype, x.dtype)  # (G, R, H)
             if need_x:
                 dx = _scatter_rows(dh, A, offsets, tiles, rows, x)
-                if rows is None:  # per-pair input may hold pairs outside every group
-                    zero_outside(dx, offsets)
         return dx, dA, dB, None, None, dw, None, None, None, None
 
 

@@ -224,7 +224,7 @@ class Worker:
         with self.db.transaction() as session:
             expired = jobs.expire_leases(session=session)
         for record in expired:
-            log.warning("lease of %s expired (worker %s died?)", record.id, record.worker_id)
+            log.warning("lease of %s expired: now %s", record.id, record.status.value)
             self._publish(record.id, record.last_seq - 1)
         if any(r.status == JobStatus.QUEUED for r in expired):
             self._wake.set()

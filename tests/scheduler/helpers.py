@@ -109,6 +109,7 @@ class Stack:
                 "MIXLOOM_BASE_MODEL": self.settings.base_model,
                 "MIXLOOM_DEVICE": "cpu",
                 "MIXLOOM_KERNEL_BACKEND": "torch",
+                "OMP_NUM_THREADS": "1",  # tiny models: threads only contend
             }
         )
         if self.settings.redis_url:
@@ -117,7 +118,7 @@ class Stack:
             env[f"MIXLOOM_WORKER_{key.upper()}"] = str(value)
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mixloom", "worker", "--no-migrate"],
+            [sys.executable, "-m", "mixloom.cli", "worker", "--no-migrate"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

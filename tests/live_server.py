@@ -169,19 +169,21 @@ class ScriptedWorker:
                         else JobStatus.PAUSED
                     )
                     break
+                # The names and units the real worker writes (scheduler/worker.py).
                 values = {
-                    "loss": 2.5 * math.exp(-step / 4) + 0.3,
-                    "lr": 2e-4 * (1 - step / (self.steps + 1)),
-                    "tokens_per_s": 1000.0 + 10 * step,
-                    "tokens_seen": 64 * step,
+                    "train_loss": 2.5 * math.exp(-step / 4) + 0.3,
+                    "learning_rate": 2e-4 * (1 - step / (self.steps + 1)),
+                    "tokens_per_second": 1000.0 + 10 * step,
+                    "trained_tokens": 64 * step,
                     "total_steps": self.steps,
-                    "memory_allocated_bytes": 300 * 1024 * 1024,
+                    "eta_seconds": (self.steps - step) * self.tick,
+                    "gpu_peak_memory_bytes": 300 * 1024 * 1024,
                     "shared_with": ["ftjob-peer"],
                 }
                 if mixlora:
                     values["router_load"] = [0.3, 0.25, 0.25, 0.2]
                 if step % 4 == 0:
-                    values["val_loss"] = 2.7 * math.exp(-step / 4) + 0.35
+                    values["valid_loss"] = 2.7 * math.exp(-step / 4) + 0.35
                 jobs.add_metrics(session=session, job_id=job_id, step=step, values=values)
                 if step == self.steps // 2:
                     jobs.add_checkpoint(
@@ -189,7 +191,7 @@ class ScriptedWorker:
                         job_id=job_id,
                         step=step,
                         path=archive(f"{job_id}-step-{step}.zip"),
-                        metrics={"loss": values["loss"]},
+                        metrics={"train_loss": values["train_loss"]},
                     )
             self._publish(job_id, seq)
         seq = self._seq(job_id)

@@ -400,10 +400,10 @@ def _postfix(metric: Metric) -> dict[str, str]:
     out = {}
     if metric.loss is not None:
         out["loss"] = f"{metric.loss:.4f}"
-    val = metric.metrics.get("val_loss")
+    val = metric.metrics.get("valid_loss", metric.metrics.get("val_loss"))
     if isinstance(val, int | float):
         out["val_loss"] = f"{val:.4f}"
-    tps = metric.metrics.get("tokens_per_s")
+    tps = metric.metrics.get("tokens_per_second", metric.metrics.get("tokens_per_s"))
     if isinstance(tps, int | float):
         out["tok/s"] = f"{tps:.0f}"
     return out

@@ -47,7 +47,10 @@ def progress(job: Job, metrics: list[Metric], training_rows: int | None) -> Prog
         step = max(step, total)
     fraction = min(1.0, step / total) if total else None
     eta = None
-    if total and len(metrics) >= 2 and job.status == "running":
+    reported = latest.metrics.get("eta_seconds") if latest else None
+    if isinstance(reported, int | float) and job.status == "running":
+        eta = float(reported)
+    elif total and len(metrics) >= 2 and job.status == "running":
         first, last = metrics[0], metrics[-1]
         per_step = (last.created_at - first.created_at) / max(1, last.step - first.step)
         eta = max(0.0, (total - step) * per_step)

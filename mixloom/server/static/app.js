@@ -101,12 +101,14 @@ const trainLoss = (m) => pick(m, ['loss', 'train_loss']);
 const valLoss = (m) => pick(m, ['val_loss', 'valid_loss', 'validation_loss', 'eval_loss']);
 const learningRate = (m) => pick(m, ['lr', 'learning_rate']);
 const tokensPerS = (m) => pick(m, ['tokens_per_s', 'tokens_per_second']);
+// Peak GPU memory when the worker has a GPU, else the worker process's resident memory.
 function memory(m) {
+  const gpu = pick(m, ['gpu_peak_memory_bytes', 'gpu_memory_bytes']);
+  if (gpu !== undefined) return fmtBytes(gpu);
+  const cpu = pick(m, ['cpu_memory_bytes']);
+  if (cpu !== undefined) return `${fmtBytes(cpu)} (CPU)`;
   for (const [k, v] of Object.entries(m)) {
-    if (!/mem/i.test(k) || typeof v !== 'number') continue;
-    if (/_gi?b$/i.test(k)) return `${v.toFixed(2)} GiB`;
-    if (/_mi?b$/i.test(k)) return fmtBytes(v * 1024 * 1024);
-    return fmtBytes(v);
+    if (/mem/i.test(k) && typeof v === 'number') return fmtBytes(v);
   }
   return '—';
 }
@@ -128,7 +130,10 @@ function progressOf(job, first, last, rows) {
   if (job.status === 'succeeded' && total) step = Math.max(step, total);
   const fraction = total ? Math.min(1, step / total) : null;
   let eta = null;
-  if (job.status === 'running' && total && first && last && last.step > first.step) {
+  if (job.status === 'running' && last && typeof last.metrics.eta_seconds === 'number') {
+    eta = last.metrics.eta_seconds - Math.max(0, Date.now() / 1000 - last.created_at);
+    eta = Math.max(0, eta);
+  } else if (job.status === 'running' && total && first && last && last.step > first.step) {
     eta = Math.max(0, ((total - step) * (last.created_at - first.created_at)) / (last.step - first.step));
   }
   return { step, total, fraction, eta, tps: last ? tokensPerS(last.metrics) : undefined };

@@ -30,6 +30,7 @@ __all__ = [
     "BACKENDS",
     "Routing",
     "build_routing",
+    "expert_glu",
     "lora_combine",
     "lora_segments",
     "resolve_backend",
@@ -112,3 +113,45 @@ def lora_combine(
 
         return segmented.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows, tiles)
     return reference.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows)
+
+
+def expert_glu(
+    x_gate: Tensor,
+    x_up: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    A_gate: Tensor,
+    B_gate: Tensor,
+    A_up: Tensor,
+    B_up: Tensor,
+    scale_gate: Tensor,
+    scale_up: Tensor,
+    offsets: Tensor,
+    rows: Tensor,
+    weights: Tensor,
+    x_rows: Tensor | None = None,
+    *,
+    backend: str = "torch",
+    tiles: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """MixLoRA expert gate/up, fused: LoRA deltas on the frozen gate/up of each pair's token,
+    SiLU(gate) * up, and the routing-weighted sum per token (the frozen down's input).
+
+    Per pair p of group g, t = rows[p]:
+        z[p] = silu(gate[t] + s_g[g] * LoRA_g(x_gate)[p]) * (up[t] + s_u[g] * LoRA_u(x_up)[p])
+        zsum[t] = sum over the token's pairs of weights[p] * z[p]
+
+    Args:
+        x_gate, x_up: (T_in, H) LoRA inputs (the same tensor without dropout); gathered with
+            x_rows (P,), or one row per pair when x_rows is None (dropout masks per pair).
+        gate, up: (T, I) frozen projections of every token. A_*: (G, R, H). B_*: (G, I, R).
+        scale_*: (G,) fp32. offsets: (G+1,). rows: (P,) token of each pair. weights: (P,).
+    Returns: z (P, I) (input of the experts' down LoRA), zsum (T, I) (input of the frozen
+    down projection, by the down-projection identity); both in gate's dtype.
+    """
+    args = (x_gate, x_up, gate, up, A_gate, B_gate, A_up, B_up, scale_gate, scale_up, offsets)
+    if backend == "triton":
+        from mixloom.kernels import glu
+
+        return glu.expert_glu(*args, rows, weights, x_rows, tiles)
+    return reference.expert_glu(*args, rows, weights, x_rows)

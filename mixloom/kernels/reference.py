@@ -69,3 +69,39 @@ def lora_combine(
         y = (h @ B[g].float().t()) * (scale[g] * weights[lo:hi].float()[:, None])  # (P_g, N)
         out = out.index_add(0, dst[lo:hi], y)
     return out.to(x.dtype)
+
+
+def expert_glu(
+    x_gate: Tensor,  # (T_in, H)
+    x_up: Tensor,  # (T_in, H)
+    gate: Tensor,  # (T, I) frozen gate projection of every token
+    up: Tensor,  # (T, I) frozen up projection of every token
+    A_gate: Tensor,  # (G, R, H)
+    B_gate: Tensor,  # (G, I, R)
+    A_up: Tensor,  # (G, R, H)
+    B_up: Tensor,  # (G, I, R)
+    scale_gate: Tensor,  # (G,) fp32
+    scale_up: Tensor,  # (G,) fp32
+    offsets: Tensor,  # (G+1,) int64
+    rows: Tensor,  # (P,) int64 token of each pair
+    weights: Tensor,  # (P,) routing weight of each pair
+    x_rows: Tensor | None = None,  # (P,) int64 row of x_gate/x_up per pair; None: per pair
+) -> tuple[Tensor, Tensor]:
+    """MixLoRA expert gate/up with the SiLU*up epilogue, per pair p of group g, t = rows[p]:
+    z[p] = silu(gate[t] + LoRA_g(x_gate)[p]) * (up[t] + LoRA_u(x_up)[p]);
+    zsum[t] = sum over the token's pairs of weights[p] * z[p].
+
+    Pairs outside every group get z = 0 and add nothing.
+    Returns: z (P, I) and zsum (T, I), in gate's dtype; math in fp32.
+    """
+    lg = lora_segments(x_gate.float(), A_gate, B_gate, scale_gate, offsets, x_rows)  # (P, I)
+    lu = lora_segments(x_up.float(), A_up, B_up, scale_up, offsets, x_rows)  # (P, I)
+    g = gate.float().index_select(0, rows) + lg.float()
+    u = up.float().index_select(0, rows) + lu.float()
+    P = rows.numel()
+    pair = torch.arange(P, device=rows.device)
+    inside = (pair >= offsets[0]) & (pair < offsets[-1])  # (P,)
+    z = torch.nn.functional.silu(g) * u * inside[:, None]  # (P, I)
+    zsum = torch.zeros(gate.shape, device=gate.device, dtype=torch.float32)
+    zsum = zsum.index_add(0, rows, z * weights.float()[:, None])
+    return z.to(gate.dtype), zsum.to(gate.dtype)

@@ -7,10 +7,13 @@ Methods, all in one process on the same inputs:
 - triton:     mixloom's segmented Triton kernels (GPU only: on CPU triton runs in its
               interpreter, which measures nothing useful, so the CPU table has no triton row)
 
-Two ops:
+Three ops:
 - segments: gate/up shape. x (T, H) -> pairs (T*k, N), rows gathered per pair.
 - combine:  down shape. z per pair (T*k, N) -> (T, H), weighted by the routing weight and
             summed per token (the model's down-projection LoRA).
+- glu:      the whole expert gate/up: both LoRA deltas on the gathered frozen gate/up of each
+            pair, SiLU*up, and the weighted per-token sum (z (P, N) and zsum (T, N) out);
+            unfused (two lora_segments + torch epilogue) vs fused (expert_glu).
 
 Configs: `design` is DESIGN.md section 3 (8 adapters x 8 experts, top-2, r=16, 4096 tokens,
 4096 -> 11008, bf16); `cpu` is a small proxy that runs here in about a minute.
@@ -78,6 +81,10 @@ def make_inputs(cfg: Config, device: torch.device, seed: int = 0):
         z=rnd(T * cfg.top_k, N),  # per-pair input of the down projection
         A_up=rnd(G, R, H, std=H**-0.5),
         B_up=rnd(G, N, R, std=R**-0.5),
+        gate=rnd(T, N),
+        up=rnd(T, N),
+        A_gate=rnd(G, R, H, std=H**-0.5),
+        B_gate=rnd(G, N, R, std=R**-0.5),
         A_down=rnd(G, R, N, std=N**-0.5),
         B_down=rnd(G, H, R, std=R**-0.5),
         scale=torch.full((G,), 2.0, device=device),
@@ -102,6 +109,16 @@ def gmm_combine(z, A, B, pair_scale, w, offs32, rows, T):
     h = h * (pair_scale * w)[:, None].to(h.dtype)
     y = F.grouped_mm(h, B.transpose(1, 2), offs=offs32)  # (P, H)
     return torch.zeros(T, y.shape[1], device=y.device, dtype=y.dtype).index_add(0, rows, y)
+
+
+def glu_glue(lg, lu, gate, up, w, rows, T):
+    """The unfused epilogue around two LoRA deltas: gathered frozen gate/up, SiLU*up, the
+    weighted per-token sum (the model's code path before expert_glu)."""
+    g = gate.index_select(0, rows) + lg.to(gate.dtype)  # (P, I)
+    u = up.index_select(0, rows) + lu.to(up.dtype)  # (P, I)
+    z = F.silu(g) * u
+    zsum = torch.zeros(T, z.shape[1], device=z.device, dtype=z.dtype)
+    return z, zsum.index_add(0, rows, z * w[:, None].to(z.dtype))
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -152,11 +169,14 @@ def measure(fn, leaves, ref: list[torch.Tensor], cfg: Config, device: torch.devi
             return fn(*leaves)
 
     out0 = fwd()
-    dout = torch.randn(out0.shape, generator=torch.Generator().manual_seed(1)).to(out0)
+    outs0 = out0 if isinstance(out0, tuple) else (out0,)
+    gen = torch.Generator().manual_seed(1)
+    douts = [torch.randn(o.shape, generator=gen).to(o) for o in outs0]
 
     def fwd_bwd():
         out = fn(*leaves)
-        return [out, *torch.autograd.grad(out, leaves, dout)]
+        outs = out if isinstance(out, tuple) else (out,)
+        return [*outs, *torch.autograd.grad(outs, leaves, douts)]
 
     got = [t.detach() for t in fwd_bwd()]
     if not ref:
@@ -189,7 +209,36 @@ def run(cfg: Config, device: torch.device, use_triton: bool, only: list[str]) ->
         "loop": lambda z, A, B, w: reference.lora_combine(z, A, B, scale, offsets, w, rows, T),
         "grouped_mm": lambda z, A, B, w: gmm_combine(z, A, B, pair_scale, w, offs32, rows, T),
     }
+    glu = {
+        "loop": lambda x, gate, up, Ag, Bg, Au, Bu, w: reference.expert_glu(
+            x, x, gate, up, Ag, Bg, Au, Bu, scale, scale, offsets, rows, w, rows
+        ),
+        "grouped_mm": lambda x, gate, up, Ag, Bg, Au, Bu, w: glu_glue(
+            gmm_segments(x, Ag, Bg, pair_scale, offs32, rows),
+            gmm_segments(x, Au, Bu, pair_scale, offs32, rows),
+            gate,
+            up,
+            w,
+            rows,
+            T,
+        ),  # fmt: skip
+    }
     if use_triton:
+
+        def tri_glu_unfused(x, gate, up, Ag, Bg, Au, Bu, w):
+            kw = dict(backend="triton", tiles=routing.tiles)
+            lg = kernels.lora_segments(x, Ag, Bg, scale, offsets, rows, **kw)
+            lu = kernels.lora_segments(x, Au, Bu, scale, offsets, rows, **kw)
+            return glu_glue(lg, lu, gate, up, w, rows, T)
+
+        def tri_glu(x, gate, up, Ag, Bg, Au, Bu, w):
+            return kernels.expert_glu(
+                x, x, gate, up, Ag, Bg, Au, Bu, scale, scale, offsets, rows, w, rows,
+                backend="triton", tiles=routing.tiles,
+            )  # fmt: skip
+
+        glu["triton_segments+torch_epilogue"] = tri_glu_unfused
+        glu["triton_expert_glu"] = tri_glu
 
         def tri_seg(x, A, B):
             return kernels.lora_segments(
@@ -217,6 +266,11 @@ def run(cfg: Config, device: torch.device, use_triton: bool, only: list[str]) ->
     ops = [
         ("segments", seg, [inp["x"], inp["A_up"], inp["B_up"]]),
         ("combine", comb, [inp["z"], inp["A_down"], inp["B_down"], w]),
+        (
+            "glu",
+            glu,
+            [inp[k] for k in ("x", "gate", "up", "A_gate", "B_gate", "A_up", "B_up")] + [w],
+        ),
     ]
     for op, methods, args in ops:
         leaves = [a.detach().requires_grad_(True) for a in args]

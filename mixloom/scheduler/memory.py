@@ -101,16 +101,17 @@ def activation_bytes(
 ) -> int:
     """Activations kept for the backward of one job's `rows` x `width` block of a step.
 
-    Per token and layer the frozen LLaMA block keeps about 8 hidden-size tensors
-    (norms, q/k/v/o inputs and outputs, residuals) and 5 intermediate-size ones (gate, up,
-    act, product, down input); each chosen MixLoRA expert adds its own gate/up/product
+    Per token and layer the frozen LLaMA block keeps about 6 hidden-size tensors for the
+    backward (norm inputs, q/k/v, attention output, LoRA inputs; frozen weights need no
+    saved inputs) and 4 intermediate-size ones (gate, up, act, product); each chosen
+    MixLoRA expert adds its own gate/up/product
     in fp32; LoRA adds an r-wide input per target; attention probabilities are rows x
     heads x width^2 (the math path; fused kernels need less). `targets` tokens get fp32
     logits and their gradient over the vocabulary.
     """
     tokens = rows * width
     d = shape.dtype_bytes
-    per_token = 8 * shape.hidden * d + 5 * shape.intermediate * d
+    per_token = 6 * shape.hidden * d + 4 * shape.intermediate * d
     per_token += 4 * hp.r * len(hp.target_modules)
     per_token += _experts_chosen(hp) * 3 * shape.intermediate * 4
     per_layer = tokens * per_token + rows * shape.heads * width * width * d

@@ -68,6 +68,7 @@ class Stack:
     db: Database
     url: str
     tmp: Path
+    bus: Any  # the API's bus; in-process workers share it when there is no Redis
     workers: list[Worker] = field(default_factory=list)
     stops: list[threading.Event] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -82,7 +83,7 @@ class Stack:
     def start_worker(self, base: Any = None, **options: Any) -> Worker:
         """A worker thread in this process (the same Worker `mixloom worker` runs)."""
         opts = WorkerSettings(**{**FAST, "worker_id": f"thread-{len(self.workers)}", **options})
-        bus = make_bus(self.settings.redis_url)
+        bus = make_bus(self.settings.redis_url) if self.settings.redis_url else self.bus
         worker = Worker(self.settings, opts, db=self.db, bus=bus, base=base)
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -148,7 +149,8 @@ def stack(tmp: Path, base_model: Path, **settings: Any) -> Iterator[Stack]:
     )
     migrate.upgrade(cfg.resolved_database_url)
     db = Database.connect(cfg.resolved_database_url)
-    app = create_app(cfg, db=db, bus=make_bus(cfg.redis_url))
+    bus = make_bus(cfg.redis_url)
+    app = create_app(cfg, db=db, bus=bus)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -159,7 +161,7 @@ def stack(tmp: Path, base_model: Path, **settings: Any) -> Iterator[Stack]:
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    s = Stack(settings=cfg, db=db, url=f"http://127.0.0.1:{port}", tmp=tmp)
+    s = Stack(settings=cfg, db=db, url=f"http://127.0.0.1:{port}", tmp=tmp, bus=bus)
     try:
         yield s
     finally:

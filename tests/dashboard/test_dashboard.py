@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from dashboard.conftest import PHONE, screenshot, sign_in
+from dashboard.conftest import LAPTOP, PHONE, screenshot, sign_in
 from live_server import TRAIN_ROWS, LiveServer, ScriptedWorker
 
 from mixloom.clients import Client
@@ -102,6 +102,10 @@ def test_create_job_from_the_form(
     page.fill("#f-lora_dropout", "1")
     assert page.inner_text("#error-lora_dropout") == "Must be ≥ 0 and < 1."
     screenshot(page, "dashboard-form-validation")
+    page.set_viewport_size(PHONE)
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    screenshot(page, "dashboard-form-phone")
+    page.set_viewport_size(LAPTOP)
 
     # The server's line-by-line file check, shown under the file field.
     page.fill("#f-r", "4")

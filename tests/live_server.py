@@ -88,8 +88,16 @@ class ScriptedWorker:
     cancel/pause, then saves a checkpoint and an adapter zip and succeeds. For fast client
     and dashboard tests; the real worker on a tiny model is tested beside these."""
 
-    def __init__(self, server: LiveServer, *, steps: int = 8, tick: float = 0.25) -> None:
+    def __init__(
+        self,
+        server: LiveServer,
+        *,
+        steps: int = 8,
+        tick: float = 0.25,
+        shared_with: tuple[str, ...] = ("ftjob-of-another-tenant",),
+    ) -> None:
         self.server = server
+        self.shared_with = list(shared_with)  # the jobs it claims to share steps with
         self.steps = steps
         self.tick = tick
         self.worker_id = "scripted-worker"
@@ -178,7 +186,7 @@ class ScriptedWorker:
                     "total_steps": self.steps,
                     "eta_seconds": (self.steps - step) * self.tick,
                     "gpu_peak_memory_bytes": 300 * 1024 * 1024,
-                    "shared_with": ["ftjob-peer"],
+                    "shared_with": self.shared_with,
                 }
                 if mixlora:
                     values["router_load"] = [0.3, 0.25, 0.25, 0.2]

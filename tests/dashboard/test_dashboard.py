@@ -149,12 +149,13 @@ def test_live_chart_controls_and_downloads(
     job = client.create_job(
         training_file=f.id, method="mixlora", hyperparameters={"num_experts": 4}
     )
+    peer = client.create_job(training_file=f.id)
     sign_in(page, api_key)
     page.goto(f"/#/jobs/{job.id}")
     page.wait_for_selector(".badge[data-status='queued']")
     assert _points(page) == 0 and page.is_enabled("#cancel-job")
 
-    worker = ScriptedWorker(server, steps=12, tick=0.4)
+    worker = ScriptedWorker(server, steps=12, tick=0.4, shared_with=(peer.id, "ftjob-theirs"))
     worker.start(job.id)
     try:
         page.wait_for_selector(".badge[data-status='running']")
@@ -166,7 +167,9 @@ def test_live_chart_controls_and_downloads(
         assert _points(page) > early  # the chart grew while the job trained
         assert page.locator("#loss-chart path[data-series='train']").count() == 1
         assert page.locator("#router-load .expert").count() == 4
-        assert page.inner_text("#shared-with") == "ftjob-peer"
+        page.wait_for_selector("#shared-with [data-others]")
+        assert page.get_attribute("#shared-with a.chip", "href") == f"#/jobs/{peer.id}"
+        assert page.inner_text("#shared-with [data-others]") == "1 job of another tenant"
         assert page.inner_text("#stat-tps") != "—" and "MiB" in page.inner_text("#stat-memory")
         screenshot(page, "dashboard-job-training")
         page.wait_for_selector("#checkpoints tbody tr")

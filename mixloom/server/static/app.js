@@ -9,6 +9,7 @@ const view = document.getElementById('view');
 const state = { tenant: null, hp: null, cleanups: [] };
 const fileRows = new Map(); // file id -> rows (for progress estimates)
 const metricCache = new Map(); // job id -> {first, last} metric records
+const ownJobs = new Map(); // job id -> whether it is this tenant's (shared-step peers)
 
 // --- helpers -------------------------------------------------------------------------
 
@@ -421,11 +422,29 @@ function renderJob(jobId) {
       } else {
         experts.replaceChildren(h('span', { class: 'muted small' }, 'No routing data yet.'));
       }
-      const peers = (last && last.metrics.shared_with) || [];
-      shared.replaceChildren(...(peers.length ? peers.map((id) => h('a', { class: 'chip mono', href: `#/jobs/${id}` }, id))
-        : [h('span', { class: 'muted small' }, last ? 'Trained alone at the latest step.' : '—')]));
+      renderShared((last && last.metrics.shared_with) || [], !!last);
       renderStats();
     });
+  }
+
+  // The worker names every job in the fused step; this tenant's own open as links, the
+  // others (a 404 here) are only counted.
+  let sharedKey = null;
+  async function renderShared(peers, started) {
+    const key = `${started}:${peers.join(',')}`;
+    if (key === sharedKey) return;
+    sharedKey = key;
+    if (!peers.length) {
+      shared.replaceChildren(h('span', { class: 'muted small' }, started ? 'Trained alone at the latest step.' : '—'));
+      return;
+    }
+    const own = await Promise.all(peers.map((id) => (ownJobs.has(id) ? Promise.resolve(ownJobs.get(id))
+      : api('GET', `${JOBS}/${id}`).then(() => true, () => false).then((mine) => { ownJobs.set(id, mine); return mine; }))));
+    if (key !== sharedKey) return;
+    const others = own.filter((mine) => !mine).length;
+    shared.replaceChildren(
+      ...peers.filter((_, i) => own[i]).map((id) => h('a', { class: 'chip mono', href: `#/jobs/${id}` }, id)),
+      others ? h('span', { class: 'chip muted', 'data-others': others }, others > 1 ? `${others} jobs of other tenants` : '1 job of another tenant') : null);
   }
 
   function addEvent(e) {

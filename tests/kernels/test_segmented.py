@@ -42,7 +42,7 @@ class Case:
 CASES = [
     Case("one_group", T=33, H=40, N=24, ranks=(8,), experts=0, k=1),
     Case("jobs_mixed_ranks", T=50, H=48, N=40, ranks=(4, 16, 8), experts=0, k=1),
-    Case("experts_top2", T=70, H=64, N=96, ranks=(8, 16, 4), experts=8, k=2),
+    Case("experts_top2", T=60, H=48, N=64, ranks=(8, 16, 4), experts=6, k=2),
     Case("experts_top1_odd", T=45, H=37, N=29, ranks=(5, 3), experts=3, k=1),
     Case("experts_empty_groups", T=40, H=32, N=48, ranks=(16, 2), experts=4, k=2, skew=True),
 ]

@@ -69,13 +69,12 @@ class FusedState:
         if not self.training or p == 0.0:
             return x
         gen = self.generators[name]
-        if real is None:
-            keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
-        else:
-            keep = torch.ones(x.shape, dtype=torch.bool, device=x.device)
-            drawn = torch.rand((real.shape[0], *x.shape[1:]), generator=gen, device=x.device)
-            keep[real] = drawn >= p
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+        if real is None or real.shape[0] == x.shape[0]:
+            mask = torch.empty_like(x).bernoulli_(1.0 - p, generator=gen)
+        else:  # padded rows get 0 (their output is never read)
+            drawn = x.new_empty((real.shape[0], *x.shape[1:])).bernoulli_(1.0 - p, generator=gen)
+            mask = x.new_zeros(x.shape).index_copy_(0, real, drawn)
+        return x * mask.mul_(1.0 / (1.0 - p))
 
     def jitter(self, name: str, x: Tensor, eps: float) -> Tensor:
         if not self.training or eps == 0.0:

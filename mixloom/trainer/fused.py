@@ -141,13 +141,18 @@ class FusedTrainer:
         for (job, _, targets), seg in zip(batches, segments, strict=True):
             tokens = int(mask[seg.start : seg.end].sum())
             if job.status != JobStatus.RUNNING:
-                report.append(self._metrics(job, False, float("nan"), None, tokens, None, loads))
+                report.append(
+                    self._metrics(job, False, float("nan"), None, None, tokens, None, loads)
+                )
                 continue
             total_tokens += tokens
             job.tokens_seen += tokens
             stepped = job.advance_micro()
             grad_norm = None
             step_loss = None
+            aux_value = (
+                job.aux_sum if job.adapter.is_mixlora else None
+            )  # before advance_step resets it
             if stepped:
                 grad_norm = self._optimizer_step(job)
                 if job.status == JobStatus.RUNNING:
@@ -157,7 +162,14 @@ class FusedTrainer:
                         job.status = JobStatus.SUCCEEDED
             report.append(
                 self._metrics(
-                    job, stepped, micro_loss[job.name], step_loss, tokens, grad_norm, loads
+                    job,
+                    stepped,
+                    micro_loss[job.name],
+                    step_loss,
+                    aux_value,
+                    tokens,
+                    grad_norm,
+                    loads,
                 )
             )
         seconds = time.perf_counter() - t0
@@ -207,11 +219,11 @@ class FusedTrainer:
         stepped: bool,
         loss: float,
         step_loss: float | None,
+        aux: float | None,
         tokens: int,
         grad_norm: float | None,
         loads: dict[str, list[float]],
     ) -> JobStepMetrics:
-        aux = job.aux_sum if job.adapter.is_mixlora else None
         return JobStepMetrics(
             name=job.name,
             step=job.step,

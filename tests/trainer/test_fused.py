@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from helpers import lora_hp, make_job, mixlora_hp, trainer_for
+from trainer_helpers import lora_hp, make_job, mixlora_hp, trainer_for
 from tiny import tiny_llama
 
 from mixloom.trainer.job import JobStatus

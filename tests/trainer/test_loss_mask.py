@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from helpers import lora_hp, make_job, trainer_for
+from trainer_helpers import lora_hp, make_job, trainer_for
 from tiny import tiny_llama
 
 from mixloom.data.tokenize import IGNORE_INDEX

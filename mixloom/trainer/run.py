@@ -167,6 +167,10 @@ def train(
     finished: set[str] = set()
     last_loss: dict[str, float] = {}
     metric_files = {j.name: open(out_root / j.name / "metrics.jsonl", "a") for j in jobs}  # noqa: SIM115
+    for job in jobs:  # the starting point, to compare the final validation loss against
+        if job.step == 0 and job.validation_rows:
+            line = {"step": 0, "val_loss": trainer.validation_loss(job.name), "time": time.time()}
+            metric_files[job.name].write(json.dumps(line) + "\n")
     try:
         while trainer.active:
             report = trainer.step()

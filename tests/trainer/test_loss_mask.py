@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from trainer_helpers import lora_hp, make_job, trainer_for
 from tiny import tiny_llama
+from trainer_helpers import lora_hp, make_job, trainer_for
 
 from mixloom.data.tokenize import IGNORE_INDEX
 

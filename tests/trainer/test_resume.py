@@ -4,8 +4,8 @@ an uninterrupted run (optimizer, schedule, RNG stream and data cursor all restor
 from __future__ import annotations
 
 import torch
-from trainer_helpers import lora_hp, make_job, mixlora_hp, trainer_for
 from tiny import tiny_llama
+from trainer_helpers import lora_hp, make_job, mixlora_hp, trainer_for
 
 from mixloom.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 

@@ -57,7 +57,7 @@ class Config:
 
 CONFIGS = {
     "design": Config(4096, 2, 8, 8, 16, 4096, 11008, "bfloat16", reps=20, warmup=5),
-    "cpu": Config(512, 2, 4, 4, 8, 256, 688, "float32", reps=5, warmup=1),
+    "cpu": Config(512, 2, 4, 4, 8, 256, 688, "float32", reps=30, warmup=3),
     # Checks this script's triton rows on CPU (TRITON_INTERPRET=1 --with-triton); times nothing.
     "tiny": Config(64, 2, 2, 4, 8, 32, 48, "float32", reps=1, warmup=0),
 }

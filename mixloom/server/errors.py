@@ -154,7 +154,7 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     message = "internal error; the server logged it"
     if isinstance(exc, MixloomError):
         message = f"internal error: {exc}"

@@ -164,8 +164,7 @@ class Worker:
         self.ready.set()
         try:
             while not stop.is_set():
-                self.tick()
-                if not self._runnable():
+                if not self.tick():
                     self._wake.wait(min(self.options.poll_seconds, 0.5))
         finally:
             self._shutdown()
@@ -201,12 +200,10 @@ class Worker:
         else:
             self.budget = base_bytes + int(0.8 * _available_ram())
 
-    def _runnable(self) -> bool:
-        return any(self._usable(h) for h in self.held.values())
-
     # -- one turn of the loop ----------------------------------------------------------
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
+        """One turn of the loop; False when there was nothing to step."""
         now = time.monotonic()
         if now - self._last_expire >= min(self.options.lease_seconds / 2, 5.0):
             self._last_expire = now
@@ -219,6 +216,7 @@ class Worker:
         names = self._compose()
         if names:
             self._step(names)
+        return bool(names)
 
     def _expire(self) -> None:
         with self.db.transaction() as session:
@@ -265,18 +263,27 @@ class Worker:
         if record.requested_action is not None:
             self._wake.set()
 
+    def _margin(self) -> float:
+        """Lease time a job must have left to go into a step: the step's expected length
+        and then some, but at most half a lease (longer steps renew before each step, and
+        the heartbeat thread keeps renewing during it)."""
+        lease = self.options.lease_seconds
+        return min(0.5 * lease, 1.5 * self._last_step_seconds + 0.1 * lease)
+
+    def _trainable(self, h: Held) -> bool:
+        return (
+            not h.lost and h.job is not None and h.job.status.value == "running" and not h.job.done
+        )
+
     def _usable(self, h: Held) -> bool:
         """Safe to step: the lease outlives the step by a margin (no double training)."""
-        margin = min(
-            0.9 * self.options.lease_seconds,
-            2 * self._last_step_seconds + 0.1 * self.options.lease_seconds,
-        )
-        return (
-            not h.lost
-            and h.job.status.value == "running"
-            and not h.job.done
-            and h.lease_ok_until - time.monotonic() > margin
-        )
+        return self._trainable(h) and h.lease_ok_until - time.monotonic() > self._margin()
+
+    def _renew_short_leases(self) -> None:
+        margin = self._margin()
+        for job_id, h in list(self.held.items()):
+            if self._trainable(h) and h.lease_ok_until - time.monotonic() <= margin:
+                self._renew(job_id)
 
     def _wakeups(self, done: threading.Event) -> None:
         while not done.is_set():
@@ -420,6 +427,7 @@ class Worker:
     # -- stepping ----------------------------------------------------------------------
 
     def _compose(self) -> list[str]:
+        self._renew_short_leases()
         candidates = []
         for h in self.held.values():
             if not self._usable(h):
@@ -465,6 +473,14 @@ class Worker:
             return
         self.steps += 1
         self._last_step_seconds = report.seconds
+        if report.seconds > 0.5 * self.options.lease_seconds:
+            log.warning(
+                "a step took %.1f s, over half the %.0f s lease: a worker that dies holds its "
+                "jobs about that long, and a slow heartbeat could lose them; raise "
+                "--lease-seconds",
+                report.seconds,
+                self.options.lease_seconds,
+            )
         for m in report.jobs:
             h = self.held[m.name]
             h.last_served = self.steps

@@ -1,0 +1,90 @@
+"""A worker that shuts down checkpoints and re-queues its jobs; live progress reaches an SSE
+stream. Embedded default stack: SQLite, in-process bus, worker threads."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from helpers import (
+    adapter_tensors,
+    arithmetic_rows,
+    assert_same_tensors,
+    metrics,
+    stack,
+    train_reference,
+    wait_for,
+    wait_status,
+    write_jsonl,
+)
+
+SPEC = {
+    "name": "life",
+    "seed": 8,
+    "method": {
+        "type": "mixlora",
+        "mixlora": {
+            "hyperparameters": {
+                "r": 4,
+                "lora_alpha": 8,
+                "num_experts": 4,
+                "learning_rate": 3e-3,
+                "warmup_ratio": 0.0,
+                "max_seq_len": 32,
+                "batch_size": 1,
+                "checkpoint_every": 5,
+            }
+        },
+    },
+}
+
+
+def test_shutdown_requeues_and_the_next_worker_finishes_exactly(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(30, seed=2))
+    with stack(tmp_path, tiny_base) as s:
+        client = s.client("life")
+        f = client.upload_file(data)
+        model = client.list_models()[0].id
+        job_id = client.create_job(
+            training_file=f.id, model=model, method=SPEC["method"], seed=SPEC["seed"]
+        ).id
+
+        messages: list[Any] = []
+        reader = threading.Thread(target=lambda: messages.extend(client.stream(job_id)))
+        reader.start()
+
+        s.start_worker(worker_id="first")
+        wait_for(lambda: len(metrics(client, job_id)) >= 7, every=0.02)
+        s.stop_workers()  # graceful: checkpoint at the current step, release as queued
+        job = client.get_job(job_id)
+        assert job.status == "queued", job.status
+        events = [e.message for e in client.iter_events(job_id, page_size=100)]
+        assert any("Worker first shut down" in e for e in events), events
+        stopped_at = metrics(client, job_id)[-1].step
+        assert stopped_at < 30
+        assert stopped_at in [c.step_number for c in client.iter_checkpoints(job_id)]
+
+        s.start_worker(worker_id="second")
+        wait_status(client, job_id, "succeeded")
+        series = metrics(client, job_id)
+        second = [m for m in series if m.metrics["worker_id"] == "second"]
+        assert second[0].step == stopped_at + 1  # nothing lost, nothing repeated
+        assert [m.step for m in series] == list(range(1, 31))
+
+        reader.join(timeout=60)
+        assert messages and messages[-1].event == "end"
+        steps = [m.data["step"] for m in messages if m.event == "metrics"]
+        assert steps == list(range(1, 31))
+        statuses = [
+            m.data["data"]["status"]
+            for m in messages
+            if m.event == "event" and (m.data.get("data") or {}).get("status")
+        ]
+        assert statuses[-1] == "succeeded" and "queued" in statuses
+
+        reference = train_reference(tmp_path, tiny_base, data, [SPEC])
+        got = adapter_tensors(client.download_adapter(job_id, tmp_path / "a.zip"), tmp_path / "a")
+        assert_same_tensors(got, reference["life"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_segmented import CASES, DEVICE, DTYPES, TOL, Case, _grads, _make, _rel
+from test_segmented import CASES, DEVICE, DTYPES, ON_GPU, TOL, Case, _grads, _make, _rel
 
 from mixloom import kernels
 from mixloom.kernels import reference
@@ -78,7 +78,14 @@ def test_expert_glu_matches_reference(case: Case, dtype: torch.dtype, per_pair_i
         )
 
     inputs = [xg, xu, gate, up, A, B, A_up, B_up, w]
-    out, grads = _grads(tri, inputs, seed=8)
+    if ON_GPU:  # forward and backward queue work without one device->host copy
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, grads = _grads(tri, inputs, seed=8)
+    finally:
+        if ON_GPU:
+            torch.cuda.set_sync_debug_mode(0)
     out_ref, grads_ref = _grads(ref, [t.float() for t in inputs], seed=8)
     assert out.dtype == dtype
     assert _rel(out, out_ref) < TOL[dtype]

@@ -94,8 +94,8 @@ def _grads(fn, inputs, seed: int):
     """Forward, then gradients of a random upstream gradient wrt every input."""
     leaves = [t.detach().requires_grad_(True) for t in inputs]
     out = fn(*leaves)
-    g = torch.Generator().manual_seed(seed)
-    dout = torch.randn(out.shape, generator=g).to(out)
+    g = torch.Generator(device=out.device).manual_seed(seed)  # on device: no host copy
+    dout = torch.randn(out.shape, generator=g, device=out.device).to(out.dtype)
     grads = torch.autograd.grad(out, leaves, dout)
     return out.detach(), grads
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 import anyio
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mixloom.config import Settings
@@ -65,3 +65,22 @@ def current_tenant(
 
 
 CurrentTenant = Annotated[TenantRecord, Depends(current_tenant)]
+
+
+# Ids are ASCII tokens; anything else (a NUL byte, 10 kB of text) is a 400 before it
+# reaches a query, where Postgres would refuse it.
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+FileId = Annotated[str, Path(pattern=ID_PATTERN, description="a file id (file-...)")]
+JobId = Annotated[str, Path(pattern=ID_PATTERN, description="a job id (ftjob-...)")]
+CheckpointId = Annotated[str, Path(pattern=ID_PATTERN, description="a checkpoint id (ftckpt-...)")]
+Cursor = Annotated[
+    str | None, Query(pattern=ID_PATTERN, description="the last id of the previous page")
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        pattern=r"^[\x20-\x7e]{1,255}$",
+        description="a retry with the same key and body returns the first response",
+    ),
+]

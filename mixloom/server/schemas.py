@@ -100,10 +100,12 @@ class FileDeleted(BaseModel):
     deleted: bool = True
 
 
+_NO_NUL = r"^[^\x00]*$"  # Postgres text cannot hold NUL
 Metadata = dict[
-    Annotated[str, Field(min_length=1, max_length=MAX_METADATA_KEY_LEN)],
-    Annotated[str, Field(max_length=MAX_METADATA_VALUE_LEN)],
+    Annotated[str, Field(min_length=1, max_length=MAX_METADATA_KEY_LEN, pattern=_NO_NUL)],
+    Annotated[str, Field(max_length=MAX_METADATA_VALUE_LEN, pattern=_NO_NUL)],
 ]
+_FILE_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
 class JobCreate(BaseModel):
@@ -112,8 +114,8 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, Field(min_length=1, max_length=200)]
-    training_file: Annotated[str, Field(min_length=1, max_length=64)]
-    validation_file: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    training_file: Annotated[str, Field(pattern=_FILE_ID)]
+    validation_file: Annotated[str | None, Field(pattern=_FILE_ID)] = None
     method: Method
     seed: Annotated[int | None, Field(ge=0, le=2**31 - 1)] = None  # None: a random seed, reported
     suffix: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = None

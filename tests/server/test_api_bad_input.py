@@ -238,3 +238,17 @@ def test_unknown_ids_routes_cursors_and_headers(sqlite_api: Api) -> None:
         body = {"model": MODEL, "training_file": "x", "method": LORA}
         r = c.post(JOBS, headers={**h, "Idempotency-Key": "k" * 300}, json=body)
         assert _error(r, 400)["param"] == "Idempotency-Key"
+
+
+def test_nul_bytes_and_odd_ids_are_400_or_404_on_every_backend(api: Api) -> None:
+    h = api.tenant()
+    fid = api.file_id(h)
+    c = api.client
+    with unchanged(api):
+        _error(c.get("/v1/files/file%00x", headers=h), 400)
+        _error(c.get("/v1/fine_tuning/jobs/" + "x" * 100, headers=h), 400)
+        _error(c.get("/v1/files?after=a%00b", headers=h), 400)
+        _error(c.get("/v1/files?purpose=a%00b", headers=h), 400)
+        _error(api.create_job(h, "file-\x00"), 400)
+        _error(api.create_job(h, fid, metadata={"k": "v\x00"}), 400)
+        _error(c.post(JOBS, headers={**h, "Idempotency-Key": "k\x01"}, json={}), 400)

@@ -1,7 +1,8 @@
 """Schemathesis fuzzes every operation of the OpenAPI document: no input gives a 5xx, and
 every response has a documented status code and matches its documented schema.
 
-Bounded (FUZZ_EXAMPLES per operation) to stay in the default suite's time budget.
+On both backends: Postgres refuses some strings SQLite takes (NUL bytes). Bounded
+(FUZZ_EXAMPLES per operation) to stay in the default suite's time budget.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-FUZZ_EXAMPLES = 12
+FUZZ_EXAMPLES = 10
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_fuzz_openapi_finds_no_server_error(sqlite_api: Api) -> None:
-    api = sqlite_api
+def test_fuzz_openapi_finds_no_server_error(api: Api) -> None:
     auth = api.tenant()
     api.job_id(auth)  # something to find, cancel, page through
     schema = schemathesis.openapi.from_asgi("/openapi.json", api.app)

@@ -8,13 +8,13 @@ import os
 from pathlib import Path, PurePath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy.exc import IntegrityError
 
 from mixloom.data.formats import validate_jsonl_bytes
 from mixloom.errors import DataError, PayloadTooLargeError, QuotaExceededError, ValidationError
-from mixloom.server.deps import Context, CurrentTenant
+from mixloom.server.deps import ID_PATTERN, Context, CurrentTenant, Cursor, FileId, IdempotencyKey
 from mixloom.server.errors import ERROR_RESPONSES
 from mixloom.server.idempotency import request_hash, stored_response
 from mixloom.server.schemas import FileDeleted, FilePublic, FilesPublic
@@ -23,9 +23,6 @@ from mixloom.storage import files, idempotency, tenants
 router = APIRouter(tags=["files"], responses=ERROR_RESPONSES)
 
 PURPOSES = ("fine-tune",)
-IdempotencyKey = Annotated[
-    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
-]
 _READ_CHUNK = 1024 * 1024
 
 
@@ -156,9 +153,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def list_files(
     ctx: Context,
     tenant: CurrentTenant,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    purpose: Annotated[str | None, Query(max_length=64)] = None,
+    purpose: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
 ) -> FilesPublic:
     """Newest first. `after`: the last id of the previous page."""
     with ctx.db.transaction() as session:
@@ -175,7 +172,7 @@ def list_files(
 
 
 @router.get("/v1/files/{file_id}", response_model=FilePublic)
-def get_file(ctx: Context, tenant: CurrentTenant, file_id: str) -> FilePublic:
+def get_file(ctx: Context, tenant: CurrentTenant, file_id: FileId) -> FilePublic:
     with ctx.db.transaction() as session:
         return FilePublic.of(files.get_file(session=session, file_id=file_id, tenant_id=tenant.id))
 
@@ -185,14 +182,14 @@ def get_file(ctx: Context, tenant: CurrentTenant, file_id: str) -> FilePublic:
     response_class=FileResponse,
     responses={200: {"content": {"application/jsonl": {}}, "description": "the file's bytes"}},
 )
-def get_file_content(ctx: Context, tenant: CurrentTenant, file_id: str) -> FileResponse:
+def get_file_content(ctx: Context, tenant: CurrentTenant, file_id: FileId) -> FileResponse:
     with ctx.db.transaction() as session:
         record = files.get_file(session=session, file_id=file_id, tenant_id=tenant.id)
     return FileResponse(record.path, media_type="application/jsonl", filename=record.filename)
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted)
-def delete_file(ctx: Context, tenant: CurrentTenant, file_id: str) -> FileDeleted:
+def delete_file(ctx: Context, tenant: CurrentTenant, file_id: FileId) -> FileDeleted:
     """Refused (409) while an unfinished job uses the file."""
     with ctx.db.transaction() as session:
         record = files.delete_file(session=session, file_id=file_id, tenant_id=tenant.id)

@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,7 +22,15 @@ from mixloom.errors import (
     ValidationError,
 )
 from mixloom.jobspec import Method
-from mixloom.server.deps import Context, CurrentTenant, ServerContext
+from mixloom.server.deps import (
+    CheckpointId,
+    Context,
+    CurrentTenant,
+    Cursor,
+    IdempotencyKey,
+    JobId,
+    ServerContext,
+)
 from mixloom.server.errors import ERROR_RESPONSES, GoneError
 from mixloom.server.idempotency import request_hash, stored_response
 from mixloom.server.schemas import (
@@ -42,9 +50,6 @@ from mixloom.storage.records import JobRecord, JobStatus, TenantRecord
 router = APIRouter(tags=["fine_tuning"], responses=ERROR_RESPONSES)
 
 JOBS = "/v1/fine_tuning/jobs"
-IdempotencyKey = Annotated[
-    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
-]
 _EVENT_ID = re.compile(r"^ftevent-(\d{1,18})$")
 ZIP_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/zip": {}}, "description": "adapter_config.json + weights"},
@@ -167,7 +172,7 @@ def create_job(
 def list_jobs(
     ctx: Context,
     tenant: CurrentTenant,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     status: JobStatus | None = None,
 ) -> JobsPublic:
@@ -180,7 +185,7 @@ def list_jobs(
 
 
 @router.get(JOBS + "/{job_id}", response_model=JobPublic)
-def get_job(ctx: Context, tenant: CurrentTenant, job_id: str) -> JobPublic:
+def get_job(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     with ctx.db.transaction() as session:
         return _public(session, jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id))
 
@@ -198,21 +203,21 @@ def _transition(ctx: ServerContext, tenant: TenantRecord, job_id: str, action: A
 
 
 @router.post(JOBS + "/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(ctx: Context, tenant: CurrentTenant, job_id: str) -> JobPublic:
+def cancel_job(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     """Queued or paused: cancelled at once. Running: `requested_action` becomes "cancel"
     and the worker stops the job within a heartbeat. A cancelled job: returned unchanged."""
     return _transition(ctx, tenant, job_id, jobs.cancel_job)
 
 
 @router.post(JOBS + "/{job_id}/pause", response_model=JobPublic)
-def pause_job(ctx: Context, tenant: CurrentTenant, job_id: str) -> JobPublic:
+def pause_job(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     """Queued: paused at once. Running: `requested_action` becomes "pause"; the worker
     saves a checkpoint and releases it as paused."""
     return _transition(ctx, tenant, job_id, jobs.pause_job)
 
 
 @router.post(JOBS + "/{job_id}/resume", response_model=JobPublic)
-def resume_job(ctx: Context, tenant: CurrentTenant, job_id: str) -> JobPublic:
+def resume_job(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     """Paused: queued again (training resumes from the last checkpoint). Running with a
     pending pause: the request is withdrawn."""
     return _transition(ctx, tenant, job_id, jobs.resume_job)
@@ -222,7 +227,7 @@ def resume_job(ctx: Context, tenant: CurrentTenant, job_id: str) -> JobPublic:
 def list_events(
     ctx: Context,
     tenant: CurrentTenant,
-    job_id: str,
+    job_id: JobId,
     after: Annotated[str | None, Query(max_length=64, description="an event id")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> EventsPublic:
@@ -245,7 +250,7 @@ def list_events(
 def list_metrics(
     ctx: Context,
     tenant: CurrentTenant,
-    job_id: str,
+    job_id: JobId,
     after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="a step")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> MetricsPublic:
@@ -262,8 +267,8 @@ def list_metrics(
 def list_checkpoints(
     ctx: Context,
     tenant: CurrentTenant,
-    job_id: str,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    job_id: JobId,
+    after: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> CheckpointsPublic:
     """Newest first. `after`: the last checkpoint id of the previous page."""
@@ -290,7 +295,7 @@ def _zip(path: str, filename: str) -> FileResponse:
 
 
 @router.get(JOBS + "/{job_id}/adapter", response_class=FileResponse, responses=ZIP_RESPONSE)
-def download_adapter(ctx: Context, tenant: CurrentTenant, job_id: str) -> FileResponse:
+def download_adapter(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> FileResponse:
     """The trained adapter as a zip (PEFT layout for LoRA, MixLoRA layout for MixLoRA).
     409 until the job has succeeded; checkpoints are downloadable earlier."""
     with ctx.db.transaction() as session:
@@ -312,7 +317,7 @@ def download_adapter(ctx: Context, tenant: CurrentTenant, job_id: str) -> FileRe
     responses=ZIP_RESPONSE,
 )
 def download_checkpoint(
-    ctx: Context, tenant: CurrentTenant, job_id: str, checkpoint_id: str
+    ctx: Context, tenant: CurrentTenant, job_id: JobId, checkpoint_id: CheckpointId
 ) -> FileResponse:
     """A checkpoint's adapter as a zip, in the same layout as the final one."""
     with ctx.db.transaction() as session:

@@ -11,7 +11,12 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
 from mixloom.errors import ValidationError
-from mixloom.server.deps import Context, CurrentTenant, ServerContext
+from mixloom.server.deps import (
+    Context,
+    CurrentTenant,
+    JobId,
+    ServerContext,
+)
 from mixloom.server.errors import ERROR_RESPONSES
 from mixloom.storage import jobs
 from mixloom.storage.bus import Subscription
@@ -37,7 +42,7 @@ def _frame(message: dict[str, Any]) -> str:
 def stream_job(
     ctx: Context,
     tenant: CurrentTenant,
-    job_id: str,
+    job_id: JobId,
     last_event_id: Annotated[
         str | None, Header(alias="Last-Event-ID", max_length=20, pattern=r"^\d+$")
     ] = None,

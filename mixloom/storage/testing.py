@@ -34,7 +34,9 @@ def postgres_problem(url: str | None = None) -> str | None:
             conn.execute(text("SELECT 1"))
         engine.dispose()
     except Exception as exc:
-        return f"PostgreSQL is not reachable at {url} ({type(exc).__name__}); run scripts/services.sh"
+        return (
+            f"PostgreSQL is not reachable at {url} ({type(exc).__name__}); run scripts/services.sh"
+        )
     return None
 
 

@@ -5,13 +5,16 @@ Backends: "torch" (reference, any device), "triton" (CUDA, or CPU with TRITON_IN
 
 Typical MixLoRA layer call (routing built once, shared by gate/up/down of every expert):
 
-    routing = build_routing(groups, G, with_tiles=backend == "triton")    # groups: (T, k)
-    w = topk_weights.reshape(-1)[routing.order]                          # (P,)
-    gate = lora_segments(x, Ag, Bg, s, routing.offsets, routing.rows,
-                         backend=backend, tiles=routing.tiles)           # (P, I)
-    ...
-    down = lora_combine(z, Ad, Bd, s, routing.offsets, w, routing.rows, T,
-                        backend=backend, tiles=routing.tiles)            # (T, H)
+    r = build_routing(groups, G, with_tiles=backend == "triton")  # groups: (T, k), -1 = none
+    w = topk_weights.reshape(-1)[r.order]                         # (P,) routing weights
+    kw = dict(backend=backend, tiles=r.tiles)
+    gate, up = base_gate(x), base_up(x)                           # (T, I) frozen, per token
+    z, zsum = expert_glu(x, x, gate, up, Ag, Bg, Au, Bu, s, s, r.offsets, r.rows, w, r.rows,
+                         **kw)                                    # (P, I), (T, I)
+    out = base_down(zsum)                                         # down-projection identity
+    out = out + lora_combine(z, Ad, Bd, s, r.offsets, w, r.rows, T, **kw)  # (T, H)
+
+or, unfused, lora_segments(x, Ag, Bg, s, r.offsets, r.rows, **kw) -> (P, I) per projection.
 """
 
 from __future__ import annotations

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from sqlalchemy.exc import DBAPIError
 
 import mixloom
 from mixloom.config import Settings, get_settings
@@ -18,9 +21,11 @@ from mixloom.server.errors import install_error_handlers
 from mixloom.server.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from mixloom.server.registry import served_models
 from mixloom.server.routes import files, jobs, models, stream
-from mixloom.storage import migrate
+from mixloom.storage import idempotency, migrate
 from mixloom.storage.bus import ProgressBus, make_bus
 from mixloom.storage.db import Database
+
+log = logging.getLogger("mixloom.server")
 
 DESCRIPTION = """Multi-tenant LoRA / MixLoRA fine-tuning.
 
@@ -56,6 +61,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        _prune_idempotency(ctx)
         yield
         if owns_bus:
             ctx.bus.close()
@@ -86,6 +92,19 @@ def create_app(
     app.add_middleware(BodySizeLimit, limit_for=limit_for)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _prune_idempotency(ctx: ServerContext) -> None:
+    try:
+        with ctx.db.transaction() as session:
+            idempotency.prune_idempotency(
+                session=session, older_than=datetime.now(UTC) - idempotency.IDEMPOTENCY_TTL
+            )
+    except DBAPIError:
+        log.warning(
+            "cannot read the database at start; is its schema migrated (`mixloom db upgrade`)?",
+            exc_info=True,
+        )
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete
@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session
 from mixloom.storage import models as m
 
 IDEMPOTENCY_KEY_MAX_LEN = 255
+# A key is remembered this long; a retry after that creates the object again.
+IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
 @dataclass(frozen=True)

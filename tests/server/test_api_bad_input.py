@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import LORA, MODEL, Api
+from api_support import LORA, MODEL, Api
 from sqlalchemy import func, select
 
 from mixloom.storage import models as m

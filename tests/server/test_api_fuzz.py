@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from conftest import Api
+from api_support import Api
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import (
     not_a_server_error,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import LORA, MODEL, Api
+from api_support import LORA, MODEL, Api
 
 JOBS = "/v1/fine_tuning/jobs"
 

@@ -4,10 +4,11 @@ storage functions it will call."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from conftest import GOOD_JSONL, MODEL, Api
+from api_support import GOOD_JSONL, MODEL, Api, make_api
 
 from mixloom.storage import jobs
 from mixloom.storage.records import JobStatus
@@ -190,3 +191,17 @@ def test_missing_adapter_file_is_gone_not_500(api: Api) -> None:
         jobs.release_job(session=s, job_id=jid, worker_id="worker-1", status=JobStatus.SUCCEEDED)
     r = c.get(f"{JOBS}/{jid}/adapter", headers=h)
     assert r.status_code == 410 and r.json()["error"]["code"] == "archive_missing"
+
+
+def test_a_bus_outage_fails_no_request(tmp_path: Path, sqlite_template: Path) -> None:
+    """The bus is for latency only: with Redis unreachable, writes still succeed and
+    streams still replay from the database."""
+    db_path = tmp_path / "mixloom.db"
+    shutil.copy(sqlite_template, db_path)
+    dead_redis = "redis://127.0.0.1:1/0"
+    for api in make_api(tmp_path, f"sqlite:///{db_path}", dead_redis):
+        h = api.tenant()
+        jid = api.job_id(h)
+        assert api.client.post(f"{JOBS}/{jid}/cancel", headers=h).json()["status"] == "cancelled"
+        frames = _sse(api.client.get(f"{JOBS}/{jid}/stream", headers=h).text)
+        assert [f["event"] for f in frames] == ["event", "event", "end"]

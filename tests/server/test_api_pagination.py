@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import Api
+from api_support import Api
 
 
 def _walk(api: Api, url: str, headers: dict[str, str], limit: int) -> list[list[str]]:

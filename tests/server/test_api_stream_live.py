@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from conftest import Api
+from api_support import Api
 
 from mixloom.storage import jobs
 from mixloom.storage.records import JobStatus

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Api
+from api_support import Api
 from fastapi.routing import APIRoute
 
 from mixloom.storage import jobs

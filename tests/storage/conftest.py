@@ -6,12 +6,12 @@ tests skip locally and FAIL in CI (CI=true).
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from storage_support import need
 
 from mixloom.storage import migrate
 from mixloom.storage.db import Database
@@ -21,14 +21,6 @@ from mixloom.storage.testing import (
     redis_problem,
     redis_url,
 )
-
-
-def need(problem: str | None) -> None:
-    if problem is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(problem)
-    pytest.skip(problem)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ adapter downloads."""
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from pathlib import Path
@@ -48,6 +49,7 @@ from mixloom.storage import files, idempotency, jobs, tenants
 from mixloom.storage.records import JobRecord, JobStatus, TenantRecord
 
 router = APIRouter(tags=["fine_tuning"], responses=ERROR_RESPONSES)
+log = logging.getLogger("mixloom.server")
 
 JOBS = "/v1/fine_tuning/jobs"
 _EVENT_ID = re.compile(r"^ftevent-(\d{1,18})$")
@@ -94,12 +96,23 @@ def _public(session: Session, job: JobRecord) -> JobPublic:
     return JobPublic.of(job, jobs.queue_position(session=session, job=job))
 
 
-def _publish_since(ctx: ServerContext, job_id: str, after_seq: int) -> None:
-    """Push the events a state change added to live SSE streams (after commit)."""
-    with ctx.db.transaction() as session:
-        new = jobs.progress_since(session=session, job_id=job_id, after_seq=after_seq)
-    for record in new:
-        ctx.bus.publish(job_id, record.to_message())
+def _notify(ctx: ServerContext, job_id: str, after_seq: int, *, wake: bool) -> None:
+    """After commit: push the events a change added to live SSE streams, and wake idle
+    workers. Best effort: the change is stored, streams and workers also poll the database,
+    so a bus outage (Redis down) must not turn a done request into an error."""
+    try:
+        with ctx.db.transaction() as session:
+            new = jobs.progress_since(session=session, job_id=job_id, after_seq=after_seq)
+        for record in new:
+            ctx.bus.publish(job_id, record.to_message())
+        if wake:
+            ctx.bus.wake()
+    except Exception:
+        log.warning(
+            "progress bus unavailable; job %s changes reach streams by polling",
+            job_id,
+            exc_info=True,
+        )
 
 
 @router.post(JOBS, response_model=JobPublic)
@@ -162,8 +175,7 @@ def create_job(
             if idempotency_key and attempt == 0:
                 continue  # a concurrent request with this key won; replay its response
             raise
-        _publish_since(ctx, job.id, 0)
-        ctx.bus.wake()
+        _notify(ctx, job.id, 0, wake=True)
         return public
     raise AssertionError("unreachable")
 
@@ -195,10 +207,9 @@ def _transition(ctx: ServerContext, tenant: TenantRecord, job_id: str, action: A
         before = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
         job = action(session=session, job_id=job_id, tenant_id=tenant.id)
         public = _public(session, job)
+    requeued = job.status == JobStatus.QUEUED and before.status != JobStatus.QUEUED
     if job.last_seq != before.last_seq:
-        _publish_since(ctx, job_id, before.last_seq)
-    if job.status == JobStatus.QUEUED and before.status != JobStatus.QUEUED:
-        ctx.bus.wake()
+        _notify(ctx, job_id, before.last_seq, wake=requeued)
     return public
 
 

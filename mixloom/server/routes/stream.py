@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -23,6 +25,7 @@ from mixloom.storage.bus import Subscription
 from mixloom.storage.records import EventRecord, JobStatus, MetricRecord
 
 router = APIRouter(tags=["fine_tuning"], responses=ERROR_RESPONSES)
+log = logging.getLogger("mixloom.server")
 
 RETRY_MS = 3000  # EventSource reconnect delay
 _REPLAY_BATCH = 500
@@ -119,7 +122,13 @@ def _replay(
 
 
 def _get(sub: Subscription, timeout: float) -> list[dict[str, Any]]:
-    return sub.get(timeout)
+    """Bus messages; on a bus outage, wait out the poll interval (the database still serves)."""
+    try:
+        return sub.get(timeout)
+    except Exception:
+        log.warning("progress bus unavailable; SSE falls back to polling", exc_info=True)
+        time.sleep(timeout)
+        return []
 
 
 def _is_status(message: dict[str, Any]) -> bool:

@@ -58,17 +58,18 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, a["model"]["vocab_size"], (per_job,), generator=g).tolist()
             for _ in range(jobs)]  # fmt: skip
-    batch = LLMModelInput(
-        batch_configs_=[
-            LLMBatchConfig(adapter_name_=n, batch_start_idx_=i, batch_end_idx_=i + 1)
-            for i, n in enumerate(names)
-        ],
-        batch_tokens_=rows,
-        batch_labels_=rows,
-        batch_masks_=[[True] * per_job for _ in rows],
-    )
 
     def step() -> None:
+        # A fresh input each step: MoE-PEFT's forward clears the tokens of the one it gets.
+        batch = LLMModelInput(
+            batch_configs_=[
+                LLMBatchConfig(adapter_name_=n, batch_start_idx_=i, batch_end_idx_=i + 1)
+                for i, n in enumerate(names)
+            ],
+            batch_tokens_=[list(r) for r in rows],
+            batch_labels_=[list(r) for r in rows],
+            batch_masks_=[[True] * per_job for _ in rows],
+        )
         outs = model(batch)
         loss = sum(o.loss + (o.aux_loss if o.aux_loss is not None else 0) for o in outs)
         loss.backward()

@@ -159,13 +159,14 @@ def worker_peft(spec: dict, jobs: int, steps: int, warmup: int) -> dict:
 def worker_mixloom(spec: dict, jobs: int, steps: int, warmup: int) -> dict:
     from mixloom.data.tokenize import EncodedRow
     from mixloom.jobspec import MixLoraHyperparameters
+    from mixloom.kernels import resolve_backend
     from mixloom.model.adapter_model import AdapterModel
     from mixloom.model.specs import AdapterSpec
     from mixloom.trainer.fused import FusedTrainer
     from mixloom.trainer.job import Job
 
     model = _random_model(spec)
-    backend = os.environ.get("MIXLOOM_KERNEL_BACKEND", "auto")
+    backend = resolve_backend("auto", _device())  # MIXLOOM_KERNEL_BACKEND overrides
     am = AdapterModel(model, backend=backend)
     trainer = FusedTrainer(am, pad_id=0)
     for i, ids in enumerate(_rows(spec, jobs)):

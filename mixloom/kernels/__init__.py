@@ -42,7 +42,8 @@ __all__ = [
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """Turn "auto" into a concrete backend for tensors on `device`."""
+    """Turn "auto" into a concrete backend for tensors on `device` (every kernel function
+    accepts "auto" and resolves it so)."""
     if name == "auto":
         name = os.environ.get("MIXLOOM_KERNEL_BACKEND", "auto")
     if name not in BACKENDS:
@@ -80,7 +81,7 @@ def lora_segments(
         tiles: the triton tile table (Routing.tiles); built from offsets when None.
     Returns: (P, N) in x's dtype.
     """
-    if backend == "triton":
+    if resolve_backend(backend, x.device) == "triton":
         from mixloom.kernels import segmented
 
         return segmented.lora_segments(x, A, B, scale, offsets, rows, tiles)
@@ -111,7 +112,7 @@ def lora_combine(
         num_rows: T_out.
     Returns: (T_out, N) in x's dtype.
     """
-    if backend == "triton":
+    if resolve_backend(backend, x.device) == "triton":
         from mixloom.kernels import segmented
 
         return segmented.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows, tiles)
@@ -153,7 +154,7 @@ def expert_glu(
     down projection, by the down-projection identity); both in gate's dtype.
     """
     args = (x_gate, x_up, gate, up, A_gate, B_gate, A_up, B_up, scale_gate, scale_up, offsets)
-    if backend == "triton":
+    if resolve_backend(backend, gate.device) == "triton":
         from mixloom.kernels import glu
 
         return glu.expert_glu(*args, rows, weights, x_rows, tiles)

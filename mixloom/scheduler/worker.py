@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from mixloom.config import Settings
 from mixloom.errors import DataError
 from mixloom.scheduler import memory
@@ -164,7 +166,13 @@ class Worker:
         self.ready.set()
         try:
             while not stop.is_set():
-                if not self.tick():
+                try:
+                    stepped = self.tick()
+                except DBAPIError:  # the database restarts or fails over: keep the jobs
+                    log.exception("database error; retrying in %.0f s", self.options.poll_seconds)
+                    stop.wait(self.options.poll_seconds)
+                    continue
+                if not stepped:
                     self._wake.wait(min(self.options.poll_seconds, 0.5))
         finally:
             self._shutdown()
@@ -311,6 +319,12 @@ class Worker:
             if h.lost:
                 log.warning("dropping %s: its lease was lost", h.record.id)
                 self._drop(h)
+            elif h.job is not None and h.job.status.value == "succeeded":  # a retry
+                self._finish(h, self.trainer.validation_loss(h.record.id))
+            elif h.job is not None and h.job.status.value == "failed":
+                self._release(
+                    h, JobStatus.FAILED, error={"message": h.job.error, "code": "training_failed"}
+                )
             elif h.requested == RequestedAction.CANCEL:
                 self._release(h, JobStatus.CANCELLED, f"Job cancelled at step {h.job.step}")
             elif h.requested == RequestedAction.PAUSE and h.job.micro == 0:
@@ -556,7 +570,10 @@ class Worker:
             record = jobs.add_metrics(
                 session=session, job_id=h.record.id, step=job.step, values=values
             )
-        self.bus.publish(h.record.id, record.to_message())
+        try:
+            self.bus.publish(h.record.id, record.to_message())
+        except Exception:  # the database has it; streams catch up from there
+            log.exception("publishing metrics of %s failed", h.record.id)
 
     def _out_of_memory(self, names: list[str], exc: BaseException) -> None:
         """Undo the failed step exactly (gradients, counters, RNG back to the start of each

@@ -295,8 +295,13 @@ class MultiAdapterMLP(nn.Module):
         up = self._plain(xf, up, lora_segs, "up_proj", per_seq)
 
         routed = self._route(xf, moe_segs, per_seq) if moe_segs else None
+        fused = routed is not None and self._fused_ok(routed)
         if routed is not None:
-            zp, zsum, per_pair_down = self._experts_gate_up(xf, gate, up, routed)
+            if fused:
+                zp, zsum = self._experts_fused(xf, gate, up, routed)
+                per_pair_down = None
+            else:
+                zp, zsum, per_pair_down = self._experts_gate_up(xf, gate, up, routed)
 
         # z for every row: act(gate)*up for base/LoRA rows, sum_k w_k z_k for MixLoRA rows
         # (down-projection identity: the frozen down matmul then runs once per token).
@@ -310,7 +315,9 @@ class MultiAdapterMLP(nn.Module):
         z = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (n, I)
         out = self.base.down_proj(z)  # (n, H)
         out = self._plain(z, out, lora_segs, "down_proj", per_seq)
-        if routed is not None:
+        if routed is not None and fused:
+            out = self._experts_down_fused(out, zp, routed)
+        elif routed is not None:
             out = self._experts_down(out, zp, routed, per_pair_down)
         return out.view(bsz, per_seq, hidden)
 
@@ -377,32 +384,91 @@ class MultiAdapterMLP(nn.Module):
             parts.append(st.dropout(seg.name or "", xs, spec.expert.dropout))
         return torch.cat(parts), None
 
-    def _grouped(self, x: Tensor, rows: Tensor | None, routed: _Routed, proj: str) -> Tensor:
-        """LoRA delta of `proj` for every pair (P, N); jobs that skip `proj` give zeros."""
+    def _stacked(self, routed: _Routed, proj: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(G, R, in) A, (G, out, R) B and (G,) scales of every job's experts for `proj`;
+        jobs that skip `proj` get zero weights and scale 0, keeping the group layout."""
         weights = [w.experts[proj] if proj in w.experts else None for _, w, _ in routed.jobs]
-        scales = []
+        scales: list[float] = []
         for (_, _, spec), lw in zip(routed.jobs, weights, strict=True):
             scales += [spec.expert.scale if lw is not None else 0.0] * spec.num_experts
         present = [lw for lw in weights if lw is not None]
+        device = self.base.gate_proj.weight.device
+        scale = torch.tensor(scales, device=device, dtype=torch.float32)
         if len(present) == len(weights):
             A, B = _stack(present)  # type: ignore[arg-type]
-        else:  # zero weights keep the group layout for jobs that skip this projection
-            out_f, in_f = getattr(self.base, proj).weight.shape
-            rmax = max((lw.spec.r for lw in present), default=1)
-            parts_a, parts_b = [], []
-            for (_, _, spec), lw in zip(routed.jobs, weights, strict=True):
-                if lw is None:
-                    parts_a.append(x.new_zeros(spec.num_experts, rmax, in_f, dtype=torch.float32))
-                    parts_b.append(x.new_zeros(spec.num_experts, out_f, rmax, dtype=torch.float32))
-                else:
-                    pad = rmax - lw.spec.r
-                    parts_a.append(F.pad(lw.lora_A, (0, 0, 0, pad)))
-                    parts_b.append(F.pad(lw.lora_B, (0, pad)))
-            A, B = torch.cat(parts_a), torch.cat(parts_b)
-        scale = torch.tensor(scales, device=x.device, dtype=torch.float32)
+            return A, B, scale
+        out_f, in_f = getattr(self.base, proj).weight.shape
+        rmax = max((lw.spec.r for lw in present), default=1)
+        parts_a, parts_b = [], []
+        for (_, _, spec), lw in zip(routed.jobs, weights, strict=True):
+            if lw is None:
+                parts_a.append(torch.zeros(spec.num_experts, rmax, in_f, device=device))
+                parts_b.append(torch.zeros(spec.num_experts, out_f, rmax, device=device))
+            else:
+                pad = rmax - lw.spec.r
+                parts_a.append(F.pad(lw.lora_A, (0, 0, 0, pad)))
+                parts_b.append(F.pad(lw.lora_B, (0, pad)))
+        return torch.cat(parts_a), torch.cat(parts_b), scale
+
+    def _grouped(self, x: Tensor, rows: Tensor | None, routed: _Routed, proj: str) -> Tensor:
+        """LoRA delta of `proj` for every pair (P, N); jobs that skip `proj` give zeros."""
+        A, B, scale = self._stacked(routed, proj)
         return kernels.lora_segments(
             x, A, B, scale, routed.offsets, rows, backend=self.state.backend
         )
+
+    def _fused_ok(self, routed: _Routed) -> bool:
+        """The fused expert kernels cover SiLU FFNs without DoRA experts (the common case);
+        DoRA scales each expert's columns and other activations take the composed path."""
+        silu = isinstance(self.base.act_fn, nn.SiLU) or type(self.base.act_fn).__name__ in (
+            "SiLUActivation",
+            "SiLU",
+        )
+        return silu and not any(spec.expert.dora for _, _, spec in routed.jobs)
+
+    def _experts_fused(
+        self, xf: Tensor, gate: Tensor, up: Tensor, routed: _Routed
+    ) -> tuple[Tensor, Tensor]:
+        """(z per pair (P, I), weighted z per token (n, I)) from the fused gate/up kernel."""
+        xg, rg = self._expert_input(xf, routed, pair_space=False)
+        xu, ru = self._expert_input(xf, routed, pair_space=False)
+        Ag, Bg, sg = self._stacked(routed, "gate_proj")
+        Au, Bu, su = self._stacked(routed, "up_proj")
+        return kernels.expert_glu(
+            xg,
+            xu,
+            gate,
+            up,
+            Ag,
+            Bg,
+            Au,
+            Bu,
+            sg,
+            su,
+            routed.offsets,
+            routed.rows,
+            routed.weights,
+            rg,
+            backend=self.state.backend,
+        )
+
+    def _experts_down_fused(self, out: Tensor, zp: Tensor, routed: _Routed) -> Tensor:
+        """out + sum_k w_k * (down LoRA of z_k), weighted and scattered in one kernel."""
+        xd, rd = self._expert_input(zp, routed, pair_space=True)
+        A, B, scale = self._stacked(routed, "down_proj")
+        delta = kernels.lora_combine(
+            xd,
+            A,
+            B,
+            scale,
+            routed.offsets,
+            routed.weights,
+            routed.rows,
+            out.shape[0],
+            rd,
+            backend=self.state.backend,
+        )
+        return out + delta.to(out.dtype)
 
     def _dora_pair_scale(self, routed: _Routed, proj: str) -> Tensor | None:
         """(P, N) DoRA column scale of each pair's expert for `proj` (ones for jobs without

@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 
 from mixloom.storage import models as m
 
-IDEMPOTENCY_KEY_MAX_LEN = 255
 # A key is remembered this long; a retry after that creates the object again.
 IDEMPOTENCY_TTL = timedelta(hours=24)
 

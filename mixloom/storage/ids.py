@@ -14,10 +14,3 @@ def new_id(prefix: str) -> str:
     """e.g. `ftjob-0192f3a4b5c6d7e8f9a0b1c2`: time-ordered, then random."""
     millis = time.time_ns() // 1_000_000
     return f"{prefix}-{millis:0{_TIME_HEX}x}{secrets.token_hex(_RANDOM_BYTES)}"
-
-
-def has_prefix(value: str, prefix: str) -> bool:
-    rest = value.removeprefix(prefix + "-")
-    if rest == value or len(rest) != _TIME_HEX + 2 * _RANDOM_BYTES:
-        return False
-    return all(c in "0123456789abcdef" for c in rest)

@@ -467,16 +467,6 @@ def set_adapter_path(
     return JobRecord.from_row(row)
 
 
-def set_trained_tokens(
-    *, session: Session, job_id: str, trained_tokens: int, now: datetime | None = None
-) -> JobRecord:
-    row = _job_row(session, job_id, lock=True)
-    row.trained_tokens = trained_tokens
-    row.updated_at = _now(now)
-    session.flush()
-    return JobRecord.from_row(row)
-
-
 # --- events, metrics, checkpoints ---------------------------------------------------------
 
 

@@ -82,6 +82,8 @@ class Held:
     started_step: int = 0
     last_ckpt_step: int = -1
     oom_alone: int = 0
+    step_tokens: int = 0  # tokens of the current optimizer step so far
+    step_seconds: float = 0.0  # time of the fused steps those tokens went through
     last_loss: float | None = None
     # state at the start of the current optimizer step, to replay it after an OOM
     replay: dict[str, Any] | None = None
@@ -509,6 +511,8 @@ class Worker:
                     error={"message": job.error or "failed", "code": "training_failed"},
                 )
                 continue
+            h.step_tokens += m.tokens
+            h.step_seconds += report.seconds
             if not m.stepped:
                 continue
             now = time.monotonic()
@@ -527,6 +531,7 @@ class Worker:
             ):
                 h.last_metrics_at = now
                 self._metrics(h, m, report, val)
+            h.step_tokens, h.step_seconds = 0, 0.0
             if ckpt_now and not self._checkpoint(h):
                 continue
             if job.done:
@@ -544,9 +549,11 @@ class Worker:
             "grad_norm": m.grad_norm,
             "epoch": job.epoch,
             "total_steps": job.total_steps,
-            "tokens": m.tokens,
+            "tokens": h.step_tokens,  # of this optimizer step, all its micro-batches
             "trained_tokens": job.tokens_seen,
-            "tokens_per_second": round(m.tokens / report.seconds, 1) if report.seconds else 0.0,
+            "tokens_per_second": round(h.step_tokens / h.step_seconds, 1)
+            if h.step_seconds
+            else 0.0,
             "step_tokens_per_second": round(report.tokens_per_s, 1),
             "step_seconds": round(report.seconds, 4),
             "shared_with": [n for n in report.shared_with if n != m.name],

@@ -126,3 +126,33 @@ def test_kill_9_worker_mid_job_another_resumes_and_result_equals_uninterrupted(
             archive = client.download_adapter(job_id, tmp_path / f"{spec['name']}.zip")
             got = adapter_tensors(archive, tmp_path / f"unzipped-{spec['name']}")
             assert_same_tensors(got, reference[spec["name"]])
+
+
+def test_two_workers_share_the_queue_and_never_train_one_job_together(
+    tmp_path: Path, tiny_base: Path, pg_url: str, redis: str
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12, seed=6))
+    method = {"type": "lora", "lora": {"hyperparameters": {"batch_size": 2, "max_seq_len": 32}}}
+    with stack(tmp_path, tiny_base, database_url=pg_url, redis_url=redis) as s:
+        clients = [s.client(f"share-{i}") for i in range(2)]
+        files = [c.upload_file(data) for c in clients]
+        model = clients[0].list_models()[0].id
+        s.start_worker(worker_id="left", max_jobs=3)
+        s.start_worker(worker_id="right", max_jobs=3)
+        ids = [
+            (c, c.create_job(training_file=f.id, model=model, method=method).id)
+            for c, f in zip(clients, files, strict=True)
+            for _ in range(4)
+        ]
+        for c, job_id in ids:
+            wait_status(c, job_id, "succeeded")
+        used = set()
+        for c, job_id in ids:
+            with s.db.transaction() as session:
+                attempts = session.scalar(select(m.Job.attempts).where(m.Job.id == job_id))
+            assert attempts == 1
+            series = list(c.iter_metrics(job_id))
+            workers = {x.metrics["worker_id"] for x in series}
+            assert len(workers) == 1 and [x.step for x in series] == list(range(1, 7))
+            used |= workers
+        assert used == {"left", "right"}  # both took part

@@ -18,6 +18,17 @@ def register(sub: Any) -> None:
     create.add_argument("--max-file-bytes", type=int)
     create.add_argument("--max-total-bytes", type=int)
     create.set_defaults(func=_tenants_create)
+    update = tsub.add_parser("update", help="change a tenant's quotas (0 = deployment default)")
+    update.add_argument("name", help="tenant name or id")
+    for flag in (
+        "--max-queued-jobs",
+        "--max-running-jobs",
+        "--max-file-bytes",
+        "--max-total-bytes",
+    ):
+        update.add_argument(flag, type=int)
+    update.add_argument("--json", action="store_true")
+    update.set_defaults(func=_tenants_update)
     lst = tsub.add_parser("list", help="list tenants")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=_tenants_list)
@@ -57,7 +68,25 @@ def _database() -> Any:
 
 
 def _tenant_json(t: Any) -> dict[str, Any]:
-    return {"id": t.id, "name": t.name, "created_at": int(t.created_at.timestamp())}
+    quotas = {k: getattr(t, k) for k in _QUOTAS}
+    return {"id": t.id, "name": t.name, "created_at": int(t.created_at.timestamp()), **quotas}
+
+
+_QUOTAS = ("max_queued_jobs", "max_running_jobs", "max_file_bytes", "max_total_bytes")
+
+
+def _tenants_update(args: argparse.Namespace) -> int:
+    from mixloom.storage import tenants
+
+    changes = {k: getattr(args, k) for k in _QUOTAS if getattr(args, k) is not None}
+    db = _database()
+    with db.transaction() as session:
+        tenant = tenants.set_tenant_quotas(
+            session=session, tenant=args.name, **{k: v or None for k, v in changes.items()}
+        )
+    db.dispose()
+    print(json.dumps(_tenant_json(tenant)) if args.json else f"updated {tenant.name}")
+    return 0
 
 
 def _tenants_create(args: argparse.Namespace) -> int:

@@ -75,6 +75,28 @@ def get_tenant(*, session: Session, tenant: str) -> TenantRecord:
     return TenantRecord.from_row(row)
 
 
+QUOTA_FIELDS = ("max_queued_jobs", "max_running_jobs", "max_file_bytes", "max_total_bytes")
+
+
+def set_tenant_quotas(*, session: Session, tenant: str, **quotas: int | None) -> TenantRecord:
+    """Change some quotas of a tenant (by id or name); None = the deployment default."""
+    unknown = set(quotas) - set(QUOTA_FIELDS)
+    if unknown:
+        raise ValidationError(f"unknown quota(s) {sorted(unknown)}; use {list(QUOTA_FIELDS)}")
+    bad = [k for k, v in quotas.items() if v is not None and v < 1]
+    if bad:
+        raise ValidationError(f"quota(s) {bad} must be at least 1 (or unset for the default)")
+    row = session.scalar(
+        select(m.Tenant).where((m.Tenant.id == tenant) | (m.Tenant.name == tenant))
+    )
+    if row is None:
+        raise NotFoundError(f"no tenant {tenant!r}; list them with `mixloom tenants list`")
+    for key, value in quotas.items():
+        setattr(row, key, value)
+    session.flush()
+    return TenantRecord.from_row(row)
+
+
 def list_tenants(*, session: Session) -> list[TenantRecord]:
     rows = session.scalars(select(m.Tenant).order_by(m.Tenant.id))
     return [TenantRecord.from_row(r) for r in rows]

@@ -58,6 +58,10 @@ def test_cli_prints_the_key_once_alone_on_its_line(
     assert _run(["tenants", "create", "globex", "--json"]) == 0
     created = json.loads(capsys.readouterr().out)
     assert created["tenant"]["name"] == "globex" and created["api_key"].startswith("mxl-")
+    assert _run(["tenants", "update", "acme", "--max-queued-jobs", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_queued_jobs"] == 3
+    assert _run(["tenants", "update", "acme", "--max-queued-jobs", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_queued_jobs"] is None
     assert _run(["keys", "create", "acme", "--json"]) == 0
     second = json.loads(capsys.readouterr().out)
     assert _run(["keys", "revoke", second["key_id"]]) == 0
@@ -70,3 +74,14 @@ def test_cli_prints_the_key_once_alone_on_its_line(
         assert tenants.authenticate(session=s, api_key=key.strip()) is not None
         assert tenants.authenticate(session=s, api_key=second["api_key"]) is None
     db.dispose()
+
+
+def test_quotas_can_change(db: Database) -> None:
+    with db.transaction() as s:
+        tenant = tenants.create_tenant(session=s, name=new_id("q"), max_queued_jobs=2)
+        changed = tenants.set_tenant_quotas(session=s, tenant=tenant.name, max_file_bytes=10)
+        assert (changed.max_queued_jobs, changed.max_file_bytes) == (2, 10)
+        with pytest.raises(ValidationError):
+            tenants.set_tenant_quotas(session=s, tenant=tenant.id, max_file_bytes=0)
+        with pytest.raises(ValidationError):
+            tenants.set_tenant_quotas(session=s, tenant=tenant.id, max_gpus=1)

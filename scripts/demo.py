@@ -39,7 +39,7 @@ def main() -> int:
     p.add_argument("--url", required=True)
     p.add_argument("--api-key", required=True)
     p.add_argument("--out", type=Path, required=True, help="adapters are downloaded here")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per job")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per job")
     p.add_argument("--timeout", type=float, default=3600)
     args = p.parse_args()
 
@@ -98,10 +98,6 @@ def main() -> int:
             print("timed out", file=sys.stderr)
             return 1
         for job_id, name in names.items():
-            for event in reversed(client.list_events(job_id, limit=20).data):
-                if event.id not in seen:
-                    seen.add(event.id)
-                    print(f"[{name}] {event.message}")
             for m in client.list_metrics(job_id, after=last_step[job_id], limit=100).data:
                 last_step[job_id] = m.step
                 v = m.metrics
@@ -118,6 +114,10 @@ def main() -> int:
                     + (f" eta {v['eta_seconds']:.0f}s" if v.get("eta_seconds") else "")
                     + (f" valid_loss {v['valid_loss']:.3f}" if "valid_loss" in v else "")
                 )
+            for event in reversed(client.list_events(job_id, limit=20).data):
+                if event.id not in seen:
+                    seen.add(event.id)
+                    print(f"[{name}] {event.message}")
             job = client.get_job(job_id)
             if job.status in ("succeeded", "failed", "cancelled") and job_id not in finished:
                 finished[job_id] = job.status
@@ -144,6 +144,10 @@ def main() -> int:
         f"mean fused-step throughput {mean:.0f} tokens/s"
     )
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"try one: mixloom generate --adapter {adapters / 'mixlora'} "
+        '--prompt "Give three tips for staying healthy."'
+    )
     return 0
 
 

@@ -4,7 +4,7 @@
 # set, submit a LoRA and a MixLoRA job, watch them train together in fused steps, download
 # both adapters into OUT_DIR/adapters.
 #
-#   bash scripts/demo.sh [OUT_DIR]        (default: demo-out; STEPS=12 optimizer steps a job)
+#   bash scripts/demo.sh [OUT_DIR]        (default: demo-out; STEPS=6 optimizer steps a job)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-demo-out}")
@@ -21,5 +21,5 @@ mixloom serve --host 127.0.0.1 --port "$PORT" --lease-seconds 120 >"$OUT/serve.l
 SERVE=$!
 trap 'kill "$SERVE" 2>/dev/null || true; wait "$SERVE" 2>/dev/null || true' EXIT
 
-python scripts/demo.py --url "http://127.0.0.1:$PORT" --api-key "$KEY" --out "$OUT" --steps "${STEPS:-12}"
+python scripts/demo.py --url "http://127.0.0.1:$PORT" --api-key "$KEY" --out "$OUT" --steps "${STEPS:-6}"
 echo "== adapters in $OUT/adapters (server log: $OUT/serve.log)"

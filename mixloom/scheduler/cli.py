@@ -114,19 +114,20 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     worker = Worker(settings, _options(args), db=db, bus=bus)
     failed: list[BaseException] = []
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    )
 
     def work() -> None:
         try:
             worker.run(stop)
-        except BaseException as exc:
+        except BaseException as exc:  # an API without its worker would queue jobs forever
             failed.append(exc)
-            logging.getLogger("mixloom.worker").exception("the worker stopped")
+            logging.getLogger("mixloom.worker").exception("the worker stopped; shutting down")
+            server.should_exit = True
 
     thread = threading.Thread(target=work, name="mixloom-worker", daemon=True)
     thread.start()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
-    )
     try:
         server.run()
     finally:

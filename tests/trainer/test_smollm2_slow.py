@@ -15,6 +15,7 @@ DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_demo_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_two_jobs_on_smollm2_lower_both_losses(tmp_path: Path) -> None:
     rows = DATA.read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(rows[:160]) + "\n")

@@ -16,8 +16,8 @@ PORT=${MIXLOOM_DEMO_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(
 echo "== creating tenant (admin command) in $MIXLOOM_DATA_DIR"
 KEY=$(mixloom tenants create "demo-$(date +%s)-$$")
 
-echo "== starting: mixloom serve --port $PORT --lease-seconds 120 (log: $OUT/serve.log)"
-mixloom serve --host 127.0.0.1 --port "$PORT" --lease-seconds 120 >"$OUT/serve.log" 2>&1 &
+echo "== starting: mixloom serve --port $PORT --lease-seconds 600 (log: $OUT/serve.log)"
+mixloom serve --host 127.0.0.1 --port "$PORT" --lease-seconds 600 >"$OUT/serve.log" 2>&1 &
 SERVE=$!
 trap 'kill "$SERVE" 2>/dev/null || true; wait "$SERVE" 2>/dev/null || true' EXIT
 

@@ -43,7 +43,7 @@ SPEC = {
 def test_shutdown_requeues_and_the_next_worker_finishes_exactly(
     tmp_path: Path, tiny_base: Path
 ) -> None:
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(30, seed=2))
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(20, seed=2))
     with stack(tmp_path, tiny_base) as s:
         client = s.client("life")
         f = client.upload_file(data)
@@ -64,7 +64,7 @@ def test_shutdown_requeues_and_the_next_worker_finishes_exactly(
         events = [e.message for e in client.iter_events(job_id, page_size=100)]
         assert any("Worker first shut down" in e for e in events), events
         stopped_at = metrics(client, job_id)[-1].step
-        assert stopped_at < 30
+        assert stopped_at < 20
         assert stopped_at in [c.step_number for c in client.iter_checkpoints(job_id)]
 
         s.start_worker(worker_id="second")
@@ -72,12 +72,12 @@ def test_shutdown_requeues_and_the_next_worker_finishes_exactly(
         series = metrics(client, job_id)
         second = [m for m in series if m.metrics["worker_id"] == "second"]
         assert second[0].step == stopped_at + 1  # nothing lost, nothing repeated
-        assert [m.step for m in series] == list(range(1, 31))
+        assert [m.step for m in series] == list(range(1, 21))
 
         reader.join(timeout=60)
         assert messages and messages[-1].event == "end"
         steps = [m.data["step"] for m in messages if m.event == "metrics"]
-        assert steps == list(range(1, 31))
+        assert steps == list(range(1, 21))
         statuses = [
             m.data["data"]["status"]
             for m in messages

@@ -30,10 +30,11 @@ timeout 70 python3 bench/bench_lora_segments.py --config design --json "$out/ker
     2>&1 | tee "$out/kernels_design.md"
 
 echo "== 3. tile sweep (triton rows only)"
-for knobs in "BLOCK_M=32" "BLOCK_N=256" "WARPS=8"; do
+for knobs in "BLOCK_M=32" "BLOCK_N=128" "GLU_WARPS=4 GLU_BLOCK_N_BWD=128"; do
     echo "-- $knobs"
     env $(for k in $knobs; do printf 'MIXLOOM_%s ' "$k"; done) timeout 25 \
-        python3 bench/bench_lora_segments.py --config design --methods triton 2>&1 | grep '^| [sc]'
+        python3 bench/bench_lora_segments.py --config design --methods triton triton_expert_glu \
+        2>&1 | grep '^| [scg]'
 done | tee "$out/kernels_sweep.md"
 
 echo "== 4. end to end"

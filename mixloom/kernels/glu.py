@@ -21,15 +21,14 @@ import triton.language as tl
 from torch import Tensor
 
 from mixloom.kernels.segmented import (
-    _BLOCK_N_ADD,
     _STAGES,
     _TL_DTYPE,
-    _WARPS,
     BLOCK_M,
     INTERPRET,
     _block_r,
     _check_device,
     _check_tiles,
+    _knob,
     _mma,
     _scatter_rows,
     _t,
@@ -38,6 +37,13 @@ from mixloom.kernels.segmented import (
     tile_table,
     zero_outside,
 )
+
+# Register budget, not measured yet: the forward keeps ~5 and the backward ~8 (BLOCK_M, BLOCK_N)
+# fp32 tiles live; at 64 x 128 and 4 warps one tile is 64 registers a thread, so 8 warps, and
+# 64 columns in the backward, keep them under 255 instead of spilling.
+_GLU_WARPS = _knob("GLU_WARPS", 4, 8)
+_GLU_BLOCK_N_FWD = _knob("GLU_BLOCK_N_FWD", 32, 128)
+_GLU_BLOCK_N_BWD = _knob("GLU_BLOCK_N_BWD", 32, 64)
 
 
 @triton.jit
@@ -197,15 +203,15 @@ def _glu_bwd_kernel(
     tl.store(dw_part_ptr + offs_m.to(tl.int64) * stride_wp + pid_n, dw, mask=mask_m)
 
 
-def _common(hg, Bg, gate, tiles) -> tuple[tuple[int, int], dict]:
-    grid = (tiles.shape[1], triton.cdiv(Bg.shape[1], _BLOCK_N_ADD))
+def _common(Bg, gate, tiles, block_n: int) -> tuple[tuple[int, int], dict]:
+    grid = (tiles.shape[1], triton.cdiv(Bg.shape[1], block_n))
     meta = dict(
         DOT_FP32=INTERPRET or gate.dtype == torch.float32,
         DOT=_TL_DTYPE[gate.dtype],
         BLOCK_M=BLOCK_M,
-        BLOCK_N=_BLOCK_N_ADD,
+        BLOCK_N=block_n,
         BLOCK_R=_block_r(Bg.shape[2]),
-        num_warps=_WARPS,
+        num_warps=_GLU_WARPS,
         num_stages=_STAGES,
     )
     return grid, meta
@@ -217,7 +223,7 @@ def glu_forward(hg, hu, Bg, Bu, sg, su, gate, up, rows, w, offsets, tiles):
     z = torch.empty(P, n_inter, device=gate.device, dtype=gate.dtype)
     zsum = torch.zeros(T, n_inter, device=gate.device, dtype=torch.float32)
     if P and n_inter and Bg.shape[0]:
-        grid, meta = _common(hg, Bg, gate, tiles)
+        grid, meta = _common(Bg, gate, tiles, _GLU_BLOCK_N_FWD)
         _glu_fwd_kernel[grid](
             hg, hu, Bg, Bu, sg, su, gate, up, rows, w, z, zsum, tiles, offsets,
             n_inter, Bg.shape[2], tiles.shape[1], hg.stride(0), Bg.stride(0), Bg.stride(1),
@@ -234,10 +240,10 @@ def glu_backward(hg, hu, Bg, Bu, sg, su, gate, up, rows, w, dz, dzsum, offsets, 
     du = torch.empty_like(dg)
     dgate = torch.zeros(T, n_inter, device=gate.device, dtype=torch.float32)
     dup = torch.zeros_like(dgate)
-    n_col = triton.cdiv(n_inter, _BLOCK_N_ADD)
+    n_col = triton.cdiv(n_inter, _GLU_BLOCK_N_BWD)
     dw_part = torch.zeros(P, n_col, device=gate.device, dtype=torch.float32)
     if P and n_inter and Bg.shape[0]:
-        grid, meta = _common(hg, Bg, gate, tiles)
+        grid, meta = _common(Bg, gate, tiles, _GLU_BLOCK_N_BWD)
         _glu_bwd_kernel[grid](
             hg, hu, Bg, Bu, sg, su, gate, up, rows, w, dz, dzsum, dg, du, dgate, dup, dw_part,
             tiles, offsets, n_inter, Bg.shape[2], tiles.shape[1], hg.stride(0), Bg.stride(0),

@@ -98,3 +98,32 @@ def test_bad_data_names_file_line_and_field(
     err = capsys.readouterr().err
     assert "bad.jsonl:2: messages[0].role" in err
     assert "bad.jsonl:3" in err
+
+
+def test_generate_with_a_trained_adapter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mixloom.model.adapter_model import AdapterModel
+    from mixloom.model.base import load_base_model
+    from mixloom.model.formats import load_adapter_model, save_adapter
+    from mixloom.model.specs import AdapterSpec
+
+    save_tiny_base(tmp_path / "base")
+    base = load_base_model(str(tmp_path / "base"))
+    model = AdapterModel(base.model)
+    model.add_adapter(AdapterSpec("g", kind="mixlora", num_experts=2))
+    save_adapter(model, "g", tmp_path / "g", str(tmp_path / "base"))
+    args = ["generate", "--base-model", str(tmp_path / "base"), "--adapter", str(tmp_path / "g")]
+    assert main([*args, "--prompt", "hi", "--max-new-tokens", "5"]) == 0
+    text = capsys.readouterr().out
+    # greedy decoding is what the loaded model's argmax says, token by token
+    reloaded = load_adapter_model(str(tmp_path / "base"), tmp_path / "g")
+    tok = base.tokenizer
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    import torch
+
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    out = reloaded.generate(ids, max_new_tokens=5, eos_token_id=tok.eos_token_id)
+    assert text.strip() == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -128,6 +128,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     thread = threading.Thread(target=work, name="mixloom-worker", daemon=True)
     thread.start()
+    # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises the signal to the handler
+    # that was there before it: make that one stop the worker (checkpoint, release its jobs)
+    # rather than the default, which would kill the process first.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     try:
         server.run()
     finally:

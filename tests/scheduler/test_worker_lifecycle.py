@@ -88,3 +88,63 @@ def test_shutdown_requeues_and_the_next_worker_finishes_exactly(
         reference = train_reference(tmp_path, tiny_base, data, [SPEC])
         got = adapter_tensors(client.download_adapter(job_id, tmp_path / "a.zip"), tmp_path / "a")
         assert_same_tensors(got, reference["life"])
+
+
+def test_mixloom_serve_runs_api_and_worker_in_one_process(tmp_path: Path, tiny_base: Path) -> None:
+    """`mixloom serve` on the embedded defaults (SQLite, in-process bus), a tiny base model."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import REPO, free_port
+
+    from mixloom.clients import Client
+
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(8))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXLOOM_")}
+    env.update(
+        MIXLOOM_DATA_DIR=str(tmp_path / "data"),
+        MIXLOOM_BASE_MODEL=str(tiny_base),
+        MIXLOOM_DEVICE="cpu",
+        OMP_NUM_THREADS="1",
+    )
+    cli = [sys.executable, "-m", "mixloom.cli"]
+    key = subprocess.run(
+        [*cli, "tenants", "create", "solo"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [*cli, "serve", "--port", str(port), "--poll-seconds", "0.5"],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _up(url), timeout=120, every=0.5)
+        client = Client(url, api_key=key, timeout=30)
+        f = client.upload_file(data)
+        job = client.create_job(
+            training_file=f.id,
+            model=str(tiny_base),
+            method="mixlora",
+            hyperparameters={"max_seq_len": 32, "batch_size": 4, "num_experts": 2},
+        )
+        done = wait_status(client, job.id, "succeeded", timeout=180)
+        assert done.adapter_available
+        assert client.download_adapter(job.id, tmp_path / "a.zip").stat().st_size > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def _up(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

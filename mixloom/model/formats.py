@@ -158,6 +158,21 @@ def save_adapter(model: AdapterModel, name: str, out_dir: str | Path, base_name:
     return out
 
 
+def _lora_from(cfg: dict[str, Any], where: Path) -> LoraSpec:
+    try:
+        return LoraSpec(
+            r=int(cfg["r"]),
+            alpha=float(cfg["lora_alpha"]),
+            dropout=float(cfg.get("lora_dropout", 0.0)),
+            rslora=bool(cfg.get("use_rslora", False)),
+            dora=bool(cfg.get("use_dora", False)),
+        )
+    except KeyError as exc:
+        raise ModelLoadError(f"{where}: missing {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{where}: r and lora_alpha must be numbers ({exc})") from None
+
+
 def read_spec(
     adapter_dir: str | Path, name: str | None = None
 ) -> tuple[AdapterSpec, dict[str, Any]]:
@@ -170,28 +185,15 @@ def read_spec(
     if (folder / SPEC_FILE).exists():
         spec = spec_from_json(json.loads((folder / SPEC_FILE).read_text()))
         return (dataclasses.replace(spec, name=name) if name else spec), cfg
-    lora = LoraSpec(
-        r=int(cfg["r"]),
-        alpha=float(cfg["lora_alpha"]),
-        dropout=float(cfg.get("lora_dropout", 0.0)),
-        rslora=bool(cfg.get("use_rslora", False)),
-        dora=bool(cfg.get("use_dora", False)),
-    )
-    targets = cfg["target_modules"]
+    lora = _lora_from(cfg, cfg_path)
+    targets = cfg.get("target_modules") or []
     targets = tuple(targets if isinstance(targets, list) else [k for k, v in targets.items() if v])
     kind = cfg.get("peft_type", "LORA").upper()
     if kind == "LORA":
         return AdapterSpec(name=name or "adapter", kind="lora", targets=targets, lora=lora), cfg
     if kind != "MIXLORA":
         raise ModelLoadError(f"{cfg_path}: peft_type {kind!r} is not LORA or MIXLORA")
-    ex = {**cfg, **cfg.get("expert_lora", {})}
-    expert = LoraSpec(
-        r=int(ex["r"]),
-        alpha=float(ex["lora_alpha"]),
-        dropout=float(ex.get("lora_dropout", 0.0)),
-        rslora=bool(ex.get("use_rslora", False)),
-        dora=bool(ex.get("use_dora", False)),
-    )
+    expert = _lora_from({**cfg, **cfg.get("expert_lora", {})}, cfg_path)
     strategy = cfg.get("routing_strategy", "mixlora")
     if strategy not in _ROUTING_FROM_NAME:
         raise ModelLoadError(f"{cfg_path}: unknown routing_strategy {strategy!r}")
@@ -200,7 +202,7 @@ def read_spec(
         kind="mixlora",
         targets=targets,
         lora=lora,
-        num_experts=int(cfg["num_experts"]),
+        num_experts=int(cfg.get("num_experts", 8)),
         routing=_ROUTING_FROM_NAME[strategy],
         top_k=int(cfg.get("top_k", 2)),
         top_p=float(cfg.get("top_p", 0.8)),

@@ -128,3 +128,15 @@ def test_loader_errors_say_what_is_wrong(tmp_path) -> None:  # type: ignore[no-u
     folder = save_adapter(model, "w", tmp_path / "w", "base")
     with pytest.raises(ModelLoadError, match="expected"):  # a different base shape
         load_adapter_model(tiny_llama(hidden_size=32, intermediate_size=48), folder)
+
+
+def test_foreign_config_missing_keys_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from mixloom.errors import ModelLoadError
+
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "lora_alpha": 8})
+    )
+    with pytest.raises(ModelLoadError, match="missing 'r'"):
+        read_spec(tmp_path)

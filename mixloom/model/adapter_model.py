@@ -140,18 +140,11 @@ class AdapterModel(nn.Module):
     ) -> Iterator[FusedState]:
         """Within the block, forwards route row blocks through their adapters."""
         st = self.state
-        st.segments = segments
-        st.token_mask = attention_mask.bool() if attention_mask is not None else None
-        st.training = training
-        st.router_logs = {} if collect_router else None
-        st._real = {}
+        st.begin(segments, attention_mask, training=training, collect_router=collect_router)
         try:
             yield st
         finally:
-            st.segments = None
-            st.token_mask = None
-            st.training = False
-            st._real = {}
+            st.end()
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Per MixLoRA adapter: its load-balance loss over the last forward's router logs."""

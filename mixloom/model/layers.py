@@ -46,7 +46,29 @@ class FusedState:
     router_logs: dict[str, list[RouterLog]] | None = None  # collected when not None
     backend: str = "torch"
 
-    _real: dict[Segment, Tensor] = field(default_factory=dict)  # per-forward cache
+    _real: dict[Segment, Tensor] = field(default_factory=dict)  # per-batch cache
+
+    def begin(
+        self,
+        segments: list[Segment],
+        attention_mask: Tensor | None,
+        *,
+        training: bool,
+        collect_router: bool,
+    ) -> None:
+        """Describe the batch the next forwards run over."""
+        self.segments = segments
+        self.token_mask = attention_mask.bool() if attention_mask is not None else None
+        self.training = training
+        self.router_logs = {} if collect_router else None
+        self._real = {}
+
+    def end(self) -> None:
+        """Back to plain base-model behaviour (router logs stay readable until next begin)."""
+        self.segments = None
+        self.token_mask = None
+        self.training = False
+        self._real = {}
 
     def real_tokens(self, seg: Segment, per_seq: int, device: torch.device) -> Tensor:
         """(n_real,) indices of the segment's non-padding tokens within its flattened rows."""

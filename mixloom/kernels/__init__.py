@@ -1,7 +1,9 @@
 """Grouped (multi-job, multi-expert) LoRA matmuls. The only package that imports triton.
 
-Backends: "torch" (reference, any device), "triton" (CUDA, or CPU with TRITON_INTERPRET=1),
-"auto" (triton on CUDA when importable, else torch). Env MIXLOOM_KERNEL_BACKEND overrides "auto".
+Backends: "torch" (stock torch, any device: grouped.py, one grouped_mm per product; the CPU
+path), "triton" (CUDA, or CPU with TRITON_INTERPRET=1), "auto" (triton on CUDA when importable,
+else torch). Env MIXLOOM_KERNEL_BACKEND overrides "auto". reference.py (a plain loop over
+groups) is the test oracle both backends are checked against.
 
 Typical MixLoRA layer call (routing built once, shared by gate/up/down of every expert):
 
@@ -24,7 +26,7 @@ import os
 import torch
 from torch import Tensor
 
-from mixloom.kernels import reference
+from mixloom.kernels import grouped
 from mixloom.kernels.routing import Routing, build_routing, tile_table
 
 BACKENDS = ("auto", "torch", "triton")
@@ -85,7 +87,7 @@ def lora_segments(
         from mixloom.kernels import segmented
 
         return segmented.lora_segments(x, A, B, scale, offsets, rows, tiles)
-    return reference.lora_segments(x, A, B, scale, offsets, rows)
+    return grouped.lora_segments(x, A, B, scale, offsets, rows)
 
 
 def lora_combine(
@@ -116,7 +118,7 @@ def lora_combine(
         from mixloom.kernels import segmented
 
         return segmented.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows, tiles)
-    return reference.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows)
+    return grouped.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows)
 
 
 def expert_glu(
@@ -158,4 +160,4 @@ def expert_glu(
         from mixloom.kernels import glu
 
         return glu.expert_glu(*args, rows, weights, x_rows, tiles)
-    return reference.expert_glu(*args, rows, weights, x_rows)
+    return grouped.expert_glu(*args, rows, weights, x_rows)

@@ -1,4 +1,4 @@
-"""Pure-torch reference of the grouped LoRA matmuls: the CPU path and the test oracle.
+"""Pure-torch reference of the grouped LoRA matmuls: a plain loop over groups, the test oracle.
 
 Vocabulary (shared with the Triton kernels):
 - T rows of input x (tokens of every job in the fused batch), H features.

@@ -34,6 +34,7 @@ class AdapterModel(nn.Module):
 
     def __init__(self, model: Any, *, backend: str = "torch") -> None:
         super().__init__()
+        model.requires_grad_(False)  # the base never trains (adapters are added after this)
         self.model = model
         self.state = FusedState(backend=backend)
         self.specs: dict[str, AdapterSpec] = {}

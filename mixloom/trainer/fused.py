@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mixloom.data.tokenize import IGNORE_INDEX, EncodedRow, collate
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.layers import Segment
 from mixloom.trainer.job import Job, JobStatus
+from mixloom.trainer.loss import linear_cross_entropy
 
 
 @dataclass
@@ -53,6 +53,25 @@ class StepReport:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _target_rows(
+    labels: Tensor, segments: list[Segment]
+) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """From host (B, T) labels: the flat rows (b * T + t) of hidden whose next token is a
+    target, those targets, and each segment's [start, end) among them (batch order)."""
+    B, T = labels.shape
+    nxt = labels[:, 1:]  # (B, T-1): the label each position predicts
+    keep = nxt != IGNORE_INDEX
+    b, t = keep.nonzero(as_tuple=True)
+    rows = b * T + t
+    per_row = keep.sum(1).tolist()  # targets of each batch row
+    bounds, at = [], 0
+    for seg in segments:
+        n = sum(per_row[seg.start : seg.end])
+        bounds.append((at, at + n))
+        at += n
+    return rows, nxt[b, t], bounds
 
 
 class FusedTrainer:
@@ -100,8 +119,9 @@ class FusedTrainer:
             rows, targets = job.next_micro_batch()
             batches.append((job, rows, targets))
         input_ids, labels, mask, segments = self._collate(batches)
+        rows, targets_flat, bounds = _target_rows(labels, segments)  # host-side layout
         dev = self.model.device
-        input_ids, labels, mask = input_ids.to(dev), labels.to(dev), mask.to(dev)
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
 
         # The base stays in eval mode (no base dropout); adapters train through FusedState.
         with self.model.fused(segments, mask, training=True):
@@ -110,26 +130,35 @@ class FusedTrainer:
             aux = self.model.aux_losses()
             loads = self.model.router_load()
 
+        # One fused vocabulary projection + cross-entropy over every job's target positions.
+        token_losses = self._token_losses(hidden, rows.to(dev), targets_flat.to(dev))
+        sums = [token_losses[a:b].sum() for a, b in bounds]  # per job, in batch order
+        job_loss: list[Tensor] = []
+        for (job, _, targets), token_sum in zip(batches, sums, strict=True):
+            loss = token_sum / max(1, targets)
+            if job.name in aux:
+                loss = loss + aux[job.name] / job.micro_batches
+            job_loss.append(loss)
+        aux_list = [aux[job.name] for job, _, _ in batches if job.name in aux]
+        values = torch.stack([t.detach() for t in job_loss + sums + aux_list]).tolist()
+        n_jobs = len(batches)
+        loss_values, sum_values = values[:n_jobs], values[n_jobs : 2 * n_jobs]
+        aux_values = iter(values[2 * n_jobs :])
+
         losses: dict[str, Tensor] = {}
         micro_loss: dict[str, float] = {}
-        for (job, _, targets), seg in zip(batches, segments, strict=True):
-            token_sum = self._token_loss_sum(
-                hidden[seg.start : seg.end], labels[seg.start : seg.end]
-            )
-            loss = token_sum / max(1, targets)
-            n_micro = job.micro_batches
-            if job.name in aux:
-                loss = loss + aux[job.name] / n_micro
-            value = float(loss.detach())
+        for i, (job, _, _) in enumerate(batches):
+            aux_value = next(aux_values) if job.name in aux else None
+            value = loss_values[i]
             if not math.isfinite(value):
                 self._fail(job, f"loss became {value} at step {job.step + 1}")
                 continue
-            losses[job.name] = loss
-            n_here = int((labels[seg.start : seg.end, 1:] != IGNORE_INDEX).sum())
-            micro_loss[job.name] = float(token_sum.detach()) / max(1, n_here)
-            job.loss_sum += float(token_sum.detach())
-            if job.name in aux:
-                job.aux_sum += float(aux[job.name].detach()) / n_micro
+            losses[job.name] = job_loss[i]
+            n_here = bounds[i][1] - bounds[i][0]
+            micro_loss[job.name] = sum_values[i] / max(1, n_here)
+            job.loss_sum += sum_values[i]
+            if aux_value is not None:
+                job.aux_sum += aux_value / job.micro_batches
         if losses:
             torch.stack(list(losses.values())).sum().backward()
         for job, _, _ in batches:
@@ -187,14 +216,22 @@ class FusedTrainer:
         input_ids, labels, mask = collate(all_rows, self.pad_id)
         return input_ids, labels, mask, segments
 
+    def _token_losses(self, hidden: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
+        """(n,) fp32 next-token losses of the given flat rows of hidden (B*T, H): logits for
+        those positions alone (no (B, T, V) tensor for prompt or padding), fused with the
+        cross-entropy in row chunks (trainer/loss.py)."""
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (n, H)
+        lm_head = self.model.model.lm_head
+        if getattr(lm_head, "bias", None) is not None:
+            raise NotImplementedError("a vocabulary projection with a bias is not supported")
+        softcap = getattr(self.model.model.config, "final_logit_softcapping", None)
+        return linear_cross_entropy(h, lm_head.weight, targets, softcap)
+
     def _token_loss_sum(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        """Sum of next-token cross-entropy over target positions only: logits are computed
-        for those positions alone, in fp32 (no (B, T, V) tensor for prompt or padding)."""
-        target = labels[:, 1:]  # (b, T-1)
-        keep = target != IGNORE_INDEX
-        h = hidden[:, :-1][keep]  # (n_targets, H)
-        logits = self.model.model.lm_head(h).float()  # (n_targets, V)
-        return F.cross_entropy(logits, target[keep], reduction="sum")
+        """Sum of next-token cross-entropy over the target positions of (b, T) labels."""
+        rows, targets, _ = _target_rows(labels.cpu(), [])
+        dev = hidden.device
+        return self._token_losses(hidden, rows.to(dev), targets.to(dev)).sum()
 
     def _optimizer_step(self, job: Job) -> float | None:
         params = self.model.adapter_parameters(job.name)

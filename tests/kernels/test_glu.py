@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_segmented import CASES, DEVICE, DTYPES, ON_GPU, TOL, Case, _grads, _make, _rel
+from test_segmented import (
+    BACKENDS,
+    CASES,
+    DEVICE,
+    DTYPES,
+    ON_GPU,
+    TOL,
+    Case,
+    _grads,
+    _make,
+    _rel,
+)
 
 from mixloom import kernels
 from mixloom.kernels import reference
@@ -22,12 +33,15 @@ PARAMS = [
 ] + [(CASES[2], False, d) for d in DTYPES if d == torch.bfloat16]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("case", "per_pair_input", "dtype"),
     PARAMS,
     ids=lambda v: getattr(v, "name", None) or str(v),
 )
-def test_expert_glu_matches_reference(case: Case, dtype: torch.dtype, per_pair_input: bool):
+def test_expert_glu_matches_reference(
+    case: Case, dtype: torch.dtype, per_pair_input: bool, backend: str
+):
     """per_pair_input: x_gate/x_up one row per pair with different values (dropout masks),
     else one shared x per token gathered by rows."""
     x, A, B, scale, groups, weights, G = _make(case, dtype)
@@ -65,7 +79,7 @@ def test_expert_glu_matches_reference(case: Case, dtype: torch.dtype, per_pair_i
                 r.rows,
                 w,
                 x_rows,
-                backend="triton",
+                backend=backend,
                 tiles=r.tiles,
             )  # fmt: skip
         )
@@ -78,13 +92,13 @@ def test_expert_glu_matches_reference(case: Case, dtype: torch.dtype, per_pair_i
         )
 
     inputs = [xg, xu, gate, up, A, B, A_up, B_up, w]
-    if ON_GPU:  # forward and backward queue work without one device->host copy
+    if ON_GPU and backend == "triton":  # forward and backward queue work without a host copy
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
     try:
         out, grads = _grads(tri, inputs, seed=8)
     finally:
-        if ON_GPU:
+        if ON_GPU and backend == "triton":
             torch.cuda.set_sync_debug_mode(0)
     out_ref, grads_ref = _grads(ref, [t.float() for t in inputs], seed=8)
     assert out.dtype == dtype

@@ -1,4 +1,5 @@
-"""Triton segmented LoRA kernels vs the pure-torch reference: forward and every gradient.
+"""Both kernel backends (triton's segmented kernels, torch's grouped_mm path) vs the per-group
+reference loop: forward and every gradient.
 
 Runs on CPU under TRITON_INTERPRET=1 (tiles cast to fp32 there, so these check indexing and
 math), or on a GPU with TRITON_INTERPRET=0 (bench/gpu.sh), where bf16 is checked as well.
@@ -23,6 +24,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 # ||out - ref|| / ||ref|| bounds: fp32 exact-ish; fp16/bf16 inputs rounded once, h rounded
 # to the input dtype on the GPU's tensor cores.
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+BACKENDS = ["triton", "torch"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Case:
 
 
 CASES = [
-    Case("one_group", T=33, H=40, N=24, ranks=(8,), experts=0, k=1),
+    Case("one_group_odd_rank", T=33, H=40, N=24, ranks=(6,), experts=0, k=1),
     Case("jobs_mixed_ranks", T=50, H=48, N=40, ranks=(4, 16, 8), experts=0, k=1),
     Case("experts_top2", T=60, H=48, N=64, ranks=(8, 16, 4), experts=6, k=2),
     Case("experts_top1_odd", T=45, H=37, N=29, ranks=(5, 3), experts=3, k=1),
@@ -100,9 +102,10 @@ def _grads(fn, inputs, seed: int):
     return out.detach(), grads
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_lora_segments_matches_reference(case: Case, dtype: torch.dtype):
+def test_lora_segments_matches_reference(case: Case, dtype: torch.dtype, backend: str):
     x, A, B, scale, groups, _, G = _make(case, dtype)
     if case.experts:
         groups[1, 0] = -1  # a pair outside every group: output 0, no gradient
@@ -111,7 +114,7 @@ def test_lora_segments_matches_reference(case: Case, dtype: torch.dtype):
 
     def tri(x, A, B):
         return kernels.lora_segments(
-            x, A, B, scale, routing.offsets, rows, backend="triton", tiles=routing.tiles
+            x, A, B, scale, routing.offsets, rows, backend=backend, tiles=routing.tiles
         )
 
     def ref(x, A, B):
@@ -126,10 +129,13 @@ def test_lora_segments_matches_reference(case: Case, dtype: torch.dtype):
         assert _rel(got, want) < TOL[dtype], name
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("per_pair_input", [False, True], ids=["gather", "per_pair"])
 @pytest.mark.parametrize("case", [c for c in CASES if c.experts], ids=lambda c: c.name)
-def test_lora_combine_matches_reference(case: Case, dtype: torch.dtype, per_pair_input: bool):
+def test_lora_combine_matches_reference(
+    case: Case, dtype: torch.dtype, per_pair_input: bool, backend: str
+):
     """Weighted scatter-add per token, gradients through x, A, B and the routing weights.
 
     per_pair_input: x holds one row per pair (the down projection's z), else x is per token.
@@ -146,7 +152,7 @@ def test_lora_combine_matches_reference(case: Case, dtype: torch.dtype, per_pair
     def tri(x, A, B, w):
         return kernels.lora_combine(
             x, A, B, scale, routing.offsets, w, routing.rows, case.T, rows,
-            backend="triton", tiles=routing.tiles,
+            backend=backend, tiles=routing.tiles,
         )  # fmt: skip
 
     def ref(x, A, B, w):
@@ -162,21 +168,22 @@ def test_lora_combine_matches_reference(case: Case, dtype: torch.dtype, per_pair
         assert _rel(got, want) < TOL[dtype], name
 
 
-def test_empty_batch_and_all_pairs_outside_groups():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_all_pairs_outside_groups(backend: str):
     case = CASES[2]
     x, A, B, scale, groups, weights, G = _make(case, torch.float32)
     routing = kernels.build_routing(torch.full_like(groups, -1), G, with_tiles=True)
     w = weights.reshape(-1).requires_grad_(True)
     out = kernels.lora_combine(
         x, A, B, scale, routing.offsets, w, routing.rows, case.T, routing.rows,
-        backend="triton", tiles=routing.tiles,
+        backend=backend, tiles=routing.tiles,
     )  # fmt: skip
     assert out.abs().max() == 0
     (dw,) = torch.autograd.grad(out.sum(), [w])
     assert dw.abs().max() == 0
     empty = kernels.build_routing(groups[:0], G, with_tiles=True)
     y = kernels.lora_segments(
-        x[:0], A, B, scale, empty.offsets, empty.rows, backend="triton", tiles=empty.tiles
+        x[:0], A, B, scale, empty.offsets, empty.rows, backend=backend, tiles=empty.tiles
     )
     assert y.shape == (0, case.N)
 
@@ -203,13 +210,13 @@ def test_layer_chain_transposed_weights_no_host_sync():
     def chain(backend, x, A, B, w):
         r = kernels.build_routing(groups, G, with_tiles=backend == "triton")
         wp = w.reshape(-1)[r.order]  # (P,)
-        y = kernels.lora_segments(
-            x, A, B, scale, r.offsets, r.rows, backend=backend, tiles=r.tiles
-        )  # (P, N)
-        return kernels.lora_combine(
-            y, B.transpose(1, 2), A.transpose(1, 2), scale, r.offsets, wp, r.rows, case.T,
-            backend=backend, tiles=r.tiles,
-        )  # fmt: skip
+        At, Bt = B.transpose(1, 2), A.transpose(1, 2)
+        if backend == "reference":
+            y = reference.lora_segments(x, A, B, scale, r.offsets, r.rows)
+            return reference.lora_combine(y, At, Bt, scale, r.offsets, wp, r.rows, case.T)
+        kw = dict(backend=backend, tiles=r.tiles)
+        y = kernels.lora_segments(x, A, B, scale, r.offsets, r.rows, **kw)  # (P, N)
+        return kernels.lora_combine(y, At, Bt, scale, r.offsets, wp, r.rows, case.T, **kw)
 
     leaves = [t.detach().requires_grad_(True) for t in (x, A, B, weights)]
     dout = torch.randn(case.T, case.H, generator=torch.Generator().manual_seed(5)).to(x)
@@ -223,7 +230,7 @@ def test_layer_chain_transposed_weights_no_host_sync():
         if ON_GPU:
             torch.cuda.set_sync_debug_mode(0)
     ref_leaves = [t.detach().float().requires_grad_(True) for t in (x, A, B, weights)]
-    ref = chain("torch", *ref_leaves)
+    ref = chain("reference", *ref_leaves)
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
     assert _rel(out, ref) < TOL[dtype]
     for name, got, want in zip(("dx", "dA", "dB", "dweights"), grads, ref_grads, strict=True):
@@ -262,3 +269,13 @@ def test_fp32_adapter_weights_over_half_activations(dtype: torch.dtype):
     assert _rel(out, out_ref) < 2 * TOL[dtype]
     for name, got, want in zip(("dx", "dA", "dB", "dweights"), grads, grads_ref, strict=True):
         assert _rel(got, want) < 2 * TOL[dtype], name
+
+
+def test_torch_backend_takes_grouped_mm_where_it_can():
+    """The torch backend's grouped_mm path (not its reference fallback) runs the aligned
+    cases above; odd feature sizes fall back to the reference loop."""
+    from mixloom.kernels import grouped
+
+    x = torch.zeros(4, 8)
+    assert grouped.usable(x, 40, 24) == hasattr(torch.nn.functional, "grouped_mm")
+    assert not grouped.usable(x, 37, 29)

@@ -117,9 +117,12 @@ def test_dropout_backward_uses_the_forward_mask() -> None:
     model.generators["g"].manual_seed(11)
     with model.fused([Segment("g", 0, 2)], None, training=True):
         (layer(x) * dy).sum().backward()
-    # the same mask, drawn by hand from the same stream
+    # the same mask, drawn by hand from the same stream: 16 random bits a decision, four
+    # decisions per int64 draw, dropped when below round(p * 2**16) - 2**15 as int16
     gen = torch.Generator().manual_seed(11)
-    keep = torch.empty(10, 64).bernoulli_(0.5, generator=gen)
+    words = torch.randint(-(2**63), 2**63 - 1, (160,), dtype=torch.int64, generator=gen)
+    keep = (words.view(torch.int16).view(10, 64) >= round(0.5 * 2**16) - 2**15).float()
+    assert 0.4 < keep.mean() < 0.6
     xd = x.reshape(10, 64) * keep * 2.0  # (n, H)
     g = dy.reshape(10, 64)  # (n, N)
     s = spec.lora.scale

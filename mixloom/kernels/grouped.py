@@ -40,34 +40,52 @@ def usable(x: Tensor, *features: int) -> bool:
     return all(d % _align(_compute_dtype(x)) == 0 for d in features)
 
 
-def _ends(offsets: Tensor, num_pairs: int) -> Tensor:
-    """grouped_mm's (G+2,) int32 group ends: a leading group holds the pairs before
-    offsets[0] and a trailing one those from offsets[G] on (pairs outside every group);
-    both get zero weights (_pad)."""
+def _all_inside(offsets: Tensor, num_pairs: int) -> bool:
+    """Whether every pair belongs to a group. Asked on CPU only, where reading offsets costs
+    nothing; on an accelerator it would wait for the queue, so the answer is "maybe not"."""
+    if offsets.device.type != "cpu":
+        return False
+    return int(offsets[0]) == 0 and int(offsets[-1]) == num_pairs
+
+
+def _groups(offsets: Tensor, num_pairs: int) -> tuple[Tensor, bool]:
+    """grouped_mm's int32 group ends, and whether the weights need zero edge groups (_pad):
+    when some pairs may lie outside every group, a leading group holds the pairs before
+    offsets[0] and a trailing one those from offsets[G] on, both with zero weights."""
+    if _all_inside(offsets, num_pairs):
+        return offsets[1:].to(torch.int32), False
     tail = offsets.new_full((1,), num_pairs)
-    return torch.cat([offsets, tail]).to(torch.int32)
+    return torch.cat([offsets, tail]).to(torch.int32), True
 
 
-def _pad(W: Tensor, rank_dim: int) -> Tensor:
-    """(G, a, b) -> (G+2, a, b) with zero first and last groups, and the rank dimension
-    zero-padded to grouped_mm's alignment."""
+def _pad(W: Tensor, rank_dim: int, edges: bool) -> Tensor:
+    """The rank dimension of (G, a, b) zero-padded to grouped_mm's alignment, and with
+    `edges` zero first and last groups added: (G+2, a, b)."""
     extra = -W.shape[rank_dim] % _align(W.dtype)
     if extra:
         W = F.pad(W, (0, extra) if rank_dim == 2 else (0, 0, 0, extra))
+    if not edges:
+        return W
     zero = W.new_zeros(1, *W.shape[1:])
     return torch.cat([zero, W, zero])
 
 
 def _shrink_expand(
-    xs: Tensor, A: Tensor, B: Tensor, scale: Tensor, ends: Tensor, weights: Tensor | None
+    xs: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: Tensor,
+    groups: tuple[Tensor, bool],
+    weights: Tensor | None,
 ) -> Tensor:
     """(P, H) pairs sorted by group -> (P, N): scale[g] * w[p] * (xs[p] @ A[g].T) @ B[g].T."""
     dt = _compute_dtype(xs)
-    As = _pad(A.to(dt) * scale.to(dt)[:, None, None], rank_dim=1)  # (G+2, R', H)
+    ends, edges = groups
+    As = _pad(A.to(dt) * scale.to(dt)[:, None, None], 1, edges)  # (G', R', H)
     h = F.grouped_mm(xs.to(dt), As.transpose(1, 2), offs=ends)  # (P, R')
     if weights is not None:
         h = h * weights.to(dt)[:, None]
-    return F.grouped_mm(h, _pad(B.to(dt), rank_dim=2).transpose(1, 2), offs=ends)  # (P, N)
+    return F.grouped_mm(h, _pad(B.to(dt), 2, edges).transpose(1, 2), offs=ends)  # (P, N)
 
 
 def lora_segments(
@@ -82,7 +100,7 @@ def lora_segments(
     if not usable(x, A.shape[2], B.shape[1]):
         return reference.lora_segments(x, A, B, scale, offsets, rows)
     xs = x if rows is None else x.index_select(0, rows)  # (P, H)
-    y = _shrink_expand(xs, A, B, scale, _ends(offsets, xs.shape[0]), None)
+    y = _shrink_expand(xs, A, B, scale, _groups(offsets, xs.shape[0]), None)
     return y.to(x.dtype)
 
 
@@ -101,7 +119,7 @@ def lora_combine(
     if not usable(x, A.shape[2], B.shape[1]):
         return reference.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows)
     xs = x if rows is None else x.index_select(0, rows)  # (P, H)
-    y = _shrink_expand(xs, A, B, scale, _ends(offsets, xs.shape[0]), weights)  # (P, N)
+    y = _shrink_expand(xs, A, B, scale, _groups(offsets, xs.shape[0]), weights)  # (P, N)
     out = y.new_zeros(num_rows, y.shape[1])
     return out.index_add_(0, dst, y).to(x.dtype)
 
@@ -129,16 +147,17 @@ def expert_glu(
             offsets, rows, weights, x_rows,
         )  # fmt: skip
     P = rows.shape[0]
-    ends = _ends(offsets, P)
+    groups = _groups(offsets, P)
     xg = x_gate if x_rows is None else x_gate.index_select(0, x_rows)
     xu = x_up if x_rows is None else x_up.index_select(0, x_rows)
-    lg = _shrink_expand(xg, A_gate, B_gate, scale_gate, ends, None)  # (P, I)
-    lu = _shrink_expand(xu, A_up, B_up, scale_up, ends, None)  # (P, I)
+    lg = _shrink_expand(xg, A_gate, B_gate, scale_gate, groups, None)  # (P, I)
+    lu = _shrink_expand(xu, A_up, B_up, scale_up, groups, None)  # (P, I)
     dt = lg.dtype
-    pair = torch.arange(P, device=rows.device)
-    inside = ((pair >= offsets[0]) & (pair < offsets[-1])).to(dt)  # (P,)
-    g = gate.to(dt).index_select(0, rows) + lg
     u = up.to(dt).index_select(0, rows) + lu
-    z = F.silu(g) * (u * inside[:, None])  # (P, I)
+    if groups[1]:  # pairs outside every group get z = 0
+        pair = torch.arange(P, device=rows.device)
+        inside = (pair >= offsets[0]) & (pair < offsets[-1])  # (P,)
+        u = u * inside.to(dt)[:, None]
+    z = F.silu(gate.to(dt).index_select(0, rows) + lg) * u  # (P, I)
     zsum = z.new_zeros(gate.shape).index_add_(0, rows, z * weights.to(dt)[:, None])
     return z.to(gate.dtype), zsum.to(gate.dtype)

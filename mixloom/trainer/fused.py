@@ -21,6 +21,7 @@ from torch import Tensor
 from mixloom.data.tokenize import IGNORE_INDEX, EncodedRow, collate
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.layers import Segment
+from mixloom.trainer.host import tune_cpu_allocator
 from mixloom.trainer.job import Job, JobStatus
 from mixloom.trainer.loss import linear_cross_entropy
 
@@ -81,6 +82,8 @@ class FusedTrainer:
         self.model = model
         self.pad_id = pad_id
         self.jobs: dict[str, Job] = {}
+        if model.device.type == "cpu":
+            tune_cpu_allocator()
 
     # -- membership --------------------------------------------------------------------
 

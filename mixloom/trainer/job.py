@@ -90,7 +90,7 @@ class Job:
 
     def build_optimizer(self, params: list[torch.nn.Parameter]) -> None:
         self.optimizer = torch.optim.AdamW(
-            params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay, foreach=False
+            params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay, fused=True
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.hp.lr_scheduler, self.warmup_steps, self.total_steps)

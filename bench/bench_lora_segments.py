@@ -4,6 +4,8 @@ Methods, all in one process on the same inputs:
 - loop:       per-group Python loop over gathered sorted rows (mixloom.kernels.reference,
               the shape of MoE-PEFT's per-expert loop)
 - grouped_mm: torch.nn.functional.grouped_mm on gathered sorted rows (stock torch)
+- mixloom_torch: mixloom's torch backend (kernels/grouped.py, the CPU path), as the model
+              calls it: grouped_mm too, plus its handling of pairs outside every group
 - triton:     mixloom's segmented Triton kernels (GPU only: on CPU triton runs in its
               interpreter, which measures nothing useful, so the CPU table has no triton row)
 
@@ -223,6 +225,14 @@ def run(cfg: Config, device: torch.device, use_triton: bool, only: list[str]) ->
             T,
         ),  # fmt: skip
     }
+    # mixloom's own torch backend (kernels/grouped.py: the CPU path), as the model calls it
+    seg["mixloom_torch"] = lambda x, A, B: kernels.lora_segments(x, A, B, scale, offsets, rows)
+    comb["mixloom_torch"] = lambda z, A, B, w: kernels.lora_combine(
+        z, A, B, scale, offsets, w, rows, T
+    )
+    glu["mixloom_torch"] = lambda x, gate, up, Ag, Bg, Au, Bu, w: kernels.expert_glu(
+        x, x, gate, up, Ag, Bg, Au, Bu, scale, scale, offsets, rows, w, rows
+    )
     if use_triton:
 
         def tri_glu_unfused(x, gate, up, Ag, Bg, Au, Bu, w):

@@ -2,8 +2,8 @@
 
 Backends: "torch" (stock torch, any device: grouped.py, one grouped_mm per product; the CPU
 path), "triton" (CUDA, or CPU with TRITON_INTERPRET=1), "auto" (triton on CUDA when importable,
-else torch). Env MIXLOOM_KERNEL_BACKEND overrides "auto". reference.py (a plain loop over
-groups) is the test oracle both backends are checked against.
+else torch). Env MIXLOOM_KERNEL_BACKEND overrides "auto". "reference" (reference.py, a plain
+loop over groups) is the test oracle both are checked against; slow, not offered to users.
 
 Typical MixLoRA layer call (routing built once, shared by gate/up/down of every expert):
 
@@ -26,10 +26,10 @@ import os
 import torch
 from torch import Tensor
 
-from mixloom.kernels import grouped
+from mixloom.kernels import grouped, reference
 from mixloom.kernels.routing import Routing, build_routing, tile_table
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "reference")
 
 __all__ = [
     "BACKENDS",
@@ -83,10 +83,13 @@ def lora_segments(
         tiles: the triton tile table (Routing.tiles); built from offsets when None.
     Returns: (P, N) in x's dtype.
     """
-    if resolve_backend(backend, x.device) == "triton":
+    backend = resolve_backend(backend, x.device)
+    if backend == "triton":
         from mixloom.kernels import segmented
 
         return segmented.lora_segments(x, A, B, scale, offsets, rows, tiles)
+    if backend == "reference":
+        return reference.lora_segments(x, A, B, scale, offsets, rows)
     return grouped.lora_segments(x, A, B, scale, offsets, rows)
 
 
@@ -114,10 +117,13 @@ def lora_combine(
         num_rows: T_out.
     Returns: (T_out, N) in x's dtype.
     """
-    if resolve_backend(backend, x.device) == "triton":
+    backend = resolve_backend(backend, x.device)
+    if backend == "triton":
         from mixloom.kernels import segmented
 
         return segmented.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows, tiles)
+    if backend == "reference":
+        return reference.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows)
     return grouped.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows)
 
 
@@ -156,8 +162,11 @@ def expert_glu(
     down projection, by the down-projection identity); both in gate's dtype.
     """
     args = (x_gate, x_up, gate, up, A_gate, B_gate, A_up, B_up, scale_gate, scale_up, offsets)
-    if resolve_backend(backend, gate.device) == "triton":
+    backend = resolve_backend(backend, gate.device)
+    if backend == "triton":
         from mixloom.kernels import glu
 
         return glu.expert_glu(*args, rows, weights, x_rows, tiles)
+    if backend == "reference":
+        return reference.expert_glu(*args, rows, weights, x_rows)
     return grouped.expert_glu(*args, rows, weights, x_rows)

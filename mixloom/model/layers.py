@@ -477,12 +477,13 @@ class MultiAdapterMLP(nn.Module):
     # -- experts -----------------------------------------------------------------------
 
     def _expert_input(
-        self, x: Tensor, routed: _Routed, pair_space: bool
+        self, x: Tensor, routed: _Routed, pair_space: bool, memo: list[Tensor] | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """The LoRA input of every pair: (x, rows) to gather inside the kernel, or a gathered
         (P, d) tensor when some job applies dropout (its own mask for every expert LoRA,
         drawn in the job's own (token, slot) order, so independent of the other jobs).
-        `pair_space`: x is already (P, d), one row per sorted pair (the down projection's)."""
+        `pair_space`: x is already (P, d), one row per sorted pair (the down projection's).
+        `memo`: shares one gather of x between calls (gate and up read the same x)."""
         st = self.state
         d = x.shape[1]
         keeps = [
@@ -493,7 +494,14 @@ class MultiAdapterMLP(nn.Module):
             return x, None if pair_space else routed.rows
         ones = [torch.ones(n, d, dtype=torch.bool, device=x.device) for n in routed.pairs]
         keep = routed.per_job([o if k is None else k for k, o in zip(keeps, ones, strict=True)])
-        xs = x if pair_space else x.index_select(0, routed.rows)
+        if pair_space:
+            xs = x
+        elif memo:
+            xs = memo[0]
+        else:
+            xs = x.index_select(0, routed.rows)
+            if memo is not None:
+                memo.append(xs)
         return xs * keep, None  # the dropout factor is in the experts' scale (_stacked)
 
     def _stacked(self, routed: _Routed, proj: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -548,8 +556,9 @@ class MultiAdapterMLP(nn.Module):
         self, xf: Tensor, gate: Tensor, up: Tensor, routed: _Routed
     ) -> tuple[Tensor, Tensor]:
         """(z per pair (P, I), weighted z per token (n, I)) from the fused gate/up kernel."""
-        xg, rg = self._expert_input(xf, routed, pair_space=False)
-        xu, ru = self._expert_input(xf, routed, pair_space=False)
+        memo: list[Tensor] = []
+        xg, rg = self._expert_input(xf, routed, pair_space=False, memo=memo)
+        xu, ru = self._expert_input(xf, routed, pair_space=False, memo=memo)
         Ag, Bg, sg = self._stacked(routed, "gate_proj")
         Au, Bu, su = self._stacked(routed, "up_proj")
         return kernels.expert_glu(

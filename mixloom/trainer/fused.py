@@ -124,11 +124,13 @@ class FusedTrainer:
         input_ids, labels, mask, segments = self._collate(batches)
         rows, targets_flat, bounds = _target_rows(labels, segments)  # host-side layout
         dev = self.model.device
+        full = bool(mask.all())  # host-side: no padding, so plain causal attention
         input_ids, mask = input_ids.to(dev), mask.to(dev)
+        attn = None if full else mask
 
         # The base stays in eval mode (no base dropout); adapters train through FusedState.
-        with self.model.fused(segments, mask, training=True):
-            hidden = self.model.model.model(input_ids=input_ids, attention_mask=mask)
+        with self.model.fused(segments, attn, training=True):
+            hidden = self.model.model.model(input_ids=input_ids, attention_mask=attn)
             hidden = hidden.last_hidden_state  # (B, T, H)
             aux = self.model.aux_losses()
             loads = self.model.router_load()

@@ -106,8 +106,9 @@ def activation_bytes(
     saved inputs) and 4 intermediate-size ones (gate, up, act, product); each chosen
     MixLoRA expert adds its own gate/up/product
     in fp32; LoRA adds an r-wide input per target; attention probabilities are rows x
-    heads x width^2 (the math path; fused kernels need less). `targets` tokens get fp32
-    logits and their gradient over the vocabulary.
+    heads x width^2 (the math path; fused kernels need less). The vocabulary projection
+    and cross-entropy run fused in row chunks (trainer/loss.py): at most one chunk of fp32
+    logits lives at a time, plus an fp32 hidden-size gradient per target token.
     """
     tokens = rows * width
     d = shape.dtype_bytes
@@ -115,7 +116,10 @@ def activation_bytes(
     per_token += 4 * hp.r * len(hp.target_modules)
     per_token += _experts_chosen(hp) * 3 * shape.intermediate * 4
     per_layer = tokens * per_token + rows * shape.heads * width * width * d
-    logits = targets * shape.vocab * 4 * 2
+    from mixloom.trainer.loss import chunk_rows  # here: this module stays torch-free
+
+    logits = min(targets, chunk_rows(shape.vocab)) * shape.vocab * 4 * 2
+    logits += targets * shape.hidden * 4
     return int(SAFETY * (per_layer * shape.layers + logits))
 
 

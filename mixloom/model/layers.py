@@ -273,7 +273,8 @@ def _lora_rows(
             torch.ones(n, x.shape[1], dtype=torch.bool, device=x.device) if k is None else k
             for k, n in zip(keeps, sizes, strict=True)
         ]
-        xin = xin * (full[0] if len(full) == 1 else torch.cat(full))
+        keep = full[0] if len(full) == 1 else torch.cat(full)
+        xin = torch.where(keep, xin, 0.0)  # no float copy of the mask, forward or backward
     scale = [w.spec.scale * state.dropout_factor(w.spec.dropout) for _, w in active]
     key = ("lora", tuple((s.start, s.end) for s, _ in active), tuple(scale), per_seq)
     scales = state.cached(key + ("scale",), lambda: torch.tensor(scale, device=x.device))
@@ -502,7 +503,8 @@ class MultiAdapterMLP(nn.Module):
             xs = x.index_select(0, routed.rows)
             if memo is not None:
                 memo.append(xs)
-        return xs * keep, None  # the dropout factor is in the experts' scale (_stacked)
+        # the dropout factor is in the experts' scale (_stacked)
+        return torch.where(keep, xs, 0.0), None
 
     def _stacked(self, routed: _Routed, proj: str) -> tuple[Tensor, Tensor, Tensor]:
         """(G, R, in) A, (G, out, R) B and (G,) scales of every job's experts for `proj`;

@@ -49,6 +49,7 @@ class FusedState:
 
     _real: dict[Segment, Tensor] = field(default_factory=dict)  # per-batch caches
     _consts: dict[tuple[object, ...], Tensor] = field(default_factory=dict)
+    _host_mask: Tensor | None = None
 
     def begin(
         self,
@@ -65,6 +66,7 @@ class FusedState:
         self.router_logs = {} if collect_router else None
         self._real = {}
         self._consts = {}
+        self._host_mask = None
 
     def end(self) -> None:
         """Back to plain base-model behaviour (router logs stay readable until next begin)."""
@@ -73,6 +75,7 @@ class FusedState:
         self.training = False
         self._real = {}
         self._consts = {}
+        self._host_mask = None
 
     def real_tokens(self, seg: Segment, per_seq: int, device: torch.device) -> Tensor:
         """(n_real,) indices of the segment's non-padding tokens within its flattened rows."""
@@ -81,8 +84,10 @@ class FusedState:
             if self.token_mask is None:
                 self._real[seg] = torch.arange(n, device=device)
             else:
-                mask = self.token_mask[seg.start : seg.end].reshape(-1)
-                self._real[seg] = torch.nonzero(mask).squeeze(1)
+                if self._host_mask is None:  # once a batch, before any layer has run
+                    self._host_mask = self.token_mask.cpu()
+                mask = self._host_mask[seg.start : seg.end].reshape(-1)
+                self._real[seg] = upload(torch.nonzero(mask).squeeze(1), device)
         return self._real[seg]
 
     def dropout_keep(
@@ -123,8 +128,7 @@ class FusedState:
         return dropout_scale(p) if self.dropping(p) else 1.0
 
     def cached(self, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
-        """A small tensor (group offsets, scales) built once per batch, not once per layer:
-        each build is a host-to-device copy, which waits for the device queue."""
+        """A small tensor (group offsets, scales) built once per batch, not once per layer."""
         if key not in self._consts:
             self._consts[key] = build()
         return self._consts[key]
@@ -134,6 +138,15 @@ class FusedState:
             return x
         noise = torch.rand(x.shape, generator=self.generators[name], device=x.device)
         return x * (noise * (2 * eps) + (1.0 - eps)).to(x.dtype)
+
+
+def upload(values: Tensor | list[float] | list[int], device: torch.device) -> Tensor:
+    """A small host tensor (or list) on `device` without waiting for the device's queue: a
+    plain copy from pageable memory synchronises; from pinned memory it is asynchronous."""
+    t = values if isinstance(values, Tensor) else torch.tensor(values)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 _DROP_BITS = 16  # random bits per dropout decision
@@ -277,8 +290,8 @@ def _lora_rows(
         xin = torch.where(keep, xin, 0.0)  # no float copy of the mask, forward or backward
     scale = [w.spec.scale * state.dropout_factor(w.spec.dropout) for _, w in active]
     key = ("lora", tuple((s.start, s.end) for s, _ in active), tuple(scale), per_seq)
-    scales = state.cached(key + ("scale",), lambda: torch.tensor(scale, device=x.device))
-    offs = state.cached(key + ("offsets",), lambda: torch.tensor(offsets, device=x.device))
+    scales = state.cached(key + ("scale",), lambda: upload(scale, x.device))
+    offs = state.cached(key + ("offsets",), lambda: upload(offsets, x.device))
     A, B = _stack([w for _, w in active])
     delta = kernels.lora_segments(xin, A, B, scales, offs, backend=state.backend)  # (P, N)
     if whole and not any(w.magnitude is not None for _, w in active):
@@ -521,7 +534,7 @@ class MultiAdapterMLP(nn.Module):
             scales += [s] * spec.num_experts
         present = [lw for lw in weights if lw is not None]
         device = self.base.gate_proj.weight.device
-        scale = st.cached(("experts", tuple(scales)), lambda: torch.tensor(scales, device=device))
+        scale = st.cached(("experts", tuple(scales)), lambda: upload(scales, device))
         if len(present) == len(weights):
             A, B = _stack(present)  # type: ignore[arg-type]
             return A, B, scale

@@ -367,8 +367,12 @@ class _Routed:
 
     def per_job(self, values: list[Tensor]) -> Tensor:
         """Concatenate per-job tensors (one row per unsorted pair) into sorted pair order."""
-        flat = values[0] if len(values) == 1 else torch.cat(values)
-        return flat.index_select(0, self.order)
+        return _in_order(values, self.order)
+
+
+def _in_order(values: list[Tensor], order: Tensor) -> Tensor:
+    flat = values[0] if len(values) == 1 else torch.cat(values)
+    return flat.index_select(0, order)
 
 
 class MultiAdapterMLP(nn.Module):
@@ -474,9 +478,9 @@ class MultiAdapterMLP(nn.Module):
         bounds = torch.arange(gbase + 1, device=xf.device)
         offsets = torch.searchsorted(sorted_groups, bounds)  # (G+1,) first pair of each group
         tiles = kernels.tile_table(offsets, flat.shape[0]) if st.backend == "triton" else None
-        routed = _Routed(
-            rows=xf.new_empty(0, dtype=torch.long),
-            weights=xf.new_empty(0),
+        return _Routed(
+            rows=_in_order(rows, order),
+            weights=_in_order(weights, order),
             groups=sorted_groups,
             offsets=offsets,
             order=order,
@@ -484,9 +488,6 @@ class MultiAdapterMLP(nn.Module):
             jobs=jobs,
             tiles=tiles,
         )
-        routed.rows = routed.per_job(rows)
-        routed.weights = routed.per_job(weights)
-        return routed
 
     # -- experts -----------------------------------------------------------------------
 

@@ -241,7 +241,7 @@ class FusedTrainer:
     def _optimizer_step(self, job: Job) -> float | None:
         params = self.model.adapter_parameters(job.name)
         max_norm = job.hp.max_grad_norm if job.hp.max_grad_norm is not None else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
         if not math.isfinite(norm):
             self._fail(job, f"gradient norm became {norm} at step {job.step + 1}")
             return norm

@@ -30,8 +30,9 @@ def _model(family: str):  # type: ignore[no-untyped-def]
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
     }[family]
-    extra = {"head_dim": 16} if family == "gemma" else {}
+    extra = {"head_dim": 16} if family.startswith("gemma") else {}
     torch.manual_seed(0)
     return cls[1](cls[0](**SMALL, **extra)).float().eval()
 
@@ -67,3 +68,27 @@ def test_unsupported_architecture_is_a_clear_error() -> None:
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ModelLoadError, match="model type 'gpt2' is not supported"):
         prepare_base(gpt2, None, "gpt2", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2"])
+def test_trainer_loss_equals_the_models_own(family: str) -> None:
+    """The fused vocabulary projection + cross-entropy gives the loss the model itself defines,
+    including Gemma 2's soft-capped logits (final_logit_softcapping), on target positions only."""
+    from mixloom.trainer.fused import FusedTrainer
+
+    hf = _model(family)
+    prepare_base(hf, None, family, torch.device("cpu"))
+    if family == "gemma2":
+        assert hf.config.final_logit_softcapping  # the case this test is for
+    trainer = FusedTrainer(AdapterModel(hf), pad_id=0)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt: no loss there
+    with torch.no_grad():
+        logits = hf(input_ids=ids).logits.float()
+        want = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, 96), labels[:, 1:].reshape(-1), reduction="sum"
+        )
+        hidden = hf.model(input_ids=ids).last_hidden_state
+        got = trainer._token_loss_sum(hidden, labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -78,8 +78,8 @@ def test_trainer_loss_equals_the_models_own(family: str) -> None:
 
     hf = _model(family)
     prepare_base(hf, None, family, torch.device("cpu"))
-    if family == "gemma2":
-        assert hf.config.final_logit_softcapping  # the case this test is for
+    if family == "gemma2":  # a cap low enough to change these small random logits clearly
+        hf.config.final_logit_softcapping = 0.5
     trainer = FusedTrainer(AdapterModel(hf), pad_id=0)
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
     labels = ids.clone()

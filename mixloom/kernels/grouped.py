@@ -153,11 +153,61 @@ def expert_glu(
     lg = _shrink_expand(xg, A_gate, B_gate, scale_gate, groups, None)  # (P, I)
     lu = _shrink_expand(xu, A_up, B_up, scale_up, groups, None)  # (P, I)
     dt = lg.dtype
-    u = up.to(dt).index_select(0, rows) + lu
+    inside = None
     if groups[1]:  # pairs outside every group get z = 0
         pair = torch.arange(P, device=rows.device)
-        inside = (pair >= offsets[0]) & (pair < offsets[-1])  # (P,)
-        u = u * inside.to(dt)[:, None]
-    z = F.silu(gate.to(dt).index_select(0, rows) + lg) * u  # (P, I)
-    zsum = z.new_zeros(gate.shape).index_add_(0, rows, z * weights.to(dt)[:, None])
+        inside = ((pair >= offsets[0]) & (pair < offsets[-1])).to(dt)  # (P,)
+    z, zsum = _GluEpilogue.apply(gate.to(dt), up.to(dt), lg, lu, rows, weights.to(dt), inside)
     return z.to(gate.dtype), zsum.to(gate.dtype)
+
+
+class _GluEpilogue(torch.autograd.Function):
+    """z = silu(gate[rows] + lg) * (up[rows] + lu) per pair, zsum[t] += w * z per token.
+
+    Keeps g and u (2 x (P, I)) for the backward and recomputes silu(g) and z there, where
+    autograd's op-by-op graph keeps g, silu(g), u and z (4 x (P, I))."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        gate: Tensor,  # (T, I)
+        up: Tensor,  # (T, I)
+        lg: Tensor,  # (P, I)
+        lu: Tensor,  # (P, I)
+        rows: Tensor,  # (P,)
+        weights: Tensor,  # (P,)
+        inside: Tensor | None,  # (P,) 1/0, or None: every pair in a group
+    ) -> tuple[Tensor, Tensor]:
+        g = gate.index_select(0, rows).add_(lg)
+        u = up.index_select(0, rows).add_(lu)
+        if inside is not None:
+            u.mul_(inside[:, None])
+        z = F.silu(g).mul_(u)
+        zsum = gate.new_zeros(gate.shape).index_add_(0, rows, z * weights[:, None])
+        ctx.save_for_backward(g, u, rows, weights, inside)  # type: ignore[attr-defined]
+        ctx.num_rows = gate.shape[0]  # type: ignore[attr-defined]
+        return z, zsum
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dz: Tensor | None, dzsum: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        g, u, rows, weights, inside = ctx.saved_tensors  # type: ignore[attr-defined]
+        a = F.silu(g)
+        dw = None
+        if dzsum is not None:
+            dzs = dzsum.index_select(0, rows)  # (P, I)
+            dw = (dzs * a).mul_(u).sum(1)  # d/dw of w * z, z = a * u
+            w = weights[:, None]
+            dzt = dzs.mul_(w) if dz is None else torch.addcmul(dz, dzs, w)  # total dL/dz
+        else:
+            dzt = torch.zeros_like(g) if dz is None else dz.clone()
+        du = dzt * a
+        if inside is not None:
+            du.mul_(inside[:, None])
+        dg = torch.ops.aten.silu_backward(dzt.mul_(u), g)
+        shape = (ctx.num_rows, g.shape[1])  # type: ignore[attr-defined]
+        need = ctx.needs_input_grad  # type: ignore[attr-defined]
+        dgate = g.new_zeros(shape).index_add_(0, rows, dg) if need[0] else None
+        dup = g.new_zeros(shape).index_add_(0, rows, du) if need[1] else None
+        return dgate, dup, dg, du, None, dw, None

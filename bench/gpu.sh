@@ -23,7 +23,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 
 echo "== 1. kernel correctness on the GPU"
-timeout 150 python3 -m pytest -q -m "not slow" -p no:cacheprovider tests/kernels 2>&1 \
+timeout 150 python3 -m pytest -q -m "not slow" -p no:cacheprovider tests/kernels \
+    --deselect tests/kernels/test_cubin_check.py 2>&1 \
     | tee "$out/gpu_tests.log" | tail -25
 
 echo "== 2. kernel benchmark at the DESIGN shape"
@@ -31,7 +32,11 @@ timeout 70 python3 bench/bench_lora_segments.py --config design --json "$out/ker
     2>&1 | tee "$out/kernels_design.md"
 
 echo "== 3. tile sweep (triton rows only)"
-for knobs in "BLOCK_M=32" "GLU_WARPS=4 GLU_BLOCK_N_BWD=128"; do
+# Register-lighter tiles (mixloom.kernels.cubin_check, sm_90, bf16): BLOCK_M=32 takes the glu
+# kernels from 188/146 to 76/78 registers; the glu defaults hold one 8-warp block per SM
+# (188 x 256 threads), N=64/32 three (82 and 66 registers). GLU_WARPS=4 GLU_BLOCK_N_BWD=128
+# spilled 1.3 KB a thread there, so it is not swept.
+for knobs in "BLOCK_M=32" "GLU_BLOCK_N_FWD=64 GLU_BLOCK_N_BWD=32"; do
     echo "-- $knobs"
     env $(for k in $knobs; do printf 'MIXLOOM_%s ' "$k"; done) timeout 25 \
         python3 bench/bench_lora_segments.py --config design --methods triton triton_expert_glu \

@@ -32,11 +32,13 @@ class AdapterModel(nn.Module):
     """Wraps a HF LLaMA-family causal LM. Adapters live inside the wrapped layers (one entry
     per adapter name); `adapter_parameters(name)` are what a job's optimizer owns."""
 
-    def __init__(self, model: Any, *, backend: str = "torch") -> None:
+    def __init__(
+        self, model: Any, *, backend: str = "torch", recompute_experts: bool = True
+    ) -> None:
         super().__init__()
         model.requires_grad_(False)  # the base never trains (adapters are added after this)
         self.model = model
-        self.state = FusedState(backend=backend)
+        self.state = FusedState(backend=backend, recompute_experts=recompute_experts)
         self.specs: dict[str, AdapterSpec] = {}
         self.generators: dict[str, torch.Generator] = self.state.generators
         for layer in _layers(model):

@@ -9,8 +9,9 @@ NaN in one job cannot leak into another: nothing here mixes rows of different se
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -47,6 +48,9 @@ class FusedState:
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # dropout/jitter streams
     router_logs: dict[str, list[RouterLog]] | None = None  # collected when not None
     backend: str = "torch"
+    # MixLoRA expert activations: recomputed in the backward instead of kept (see
+    # _RecomputeExperts); False keeps them (faster on a CPU, more memory).
+    recompute_experts: bool = True
 
     _real: dict[Segment, Tensor] = field(default_factory=dict)  # per-batch caches
     _consts: dict[tuple[object, ...], Tensor] = field(default_factory=dict)
@@ -133,6 +137,30 @@ class FusedState:
         if key not in self._consts:
             self._consts[key] = build()
         return self._consts[key]
+
+    def snapshot(self, names: list[str]) -> tuple[bool, dict[str, Tensor]]:
+        """What a later recomputation of this batch's adapter math needs to redraw the same
+        dropout masks: whether it trains, and where the named adapters' streams are now."""
+        return self.training, {name: self.generators[name].get_state() for name in names}
+
+    @contextmanager
+    def replaying(self, snapshot: tuple[bool, dict[str, Tensor]]) -> Iterator[None]:
+        """Within: the batch trains as it did at `snapshot`, and the named adapters draw from
+        copies of their streams set back to it, so a recomputation (in the backward, after
+        the batch has ended) redraws the same masks; the streams themselves stay put."""
+        training, states = snapshot
+        real = {name: self.generators[name] for name in states}
+        was_training = self.training
+        for name, state in states.items():
+            copy = torch.Generator(device=real[name].device)
+            copy.set_state(state)
+            self.generators[name] = copy
+        self.training = training
+        try:
+            yield
+        finally:
+            self.generators.update(real)
+            self.training = was_training
 
     def jitter(self, name: str, x: Tensor, eps: float) -> Tensor:
         if not self.training or eps == 0.0:
@@ -422,8 +450,7 @@ class MultiAdapterMLP(nn.Module):
         fused = routed is not None and self._fused_ok(routed)
         if routed is not None:
             if fused:
-                zp, zsum = self._experts_fused(xf, gate, up, routed)
-                per_pair_down = None
+                zsum, delta = self._experts_fused(xf, gate, up, routed)
             else:
                 zp, zsum, per_pair_down = self._experts_gate_up(xf, gate, up, routed)
 
@@ -443,7 +470,7 @@ class MultiAdapterMLP(nn.Module):
         out = self.base.down_proj(z)  # (n, H)
         out = self._plain(z, out, lora_segs, "down_proj", per_seq)
         if routed is not None and fused:
-            out = self._experts_down_fused(out, zp, routed)
+            out = out + delta.to(out.dtype)
         elif routed is not None:
             out = self._experts_down(out, zp, routed, per_pair_down)
         return out.view(bsz, per_seq, hidden)
@@ -466,9 +493,14 @@ class MultiAdapterMLP(nn.Module):
             w: MixLoraWeights = self.moe[seg.name]  # type: ignore[assignment]
             lo, hi = seg.start * per_seq, seg.end * per_seq
             tok = st.real_tokens(seg, per_seq, xf.device)  # (n_j,) local rows of real tokens
-            xs = xf[lo:hi].index_select(0, tok)
-            xs = st.jitter(seg.name or "", xs, spec.jitter_noise)
-            logits = xs.float() @ w.router.float().t()  # (n_j, E)
+            if st.training and spec.jitter_noise > 0:  # noise on the real tokens only
+                xs = st.jitter(seg.name or "", xf[lo:hi].index_select(0, tok), spec.jitter_noise)
+                logits = _RouterLogits.apply(xs, w.router)  # (n_j, E)
+            else:  # every row (E columns are nothing to compute), then the real ones:
+                # the backward keeps x itself, not a gathered copy
+                logits = _RouterLogits.apply(xf[lo:hi], w.router)
+                if st.token_mask is not None:
+                    logits = logits.index_select(0, tok)
             probs = logits.softmax(-1)
             top_w, top_e, chosen = route(probs, spec)  # (n_j, S) each
             if st.router_logs is not None:
@@ -581,6 +613,28 @@ class MultiAdapterMLP(nn.Module):
     def _experts_fused(
         self, xf: Tensor, gate: Tensor, up: Tensor, routed: _Routed
     ) -> tuple[Tensor, Tensor]:
+        """(weighted z per token (n, I): the frozen down's input; the experts' down LoRA,
+        weighted and summed per token (n, H)), from the fused kernels. While training, the
+        per-pair activations inside are recomputed in the backward (_RecomputeExperts)."""
+
+        def run(xf: Tensor, gate: Tensor, up: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+            r = replace(routed, weights=weights)
+            zp, zsum = self._expert_glu(xf, gate, up, r)
+            return zsum, self._expert_down(zp, r, xf.shape[0])
+
+        st = self.state
+        if not (st.recompute_experts and torch.is_grad_enabled()):
+            return run(xf, gate, up, routed.weights)
+        snap = st.snapshot(
+            [seg.name or "" for seg, _, spec in routed.jobs if st.dropping(spec.expert.dropout)]
+        )
+        return _RecomputeExperts.apply(
+            run, lambda: st.replaying(snap), xf, gate, up, routed.weights
+        )
+
+    def _expert_glu(
+        self, xf: Tensor, gate: Tensor, up: Tensor, routed: _Routed
+    ) -> tuple[Tensor, Tensor]:
         """(z per pair (P, I), weighted z per token (n, I)) from the fused gate/up kernel."""
         memo: list[Tensor] = []
         xg, rg = self._expert_input(xf, routed, pair_space=False, memo=memo)
@@ -606,11 +660,12 @@ class MultiAdapterMLP(nn.Module):
             tiles=routed.tiles,
         )
 
-    def _experts_down_fused(self, out: Tensor, zp: Tensor, routed: _Routed) -> Tensor:
-        """out + sum_k w_k * (down LoRA of z_k), weighted and scattered in one kernel."""
+    def _expert_down(self, zp: Tensor, routed: _Routed, num_rows: int) -> Tensor:
+        """sum_k w_k * (down LoRA of z_k) per token (num_rows, H), weighted and scattered in
+        one kernel."""
         xd, rd = self._expert_input(zp, routed, pair_space=True)
         A, B, scale = self._stacked(routed, "down_proj")
-        delta = kernels.lora_combine(
+        return kernels.lora_combine(
             xd,
             A,
             B,
@@ -618,12 +673,11 @@ class MultiAdapterMLP(nn.Module):
             routed.offsets,
             routed.weights,
             routed.rows,
-            out.shape[0],
+            num_rows,
             rd,
             backend=self.state.backend,
             tiles=routed.tiles,
         )
-        return out + delta.to(out.dtype)
 
     def _dora_pair_scale(self, routed: _Routed, proj: str) -> Tensor | None:
         """(P, N) DoRA column scale of each pair's expert for `proj` (ones for jobs without
@@ -687,6 +741,74 @@ class MultiAdapterMLP(nn.Module):
             pair_out = (c * (pair_out + frozen).float()).to(out.dtype)
         pair_out = pair_out * routed.weights[:, None].to(out.dtype)
         return out.index_add(0, routed.rows, pair_out)
+
+
+class _RouterLogits(torch.autograd.Function):
+    """x @ router.T in fp32 (routing decisions want full precision), keeping x in its own
+    dtype for the backward: autograd would keep the fp32 copy, twice a bf16 x's bytes."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: Tensor, router: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(x, router)
+        return x.float() @ router.float().t()
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dlogits: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
+        x, router = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_x, need_router = ctx.needs_input_grad  # type: ignore[attr-defined]
+        dx = (dlogits @ router.float()).to(x.dtype) if need_x else None
+        drouter = (dlogits.t() @ x.float()).to(router.dtype) if need_router else None
+        return dx, drouter
+
+
+class _RecomputeExperts(torch.autograd.Function):
+    """Runs the MixLoRA experts of one FFN call without keeping their per-pair activations:
+    the forward saves only its inputs (x, the frozen gate and up, the routing weights), and
+    the backward runs the experts again, under autograd, and back-propagates through that.
+
+    Kept otherwise, per token and top-2: the gathered LoRA inputs, g, u and z of both pairs
+    (6 x I), the dropout-masked copies and their masks, and the stacked expert weights. What
+    comes back costs the experts' LoRA matmuls and elementwise passes again (a few percent of
+    the layer: r/H of the frozen matmuls), not the frozen ones, which stay outside.
+
+    Dropout masks are not kept either: `replay` gives a context in which every job's stream
+    restarts from where the forward drew them, so the second run redraws the same masks.
+    Adapter weights reach the experts from the closure, not as inputs: their gradients
+    accumulate in .grad from the inner backward, as with any leaf.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        run: Callable[..., tuple[Tensor, Tensor]],
+        replay: Callable[[], AbstractContextManager[None]],
+        *inputs: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.run, ctx.replay = run, replay  # type: ignore[attr-defined]
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            return run(*inputs)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, *grads: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        inputs = [
+            t.detach().requires_grad_(need)
+            for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:], strict=True)  # type: ignore[attr-defined]
+        ]
+        with torch.enable_grad(), ctx.replay():  # type: ignore[attr-defined]
+            outs = ctx.run(*inputs)  # type: ignore[attr-defined]
+        pairs = [
+            (o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad
+        ]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, *(t.grad if t.requires_grad else None for t in inputs))
 
 
 def route(probs: Tensor, spec: AdapterSpec) -> tuple[Tensor, Tensor, Tensor]:

@@ -160,7 +160,7 @@ def _cases(dtype_names: list[str]) -> list[tuple[str, Any]]:
                 z, zsum = expert_glu(
                     xi, xi, gate, up, Ag, Bg, Au, Bu, scale, scale, r.offsets, r.rows, w,
                     x_rows, **kw,
-                )
+                )  # fmt: skip
                 y = torch.cat([z.flatten(), zsum.flatten()])
             y.float().sum().backward()
 
@@ -190,14 +190,14 @@ def check(arch: int = 90, dtype_names: list[str] | None = None) -> list[Compiled
         jit = fn.jit_function
         ident = (fn.name, str(key))
         if ident not in seen:
-            consts = {
-                jit.arg_names[path[0]]: str(v) for path, v in compile["constants"].items()
-            }
-            c = Compiled(fn.name, current["case"], consts, compile["num_warps"],
-                         compile["num_stages"])
+            consts = {jit.arg_names[path[0]]: str(v) for path, v in compile["constants"].items()}
+            c = Compiled(
+                fn.name, current["case"], consts, compile["num_warps"], compile["num_stages"]
+            )
             try:
-                src = ASTSource(jit, compile["signature"], compile["constants"],
-                                compile["configs"][0])
+                src = ASTSource(
+                    jit, compile["signature"], compile["constants"], compile["configs"][0]
+                )
                 opts = {k: compile[k] for k in ("num_warps", "num_stages", "num_ctas")}
                 k = triton.compile(src, target=target, options=opts)
                 c.shared = int(k.metadata.shared)

@@ -79,7 +79,7 @@ def saved_mixloom(spec: dict, jobs: int, dropout: float, recompute: bool = True)
     from mixloom.trainer.fused import FusedTrainer
     from mixloom.trainer.job import Job
 
-    model = AdapterModel(e2e._random_model(spec), backend="torch", recompute_experts=recompute)
+    model = AdapterModel(e2e._random_model(spec), backend="torch", recompute=recompute)
     trainer = FusedTrainer(model, pad_id=0)
     for i, ids in enumerate(e2e._rows(spec, jobs)):
         hp = MixLoraHyperparameters(
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.05, 0.0])
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--kept", action="store_true", help="also rows with recompute_experts=False")
+    ap.add_argument("--kept", action="store_true", help="also rows with recompute=False")
     ap.add_argument("--config", choices=sorted(e2e.CONFIGS), default="cpu")
     ap.add_argument("--tokens", type=int, default=None, help="tokens a step (config's default)")
     args = ap.parse_args()

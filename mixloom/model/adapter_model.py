@@ -33,12 +33,12 @@ class AdapterModel(nn.Module):
     per adapter name); `adapter_parameters(name)` are what a job's optimizer owns."""
 
     def __init__(
-        self, model: Any, *, backend: str = "torch", recompute_experts: bool = True
+        self, model: Any, *, backend: str = "torch", recompute: bool = True
     ) -> None:
         super().__init__()
         model.requires_grad_(False)  # the base never trains (adapters are added after this)
         self.model = model
-        self.state = FusedState(backend=backend, recompute_experts=recompute_experts)
+        self.state = FusedState(backend=backend, recompute=recompute)
         self.specs: dict[str, AdapterSpec] = {}
         self.generators: dict[str, torch.Generator] = self.state.generators
         for layer in _layers(model):

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,9 +49,9 @@ class FusedState:
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # dropout/jitter streams
     router_logs: dict[str, list[RouterLog]] | None = None  # collected when not None
     backend: str = "torch"
-    # MixLoRA expert activations: recomputed in the backward instead of kept (see
-    # _RecomputeExperts); False keeps them (faster on a CPU, more memory).
-    recompute_experts: bool = True
+    # Adapter activations (MixLoRA experts, dropout-masked LoRA inputs) recomputed in the
+    # backward instead of kept (see recomputed); False keeps them (faster on a CPU, more memory).
+    recompute: bool = True
 
     _real: dict[Segment, Tensor] = field(default_factory=dict)  # per-batch caches
     _consts: dict[tuple[object, ...], Tensor] = field(default_factory=dict)
@@ -137,6 +138,19 @@ class FusedState:
         if key not in self._consts:
             self._consts[key] = build()
         return self._consts[key]
+
+    def recomputed(self, dropping: list[str], run: Callable[..., Any], *inputs: Tensor) -> Any:
+        """run(*inputs), keeping only `inputs` for the backward, which runs `run` again
+        (_Recompute), while training with `recompute` set; plainly otherwise. `dropping`:
+        the adapters whose dropout streams `run` draws from (redrawn alike the second time).
+        `run` must read the batch only through this state and its arguments."""
+        if not (self.recompute and torch.is_grad_enabled()):
+            return run(*inputs)
+        snap = self.snapshot(dropping)
+        # The outputs must require grad even when no input does (a first layer's x): the
+        # adapter weights inside are reached through `run`, and get their grads there.
+        anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
+        return _Recompute.apply(run, lambda: self.replaying(snap), anchor, *inputs)
 
     def snapshot(self, names: list[str]) -> tuple[bool, dict[str, Tensor]]:
         """What a later recomputation of this batch's adapter math needs to redraw the same
@@ -313,25 +327,38 @@ def _lora_rows(
     for size in sizes:
         offsets.append(offsets[-1] + size)
     xin = x if whole else torch.cat([x[s.start * per_seq : s.end * per_seq] for s, _ in active])
-    keeps = []
-    for (seg, w), size in zip(active, sizes, strict=True):
-        real = state.real_tokens(seg, per_seq, x.device) if w.spec.dropout else None
-        keeps.append(
-            state.dropout_keep(seg.name or "", size, x.shape[1], w.spec.dropout, x.device, real)
-        )
-    if any(k is not None for k in keeps):  # one product over the batch, no per-job slices
-        full = [
-            torch.ones(n, x.shape[1], dtype=torch.bool, device=x.device) if k is None else k
-            for k, n in zip(keeps, sizes, strict=True)
-        ]
-        keep = full[0] if len(full) == 1 else torch.cat(full)
-        xin = torch.where(keep, xin, 0.0)  # no float copy of the mask, forward or backward
+    # (segment, weights, rows, real rows) of the jobs whose dropout applies in this batch
+    dropping = [
+        (seg, w, size, state.real_tokens(seg, per_seq, x.device))
+        for (seg, w), size in zip(active, sizes, strict=True)
+        if state.dropping(w.spec.dropout)
+    ]
     scale = [w.spec.scale * state.dropout_factor(w.spec.dropout) for _, w in active]
     key = ("lora", tuple((s.start, s.end) for s, _ in active), tuple(scale), per_seq)
     scales = state.cached(key + ("scale",), lambda: upload(scale, x.device))
     offs = state.cached(key + ("offsets",), lambda: upload(offsets, x.device))
-    A, B = _stack([w for _, w in active])
-    delta = kernels.lora_segments(xin, A, B, scales, offs, backend=state.backend)  # (P, N)
+
+    def run(xin: Tensor) -> Tensor:  # (P, N)
+        if dropping:  # one product over the batch, no per-job slices
+            drawn = {
+                seg: state.dropout_keep(seg.name or "", n, x.shape[1], w.spec.dropout, x.device, r)
+                for seg, w, n, r in dropping
+            }
+            full = [
+                drawn[seg]
+                if seg in drawn
+                else torch.ones(n, x.shape[1], dtype=torch.bool, device=x.device)
+                for (seg, _), n in zip(active, sizes, strict=True)
+            ]
+            keep = full[0] if len(full) == 1 else torch.cat(full)  # type: ignore[arg-type]
+            xin = torch.where(keep, xin, 0.0)  # no float copy of the mask, forward or backward
+        A, B = _stack([w for _, w in active])
+        return kernels.lora_segments(xin, A, B, scales, offs, backend=state.backend)
+
+    if dropping:  # keep x, not its masked copy and the mask
+        delta = state.recomputed([seg.name or "" for seg, *_ in dropping], run, xin)
+    else:
+        delta = run(xin)
     if whole and not any(w.magnitude is not None for _, w in active):
         return y + delta.to(y.dtype)
     by_name = {seg.name: (i, w) for i, (seg, w) in enumerate(active)}
@@ -615,7 +642,7 @@ class MultiAdapterMLP(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """(weighted z per token (n, I): the frozen down's input; the experts' down LoRA,
         weighted and summed per token (n, H)), from the fused kernels. While training, the
-        per-pair activations inside are recomputed in the backward (_RecomputeExperts)."""
+        per-pair activations inside are recomputed in the backward (_Recompute)."""
 
         def run(xf: Tensor, gate: Tensor, up: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
             r = replace(routed, weights=weights)
@@ -623,14 +650,10 @@ class MultiAdapterMLP(nn.Module):
             return zsum, self._expert_down(zp, r, xf.shape[0])
 
         st = self.state
-        if not (st.recompute_experts and torch.is_grad_enabled()):
-            return run(xf, gate, up, routed.weights)
-        snap = st.snapshot(
-            [seg.name or "" for seg, _, spec in routed.jobs if st.dropping(spec.expert.dropout)]
-        )
-        return _RecomputeExperts.apply(
-            run, lambda: st.replaying(snap), xf, gate, up, routed.weights
-        )
+        dropping = [
+            seg.name or "" for seg, _, spec in routed.jobs if st.dropping(spec.expert.dropout)
+        ]
+        return st.recomputed(dropping, run, xf, gate, up, routed.weights)  # type: ignore[no-any-return]
 
     def _expert_glu(
         self, xf: Tensor, gate: Tensor, up: Tensor, routed: _Routed
@@ -765,29 +788,32 @@ class _RouterLogits(torch.autograd.Function):
         return dx, drouter
 
 
-class _RecomputeExperts(torch.autograd.Function):
-    """Runs the MixLoRA experts of one FFN call without keeping their per-pair activations:
-    the forward saves only its inputs (x, the frozen gate and up, the routing weights), and
-    the backward runs the experts again, under autograd, and back-propagates through that.
+class _Recompute(torch.autograd.Function):
+    """Runs adapter math without keeping its activations: the forward saves only its inputs,
+    and the backward runs it again, under autograd, and back-propagates through that.
 
-    Kept otherwise, per token and top-2: the gathered LoRA inputs, g, u and z of both pairs
-    (6 x I), the dropout-masked copies and their masks, and the stacked expert weights. What
-    comes back costs the experts' LoRA matmuls and elementwise passes again (a few percent of
-    the layer: r/H of the frozen matmuls), not the frozen ones, which stay outside.
+    Used for the MixLoRA experts of an FFN call (kept otherwise, per token and top-2: the
+    gathered LoRA inputs, g, u and z of both pairs (6 x I), the dropout-masked copies and
+    their masks, the stacked expert weights; kept instead: x, the frozen gate and up, the
+    routing weights) and for dropout-masked LoRA inputs (kept otherwise: a masked copy of x
+    and its mask per projection; instead: x, shared by q, k and v). What comes back costs
+    the adapters' LoRA matmuls and elementwise passes again, not the frozen matmuls, which
+    stay outside: a few percent of a layer (r/H of its frozen work).
 
-    Dropout masks are not kept either: `replay` gives a context in which every job's stream
-    restarts from where the forward drew them, so the second run redraws the same masks.
-    Adapter weights reach the experts from the closure, not as inputs: their gradients
-    accumulate in .grad from the inner backward, as with any leaf.
+    Dropout masks are redrawn, not kept: `replay` gives a context in which every job's
+    stream restarts from where the forward drew them. Adapter weights reach `run` from its
+    closure, not as inputs: their gradients accumulate in .grad from the inner backward, as
+    with any leaf. The first input is an empty anchor that requires grad (see recomputed).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
-        run: Callable[..., tuple[Tensor, Tensor]],
+        run: Callable[..., Any],
         replay: Callable[[], AbstractContextManager[None]],
+        anchor: Tensor,
         *inputs: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> Any:
         ctx.run, ctx.replay = run, replay  # type: ignore[attr-defined]
         ctx.save_for_backward(*inputs)
         with torch.no_grad():
@@ -797,18 +823,18 @@ class _RecomputeExperts(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, *grads: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        inputs = [
-            t.detach().requires_grad_(need)
-            for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:], strict=True)  # type: ignore[attr-defined]
-        ]
+        needs = ctx.needs_input_grad[3:]  # type: ignore[attr-defined]
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(saved, needs, strict=True)]
         with torch.enable_grad(), ctx.replay():  # type: ignore[attr-defined]
             outs = ctx.run(*inputs)  # type: ignore[attr-defined]
+        outs = (outs,) if isinstance(outs, Tensor) else outs
         pairs = [
             (o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad
         ]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, *(t.grad if t.requires_grad else None for t in inputs))
+        return (None, None, None, *(t.grad if t.requires_grad else None for t in inputs))
 
 
 def route(probs: Tensor, spec: AdapterSpec) -> tuple[Tensor, Tensor, Tensor]:

@@ -35,7 +35,7 @@ def _jobs():  # type: ignore[no-untyped-def]
 
 
 def _trainer(backend: str, recompute: bool) -> FusedTrainer:
-    model = AdapterModel(tiny_llama(), backend=backend, recompute_experts=recompute)
+    model = AdapterModel(tiny_llama(), backend=backend, recompute=recompute)
     return FusedTrainer(model, pad_id=0)
 
 
@@ -68,9 +68,10 @@ def test_recomputed_experts_train_like_kept_ones(backend: str) -> None:
 
 def _saved_shapes(
     recompute: bool, monkeypatch: pytest.MonkeyPatch
-) -> tuple[list[tuple[int, ...]], int]:
-    """Shapes of what the forward of one step of one MixLoRA job keeps for the backward, and
-    the step's token rows (batch x length). What a recomputation saves in the backward is
+) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], int]:
+    """Shapes of what the forward of one step of one MixLoRA job (dropout on attention LoRA
+    and experts) keeps for the backward, 2-d bool ones (dropout masks) apart, and the
+    step's token rows (batch x length). What a recomputation saves in the backward is
     freed at once, so saves stop counting when the backward begins."""
     trainer = _trainer("torch", recompute)
     trainer.add_job(
@@ -78,6 +79,7 @@ def _saved_shapes(
     )
     model_storages = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
     shapes: list[tuple[int, ...]] = []
+    masks: list[tuple[int, ...]] = []
     began = []
     backward = torch.Tensor.backward
 
@@ -89,7 +91,7 @@ def _saved_shapes(
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if not began and t.untyped_storage().data_ptr() not in model_storages:
-            shapes.append(tuple(t.shape))
+            (masks if t.dtype == torch.bool and t.dim() == 2 else shapes).append(tuple(t.shape))
         return t
 
     sizes = []
@@ -103,14 +105,16 @@ def _saved_shapes(
         trainer.step()
     handle.remove()
     assert began, "the step ran no backward"
-    return shapes, sizes[0]
+    return shapes, masks, sizes[0]
 
 
-def test_recompute_keeps_no_per_pair_activation(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recompute_keeps_no_per_pair_activation_and_no_mask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     inter = tiny_llama().config.intermediate_size
     for recompute in (False, True):
         with monkeypatch.context() as m:
-            shapes, tokens = _saved_shapes(recompute, m)
+            shapes, masks, tokens = _saved_shapes(recompute, m)
         wide = [s for s in shapes if s and s[-1] == inter]  # FFN-width activations
         per_token = [s for s in wide if s[0] == tokens]  # (B*T, I): frozen gate and up
         per_pair = [s for s in wide if s not in per_token]  # (P, I), stacked (E, R, I), ...
@@ -118,5 +122,7 @@ def test_recompute_keeps_no_per_pair_activation(monkeypatch: pytest.MonkeyPatch)
             # only the frozen gate and up outputs, one row a token, for every layer
             assert per_pair == [], per_pair
             assert 0 < len(per_token) <= 2 * tiny_llama().config.num_hidden_layers
-        else:  # the check can fail: kept experts do save per-pair (P, I) tensors
+            assert masks == [], masks  # redrawn in the backward
+        else:  # the checks can fail: kept experts save per-pair (P, I) tensors, and masks
             assert per_pair, wide
+            assert masks

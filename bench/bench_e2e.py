@@ -5,6 +5,9 @@ Systems, each in its own subprocess (clean peak-memory numbers, and MoE-PEFT in 
             (mixloom.trainer.FusedTrainer), kernel backend auto (triton on CUDA).
 - peft:     K plain-LoRA jobs (r=16, all 7 projections), one after another: PEFT cannot
             train several adapters in one batch (PEERS.md). K=1 is the single-tenant anchor.
+            Adapter activations are recomputed in the backward on a GPU, kept on a CPU
+            (AdapterModel's default); mixloom-recompute and mixloom-kept force either way:
+            the speed/memory trade, measured.
 - moe-peft: K MixLoRA jobs fused by MoE-PEFT 2.0.2 (bench/peer_moe_peft.py, run in
             bench/.venv-moe-peft made by bench/setup_peers.sh).
 
@@ -17,12 +20,13 @@ Configs: `gpu` is DESIGN.md section 7's (LLaMA-2-7B shape, bf16, 4096 tokens/ste
 PEERS.md's CPU proxy (hidden 576, 4 layers, vocab 49152, 1024 tokens/step, fp32).
 
 Usage: python bench/bench_e2e.py [--config cpu|gpu] [--jobs 1 4 16]
-           [--systems mixloom peft moe-peft] [--steps 3] [--warmup 1] [--json PATH]
+           [--systems mixloom mixloom-recompute mixloom-kept peft moe-peft] [--steps 3] [--warmup 1] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -156,7 +160,9 @@ def worker_peft(spec: dict, jobs: int, steps: int, warmup: int) -> dict:
     return dict(seconds_per_step=sec, peak_mib=_peak_mib())
 
 
-def worker_mixloom(spec: dict, jobs: int, steps: int, warmup: int) -> dict:
+def worker_mixloom(
+    spec: dict, jobs: int, steps: int, warmup: int, recompute: bool | None = None
+) -> dict:
     from mixloom.data.tokenize import EncodedRow
     from mixloom.jobspec import MixLoraHyperparameters
     from mixloom.kernels import resolve_backend
@@ -167,7 +173,7 @@ def worker_mixloom(spec: dict, jobs: int, steps: int, warmup: int) -> dict:
 
     model = _random_model(spec)
     backend = resolve_backend("auto", _device())  # MIXLOOM_KERNEL_BACKEND overrides
-    am = AdapterModel(model, backend=backend)
+    am = AdapterModel(model, backend=backend, recompute=recompute)
     trainer = FusedTrainer(am, pad_id=0)
     for i, ids in enumerate(_rows(spec, jobs)):
         hp = MixLoraHyperparameters(
@@ -219,7 +225,13 @@ def main() -> None:
 
     if args.worker:
         w = json.loads(args.worker)
-        fn = {"peft": worker_peft, "mixloom": worker_mixloom}[w["system"]]
+        fn = {
+            "peft": worker_peft,
+            "mixloom": worker_mixloom,  # recompute as AdapterModel chooses: on GPU, off on CPU
+            # adapter activations recomputed in the backward, or kept for it, whatever the device
+            "mixloom-recompute": functools.partial(worker_mixloom, recompute=True),
+            "mixloom-kept": functools.partial(worker_mixloom, recompute=False),
+        }[w["system"]]
         res = fn(CONFIGS[w["config"]], w["jobs"], w["steps"], w["warmup"])
         print("RESULT " + json.dumps(res), flush=True)
         return

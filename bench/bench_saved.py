@@ -132,7 +132,7 @@ def main() -> None:
                 lambda s, k=k, d=dropout, r=r: saved_mixloom(s, k, d, r),
             )
             for k in args.jobs
-            for label, r in ((", experts recomputed", True), (", experts kept", False))
+            for label, r in ((", recomputed", True), (", kept", False))
             if args.kept or r
         ]
         for name, jobs, fn in rows:

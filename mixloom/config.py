@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
     kernel_backend: str = "auto"  # auto | torch | triton
+    # adapter activations recomputed in the backward (less memory, a slower step); unset:
+    # on a GPU, off on a CPU (AdapterModel)
+    recompute: bool | None = None
     # limits
     max_upload_bytes: int = 64 * 1024 * 1024
     max_file_lines: int = 200_000

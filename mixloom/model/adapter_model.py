@@ -33,11 +33,17 @@ class AdapterModel(nn.Module):
     per adapter name); `adapter_parameters(name)` are what a job's optimizer owns."""
 
     def __init__(
-        self, model: Any, *, backend: str = "torch", recompute: bool = True
+        self, model: Any, *, backend: str = "torch", recompute: bool | None = None
     ) -> None:
+        """`recompute`: adapter activations (MixLoRA experts, dropout-masked LoRA inputs)
+        recomputed in the backward instead of kept (FusedState.recomputed). None: on a GPU,
+        where memory is what limits how many jobs fit; off on a CPU, where RAM is ample and
+        the recomputation costs 10-14% of a step (bench/RESULTS.md)."""
         super().__init__()
         model.requires_grad_(False)  # the base never trains (adapters are added after this)
         self.model = model
+        if recompute is None:
+            recompute = next(model.parameters()).device.type == "cuda"
         self.state = FusedState(backend=backend, recompute=recompute)
         self.specs: dict[str, AdapterSpec] = {}
         self.generators: dict[str, torch.Generator] = self.state.generators

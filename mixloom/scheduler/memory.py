@@ -31,9 +31,14 @@ class ModelShape:
     vocab: int
     dtype_bytes: int  # 4 fp32, 2 bf16/fp16
     base_bytes: int  # the base model's parameters as loaded
+    # how the trainer runs on it: adapter activations recomputed in the backward
+    # (AdapterModel's `recompute`), so the experts' per-pair ones live one layer at a time
+    recompute: bool = False
 
     @classmethod
-    def from_config(cls, config: Any, *, dtype_bytes: int, base_bytes: int) -> ModelShape:
+    def from_config(
+        cls, config: Any, *, dtype_bytes: int, base_bytes: int, recompute: bool = False
+    ) -> ModelShape:
         heads = int(config.num_attention_heads)
         hidden = int(config.hidden_size)
         return cls(
@@ -46,6 +51,7 @@ class ModelShape:
             vocab=int(config.vocab_size),
             dtype_bytes=dtype_bytes,
             base_bytes=base_bytes,
+            recompute=recompute,
         )
 
     def projection(self, name: str) -> tuple[int, int]:
@@ -105,7 +111,9 @@ def activation_bytes(
     backward (norm inputs, q/k/v, attention output, LoRA inputs; frozen weights need no
     saved inputs) and 4 intermediate-size ones (gate, up, act, product); each chosen
     MixLoRA expert adds its own gate/up/product
-    in fp32; LoRA adds an r-wide input per target; attention probabilities are rows x
+    in fp32, in every layer, or in one layer at a time when the trainer recomputes them in
+    the backward (shape.recompute); LoRA adds an r-wide input per target; attention
+    probabilities are rows x
     heads x width^2 (the math path; fused kernels need less). The vocabulary projection
     and cross-entropy run fused in row chunks (trainer/loss.py): at most one chunk of fp32
     logits lives at a time, plus an fp32 hidden-size gradient per target token.
@@ -114,13 +122,14 @@ def activation_bytes(
     d = shape.dtype_bytes
     per_token = 6 * shape.hidden * d + 4 * shape.intermediate * d
     per_token += 4 * hp.r * len(hp.target_modules)
-    per_token += _experts_chosen(hp) * 3 * shape.intermediate * 4
+    experts = tokens * _experts_chosen(hp) * 3 * shape.intermediate * 4
     per_layer = tokens * per_token + rows * shape.heads * width * width * d
+    experts_kept = experts * (1 if shape.recompute else shape.layers)
     from mixloom.trainer.loss import chunk_rows  # here: this module stays torch-free
 
     logits = min(targets, chunk_rows(shape.vocab)) * shape.vocab * 4 * 2
     logits += targets * shape.hidden * 4
-    return int(SAFETY * (per_layer * shape.layers + logits))
+    return int(SAFETY * (per_layer * shape.layers + experts_kept + logits))
 
 
 def step_bytes_upper_bound(shape: ModelShape, hp: LoraHyperparameters) -> int:

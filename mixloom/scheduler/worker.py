@@ -195,12 +195,15 @@ class Worker:
             )
         base = self.base
         backend = kernels.resolve_backend(self.settings.kernel_backend, base.device)
-        self.model = AdapterModel(base.model, backend=backend)
+        self.model = AdapterModel(base.model, backend=backend, recompute=self.settings.recompute)
         self.trainer = FusedTrainer(self.model, pad_id_of(base.tokenizer))
         params = list(base.model.parameters())
         base_bytes = sum(p.numel() * p.element_size() for p in params)
         self.shape = memory.ModelShape.from_config(
-            base.model.config, dtype_bytes=params[0].element_size(), base_bytes=base_bytes
+            base.model.config,
+            dtype_bytes=params[0].element_size(),
+            base_bytes=base_bytes,
+            recompute=self.model.state.recompute,
         )
         if self.options.memory_budget_gb is not None:
             self.budget = int(self.options.memory_budget_gb * memory.GIB)

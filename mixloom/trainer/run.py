@@ -24,6 +24,7 @@ class TrainConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
     device: str = "auto"
     kernel_backend: Literal["auto", "torch", "triton"] = "auto"
+    recompute: bool | None = None  # adapter activations recomputed in the backward; None: on GPU
     jobs: Annotated[list[dict[str, Any]], Field(min_length=1)]
 
 
@@ -135,7 +136,7 @@ def train(
     problems.raise_if_any(DataError)
 
     backend = kernels.resolve_backend(cfg.kernel_backend, base.device)
-    model = AdapterModel(base.model, backend=backend)
+    model = AdapterModel(base.model, backend=backend, recompute=cfg.recompute)
     trainer = FusedTrainer(model, pad_id_of(base.tokenizer))
     out_root = Path(cfg.output_dir)
     if not out_root.is_absolute():

@@ -82,3 +82,19 @@ def test_memory_estimate_and_admission_messages() -> None:
     big = MixLoraHyperparameters(max_seq_len=8192, batch_size=64)
     never = memory.admit(shape, big, budget=8 * gib, admitted_state=0)
     assert never.never and "lower micro_batch_size" in never.reason
+
+
+def test_memory_estimate_counts_recomputed_experts_once() -> None:
+    kept = memory.ModelShape.from_config(SMOLLM2, dtype_bytes=4, base_bytes=540 * 2**20)
+    again = memory.ModelShape.from_config(
+        SMOLLM2, dtype_bytes=4, base_bytes=540 * 2**20, recompute=True
+    )
+    moe = MixLoraHyperparameters(r=8, num_experts=8, top_k=2, max_seq_len=512)
+    lora = LoraHyperparameters(r=8, max_seq_len=512)
+    # a LoRA job has no experts: the same either way
+    assert memory.step_bytes_upper_bound(again, lora) == memory.step_bytes_upper_bound(kept, lora)
+    # a top-2 MixLoRA job: 2 experts x gate/up/product x fp32 per token, in 1 layer, not 30
+    tokens = moe.micro * 512
+    experts = tokens * 2 * 3 * 1536 * 4
+    saved = memory.step_bytes_upper_bound(kept, moe) - memory.step_bytes_upper_bound(again, moe)
+    assert abs(saved - memory.SAFETY * 29 * experts) <= 1

@@ -126,3 +126,10 @@ def test_recompute_keeps_no_per_pair_activation_and_no_mask(
         else:  # the checks can fail: kept experts save per-pair (P, I) tensors, and masks
             assert per_pair, wide
             assert masks
+
+
+def test_recompute_is_on_for_gpus_and_off_for_cpus_unless_asked() -> None:
+    assert AdapterModel(tiny_llama()).state.recompute is False  # this model is on the CPU
+    assert AdapterModel(tiny_llama(), recompute=True).state.recompute is True
+    if torch.cuda.is_available():
+        assert AdapterModel(tiny_llama().cuda()).state.recompute is True

@@ -40,7 +40,8 @@ def test_train_two_jobs_writes_adapters_and_metrics(tmp_path: Path) -> None:
             "method": {"type": "mixlora", "mixlora": {"hyperparameters": {**hp, "num_experts": 3}}},
         },
     ]
-    assert main(["train", str(_config(tmp_path, jobs)), "--no-progress"]) == 0
+    # recompute: the CPU default keeps activations; this run takes the GPU default's path
+    assert main(["train", str(_config(tmp_path, jobs, recompute=True)), "--no-progress"]) == 0
     for name, weights in (("lo", "adapter_model.safetensors"), ("mx", "adapter_model.bin")):
         folder = tmp_path / "out" / name
         assert (folder / weights).exists() and (folder / "adapter_config.json").exists()
@@ -72,10 +73,11 @@ def test_config_errors_name_every_problem_and_where(
             "method": {"type": "mixlora", "mixlora": {"hyperparameters": {"top_k": "two"}}},
         },
     ]
-    path = _config(tmp_path, jobs, epochs=3)
+    path = _config(tmp_path, jobs, epochs=3, recompute="sometimes")
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "epochs: unknown key" in err
+    assert "recompute" in err and "boolean" in err
     assert main(["train", str(_config(tmp_path, jobs))]) == 2
     err = capsys.readouterr().err
     assert "jobs[0].method.lora.hyperparameters.rank: unknown key" in err

@@ -38,7 +38,7 @@ class AdapterModel(nn.Module):
         """`recompute`: adapter activations (MixLoRA experts, dropout-masked LoRA inputs)
         recomputed in the backward instead of kept (FusedState.recomputed). None: on a GPU,
         where memory is what limits how many jobs fit; off on a CPU, where RAM is ample and
-        the recomputation costs 10-14% of a step (bench/RESULTS.md)."""
+        the recomputation costs 5-15% of a step (bench/RESULTS.md)."""
         super().__init__()
         model.requires_grad_(False)  # the base never trains (adapters are added after this)
         self.model = model

@@ -300,6 +300,9 @@ def _stack(weights: list[LoraWeights]) -> tuple[Tensor, Tensor]:
         a, b = weights[0].lora_A, weights[0].lora_B
         return (a[None], b[None]) if a.dim() == 2 else (a, b)
     rmax = max(w.spec.r for w in weights)
+    if all(w.spec.r == rmax for w in weights):  # one op each, not one per job (host cost)
+        join = torch.stack if weights[0].lora_A.dim() == 2 else torch.cat
+        return join([w.lora_A for w in weights]), join([w.lora_B for w in weights])
     As, Bs = [], []
     for w in weights:
         a, b = w.lora_A, w.lora_B

@@ -23,8 +23,8 @@ pytestmark = [
 ]
 
 
-def _model() -> AdapterModel:
-    am = AdapterModel(tiny_llama().cuda(), backend="triton")
+def _model(recompute: bool) -> AdapterModel:
+    am = AdapterModel(tiny_llama().cuda(), backend="triton", recompute=recompute)
     lora = LoraSpec(r=8, dropout=0.1)
     am.add_adapter(AdapterSpec("plain", kind="lora", lora=lora))
     am.add_adapter(
@@ -36,8 +36,9 @@ def _model() -> AdapterModel:
     return am
 
 
-def test_fused_forward_backward_never_waits_for_the_gpu() -> None:
-    am = _model()
+@pytest.mark.parametrize("recompute", [True, False])  # the GPU default, and activations kept
+def test_fused_forward_backward_never_waits_for_the_gpu(recompute: bool) -> None:
+    am = _model(recompute)
     ids = torch.randint(0, 128, (3, 24), device="cuda")
     segments = [Segment("plain", 0, 1), Segment("topk", 1, 2), Segment("topp", 2, 3)]
 

@@ -40,6 +40,12 @@ class RouterLog:
 
 
 @dataclass
+class _Snapshot:
+    batch: tuple[Any, ...]  # FusedState's training, token_mask, _host_mask, _real, _consts
+    streams: dict[str, Tensor]  # adapter name -> its dropout stream's state
+
+
+@dataclass
 class FusedState:
     """What the wrapped layers need to know about the batch being run. Shared by all layers."""
 
@@ -98,31 +104,64 @@ class FusedState:
 
     def dropout_keep(
         self,
-        name: str,
-        rows: int,
+        parts: list[tuple[str, int, float, Segment | None]],
         cols: int,
-        p: float,
         device: torch.device,
-        real: Tensor | None = None,
     ) -> Tensor | None:
-        """(rows, cols) bool keep-decisions of the adapter's dropout, from its own stream;
-        None when not training or p == 0. The inverted-dropout factor (`dropout_scale`) is
-        not applied here: the LoRA layers fold it into their scale, which saves a full pass
-        over the input (scale * B @ A @ (x * keep / q) == (scale / q) * B @ A @ (x * keep)).
+        """(sum of rows, cols) bool keep-decisions of consecutive row blocks, one per part
+        (adapter name, rows, dropout p, its batch segment when the rows are its tokens, None
+        for pair rows); None when no part drops (not training, or every p == 0).
 
-        With `real` (indices of the non-padding rows), random bits are drawn for those rows
-        only and the padding rows are dropped, so a job's masks do not depend on how wide
-        the fused batch is padded. The mask is an ordinary factor, so autograd's backward
-        applies the same mask.
+        Each part draws from its adapter's own stream exactly what `keep_mask` draws for
+        it alone, so a job's masks never depend on the other jobs. A part's padding rows
+        are dropped, and bits are drawn for its real tokens only, so its masks do not depend
+        on how wide the fused batch is padded either. Parts that do not drop keep every row
+        and draw nothing. All parts are compared with their thresholds in one op, not one
+        per job: on a GPU every op is a launch, and this runs for every projection.
+
+        The inverted-dropout factor (`dropout_scale`) is not applied here: the LoRA layers
+        fold it into their scale, which saves a full pass over the input
+        (scale * B @ A @ (x * keep / q) == (scale / q) * B @ A @ (x * keep)).
         """
-        if not self.dropping(p):
+        if not any(self.dropping(p) for _, _, p, _ in parts):
             return None
-        n = rows if real is None else real.shape[0]
-        keep = keep_mask(self.generators[name], n, cols, p, device)
-        if n == rows:
-            return keep
-        assert real is not None
-        return keep.new_zeros(rows, cols).index_copy_(0, real, keep)
+        bits = []
+        for name, rows, p, seg in parts:
+            if not self.dropping(p):  # any bits: its threshold keeps everything
+                bits.append(torch.empty(rows * cols, dtype=torch.int16, device=device))
+                continue
+            real = self.real_tokens(seg, rows // (seg.end - seg.start), device) if seg else None
+            n = rows if real is None else real.shape[0]
+            drawn = random_bits(self.generators[name], n * cols, device)
+            if n != rows:  # padding rows get any bits; their threshold drops them
+                assert real is not None
+                block = drawn.new_empty(rows, cols).index_copy_(0, real, drawn.view(n, cols))
+                drawn = block.view(-1)
+            bits.append(drawn)
+        key = (
+            "drop",
+            tuple((rows, p if self.dropping(p) else 0.0, seg) for _, rows, p, seg in parts),
+        )
+        thresholds = self.cached(key, lambda: upload(self._thresholds(parts), device))
+        flat = bits[0] if len(bits) == 1 else torch.cat(bits)
+        return flat.view(-1, cols) >= thresholds[:, None]
+
+    def _thresholds(self, parts: list[tuple[str, int, float, Segment | None]]) -> Tensor:
+        """(sum of rows,) int32: a row is kept when its 16 random bits (int16) reach it."""
+        never, always = 2 ** (_DROP_BITS - 1), -(2 ** (_DROP_BITS - 1))
+        out = []
+        for _, rows, p, seg in parts:
+            if not self.dropping(p):
+                out.append(torch.full((rows,), always, dtype=torch.int32))
+                continue
+            t = torch.full((rows,), _threshold(p), dtype=torch.int32)
+            if seg is not None and self.token_mask is not None:
+                if self._host_mask is None:
+                    self._host_mask = self.token_mask.cpu()
+                real = self._host_mask[seg.start : seg.end].reshape(-1)
+                t = torch.where(real, t, never)
+            out.append(t)
+        return torch.cat(out)
 
     def dropping(self, p: float) -> bool:
         """Whether a dropout of probability p is applied in this batch."""
@@ -152,29 +191,32 @@ class FusedState:
         anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
         return _Recompute.apply(run, lambda: self.replaying(snap), anchor, *inputs)
 
-    def snapshot(self, names: list[str]) -> tuple[bool, dict[str, Tensor]]:
-        """What a later recomputation of this batch's adapter math needs to redraw the same
-        dropout masks: whether it trains, and where the named adapters' streams are now."""
-        return self.training, {name: self.generators[name].get_state() for name in names}
+    def snapshot(self, names: list[str]) -> _Snapshot:
+        """What a later recomputation of this batch's adapter math needs to see the batch as
+        the forward did: the batch's description and caches (the batch may have ended by
+        then), and where the named adapters' dropout streams are now."""
+        return _Snapshot(
+            batch=(self.training, self.token_mask, self._host_mask, self._real, self._consts),
+            streams={name: self.generators[name].get_state() for name in names},
+        )
 
     @contextmanager
-    def replaying(self, snapshot: tuple[bool, dict[str, Tensor]]) -> Iterator[None]:
-        """Within: the batch trains as it did at `snapshot`, and the named adapters draw from
-        copies of their streams set back to it, so a recomputation (in the backward, after
-        the batch has ended) redraws the same masks; the streams themselves stay put."""
-        training, states = snapshot
-        real = {name: self.generators[name] for name in states}
-        was_training = self.training
-        for name, state in states.items():
+    def replaying(self, snap: _Snapshot) -> Iterator[None]:
+        """Within: the batch is as it was at `snap`, and the named adapters draw from copies
+        of their streams set back to it, so a recomputation (in the backward, after the
+        batch has ended) redraws the same masks; the streams themselves stay put."""
+        real = {name: self.generators[name] for name in snap.streams}
+        now = (self.training, self.token_mask, self._host_mask, self._real, self._consts)
+        for name, state in snap.streams.items():
             copy = torch.Generator(device=real[name].device)
             copy.set_state(state)
             self.generators[name] = copy
-        self.training = training
+        self.training, self.token_mask, self._host_mask, self._real, self._consts = snap.batch
         try:
             yield
         finally:
             self.generators.update(real)
-            self.training = was_training
+            self.training, self.token_mask, self._host_mask, self._real, self._consts = now
 
     def jitter(self, name: str, x: Tensor, eps: float) -> Tensor:
         if not self.training or eps == 0.0:
@@ -204,17 +246,20 @@ def dropout_scale(p: float) -> float:
     return 1.0 / (1.0 - _drop_count(p) / 2**_DROP_BITS)
 
 
-def keep_mask(gen: torch.Generator, rows: int, cols: int, p: float, device: torch.device) -> Tensor:
-    """(rows, cols) bool keep-decisions of dropout with probability p, drawn from `gen`.
+def _threshold(p: float) -> int:
+    """Keep a decision when its 16 random bits, read as int16, are at least this."""
+    return _drop_count(p) - 2 ** (_DROP_BITS - 1)
 
-    Each decision reads 16 bits of a 64-bit random word, four decisions a word, so p is
-    resolved to p' = round(p * 2**16) / 2**16 (0.05 -> 0.0500030; see dropout_scale). On a
-    GPU the words come from `gen` itself (Philox). On a CPU, `gen` (a Mersenne Twister) draws
-    one 63-bit seed and numpy's PCG64 expands it into the words: still a pure function of
-    `gen`'s state, so checkpoints and fused-equals-alone are unchanged. For 3.1M decisions on
-    2 CPU cores: bernoulli_ 13.2 ms, 16-bit words from `gen` 3.7 ms, from PCG64 1.3 ms.
+
+def random_bits(gen: torch.Generator, count: int, device: torch.device) -> Tensor:
+    """(count,) int16, uniform: 16 random bits per dropout decision, four per 64-bit word.
+
+    On a GPU the words come from `gen` itself (Philox). On a CPU, `gen` (a Mersenne
+    Twister) draws one 63-bit seed and numpy's PCG64 expands it into the words: still a pure
+    function of `gen`'s state, so checkpoints and fused-equals-alone are unchanged. For 3.1M
+    decisions on 2 CPU cores: bernoulli_ 13.2 ms, 16-bit words from `gen` 3.7 ms, from PCG64
+    1.3 ms.
     """
-    count = rows * cols
     n_words = (count + 3) // 4
     if device.type == "cpu":
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=gen))
@@ -224,8 +269,18 @@ def keep_mask(gen: torch.Generator, rows: int, cols: int, p: float, device: torc
         words = torch.randint(
             -(2**63), 2**63 - 1, (n_words,), dtype=torch.int64, generator=gen, device=device
         )
-    bits = words.view(torch.int16)[:count].view(rows, cols)  # uniform over int16
-    return bits >= _drop_count(p) - 2 ** (_DROP_BITS - 1)
+    bits = words.view(torch.int16)
+    return bits if bits.shape[0] == count else bits[:count]
+
+
+def keep_mask(gen: torch.Generator, rows: int, cols: int, p: float, device: torch.device) -> Tensor:
+    """(rows, cols) bool keep-decisions of dropout with probability p, drawn from `gen`: one
+    job's mask alone (FusedState.dropout_keep draws the same for each job of a batch).
+
+    Each decision reads 16 random bits, so p is resolved to p' = round(p * 2**16) / 2**16
+    (0.05 -> 0.0500030; see dropout_scale).
+    """
+    return random_bits(gen, rows * cols, device).view(rows, cols) >= _threshold(p)
 
 
 # ----------------------------------------------------------------------------------------
@@ -330,38 +385,24 @@ def _lora_rows(
     for size in sizes:
         offsets.append(offsets[-1] + size)
     xin = x if whole else torch.cat([x[s.start * per_seq : s.end * per_seq] for s, _ in active])
-    # (segment, weights, rows, real rows) of the jobs whose dropout applies in this batch
-    dropping = [
-        (seg, w, size, state.real_tokens(seg, per_seq, x.device))
-        for (seg, w), size in zip(active, sizes, strict=True)
-        if state.dropping(w.spec.dropout)
+    drops = [
+        (seg.name or "", n, w.spec.dropout, seg) for (seg, w), n in zip(active, sizes, strict=True)
     ]
+    dropping = [name for name, _, p, _ in drops if state.dropping(p)]
     scale = [w.spec.scale * state.dropout_factor(w.spec.dropout) for _, w in active]
     key = ("lora", tuple((s.start, s.end) for s, _ in active), tuple(scale), per_seq)
     scales = state.cached(key + ("scale",), lambda: upload(scale, x.device))
     offs = state.cached(key + ("offsets",), lambda: upload(offsets, x.device))
 
     def run(xin: Tensor) -> Tensor:  # (P, N)
-        if dropping:  # one product over the batch, no per-job slices
-            drawn = {
-                seg: state.dropout_keep(seg.name or "", n, x.shape[1], w.spec.dropout, x.device, r)
-                for seg, w, n, r in dropping
-            }
-            full = [
-                drawn[seg]
-                if seg in drawn
-                else torch.ones(n, x.shape[1], dtype=torch.bool, device=x.device)
-                for (seg, _), n in zip(active, sizes, strict=True)
-            ]
-            keep = full[0] if len(full) == 1 else torch.cat(full)  # type: ignore[arg-type]
+        keep = state.dropout_keep(drops, x.shape[1], x.device)  # one mask over the batch
+        if keep is not None:
             xin = torch.where(keep, xin, 0.0)  # no float copy of the mask, forward or backward
         A, B = _stack([w for _, w in active])
         return kernels.lora_segments(xin, A, B, scales, offs, backend=state.backend)
 
-    if dropping:  # keep x, not its masked copy and the mask
-        delta = state.recomputed([seg.name or "" for seg, *_ in dropping], run, xin)
-    else:
-        delta = run(xin)
+    # with dropout, keep x, not its masked copy and the mask
+    delta = state.recomputed(dropping, run, xin) if dropping else run(xin)
     if whole and not any(w.magnitude is not None for _, w in active):
         return y + delta.to(y.dtype)
     by_name = {seg.name: (i, w) for i, (seg, w) in enumerate(active)}
@@ -573,14 +614,14 @@ class MultiAdapterMLP(nn.Module):
         `memo`: shares one gather of x between calls (gate and up read the same x)."""
         st = self.state
         d = x.shape[1]
-        keeps = [
-            st.dropout_keep(seg.name or "", n, d, spec.expert.dropout, x.device)
+        parts = [
+            (seg.name or "", n, spec.expert.dropout, None)
             for (seg, _, spec), n in zip(routed.jobs, routed.pairs, strict=True)
         ]
-        if all(k is None for k in keeps):
+        keep = st.dropout_keep(parts, d, x.device)  # (P, d) in each job's (token, slot) order
+        if keep is None:
             return x, None if pair_space else routed.rows
-        ones = [torch.ones(n, d, dtype=torch.bool, device=x.device) for n in routed.pairs]
-        keep = routed.per_job([o if k is None else k for k, o in zip(keeps, ones, strict=True)])
+        keep = keep.index_select(0, routed.order)
         if pair_space:
             xs = x
         elif memo:

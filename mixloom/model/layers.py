@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ class RouterLog:
     chosen: Tensor  # (n, E) bool, experts each token was routed to
 
 
+_T = TypeVar("_T")
+
+
 @dataclass
 class _Snapshot:
     batch: tuple[Any, ...]  # FusedState's training, token_mask, _host_mask, _real, _consts
@@ -60,7 +63,7 @@ class FusedState:
     recompute: bool = True
 
     _real: dict[Segment, Tensor] = field(default_factory=dict)  # per-batch caches
-    _consts: dict[tuple[object, ...], Tensor] = field(default_factory=dict)
+    _consts: dict[tuple[object, ...], Any] = field(default_factory=dict)
     _host_mask: Tensor | None = None
 
     def begin(
@@ -96,11 +99,17 @@ class FusedState:
             if self.token_mask is None:
                 self._real[seg] = torch.arange(n, device=device)
             else:
-                if self._host_mask is None:  # once a batch, before any layer has run
-                    self._host_mask = self.token_mask.cpu()
-                mask = self._host_mask[seg.start : seg.end].reshape(-1)
-                self._real[seg] = upload(torch.nonzero(mask).squeeze(1), device)
+                self._real[seg] = upload(self.real_tokens_host(seg), device)
         return self._real[seg]
+
+    def real_tokens_host(self, seg: Segment, per_seq: int | None = None) -> Tensor:
+        """real_tokens, on the host (it is known there: no device read)."""
+        if self.token_mask is None:
+            assert per_seq is not None
+            return torch.arange((seg.end - seg.start) * per_seq)
+        if self._host_mask is None:  # once a batch, before any layer has run
+            self._host_mask = self.token_mask.cpu()
+        return torch.nonzero(self._host_mask[seg.start : seg.end].reshape(-1)).squeeze(1)
 
     def dropout_keep(
         self,
@@ -172,11 +181,12 @@ class FusedState:
         while training (p' as keep_mask resolves it), 1 otherwise."""
         return dropout_scale(p) if self.dropping(p) else 1.0
 
-    def cached(self, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
-        """A small tensor (group offsets, scales) built once per batch, not once per layer."""
+    def cached(self, key: tuple[object, ...], build: Callable[[], _T]) -> _T:
+        """A small tensor (group offsets, scales), or host-side layout, built once per batch,
+        not once per layer."""
         if key not in self._consts:
             self._consts[key] = build()
-        return self._consts[key]
+        return self._consts[key]  # type: ignore[no-any-return]
 
     def recomputed(self, dropping: list[str], run: Callable[..., Any], *inputs: Tensor) -> Any:
         """run(*inputs), keeping only `inputs` for the backward, which runs `run` again
@@ -556,8 +566,102 @@ class MultiAdapterMLP(nn.Module):
     # -- routing -------------------------------------------------------------------------
 
     def _route(self, xf: Tensor, segs: list[Segment], per_seq: int) -> _Routed:
+        """Route every MixLoRA job's real tokens to experts and sort the (token, expert)
+        pairs by group (job's base group + expert)."""
+        if self._routes_alike(segs):
+            rows, weights, groups, pairs, gbase = self._choose_together(xf, segs, per_seq)
+        else:
+            rows, weights, groups, pairs, gbase = self._choose_per_job(xf, segs, per_seq)
         st = self.state
-        rows, weights, groups, pairs, jobs = [], [], [], [], []
+        jobs = [(seg, self.moe[seg.name], self.specs[seg.name or ""]) for seg in segs]
+        flat = groups[0] if len(groups) == 1 else torch.cat(groups)
+        sorted_groups, order = torch.sort(flat, stable=True)  # job-major, then expert
+        bounds = torch.arange(gbase + 1, device=xf.device)
+        offsets = torch.searchsorted(sorted_groups, bounds)  # (G+1,) first pair of each group
+        tiles = kernels.tile_table(offsets, flat.shape[0]) if st.backend == "triton" else None
+        return _Routed(
+            rows=_in_order(rows, order),
+            weights=_in_order(weights, order),
+            groups=sorted_groups,
+            offsets=offsets,
+            order=order,
+            pairs=pairs,
+            jobs=jobs,  # type: ignore[arg-type]
+            tiles=tiles,
+        )
+
+    def _routes_alike(self, segs: list[Segment]) -> bool:
+        """Whether the jobs' expert choice can run as one batch: more than one job, the same
+        number of experts and routing rule, and no router jitter drawn in this batch."""
+        specs = [self.specs[seg.name or ""] for seg in segs]
+        first = specs[0]
+        return len(specs) > 1 and all(
+            (s.num_experts, s.routing, s.top_k, s.top_p)
+            == (first.num_experts, first.routing, first.top_k, first.top_p)
+            and not (self.state.training and s.jitter_noise > 0)
+            for s in specs
+        )
+
+    def _choose_together(
+        self, xf: Tensor, segs: list[Segment], per_seq: int
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[int], int]:
+        """_choose_per_job's result for jobs that route alike, in a fixed number of ops
+        whatever the number of jobs (on a GPU, each op is a launch): one router matmul over
+        the batch against every job's router, each token's own job's logits picked out,
+        then one softmax and one expert choice."""
+        st = self.state
+        spec = self.specs[segs[0].name or ""]
+        E, dev = spec.num_experts, xf.device
+        key = ("route", tuple(segs), per_seq)
+
+        def host_rows() -> tuple[Tensor, Tensor]:
+            real = [st.real_tokens_host(seg, per_seq) + seg.start * per_seq for seg in segs]
+            job = [torch.full((len(r),), j, dtype=torch.int64) for j, r in enumerate(real)]
+            return torch.cat(real), torch.cat(job)
+
+        rows_h, job_h = st.cached(key + ("host",), host_rows)
+        counts = st.cached(
+            key + ("counts",), lambda: torch.bincount(job_h, minlength=len(segs)).tolist()
+        )
+        every_row = rows_h.shape[0] == xf.shape[0]  # the jobs' real tokens are the whole batch
+        idx = None if every_row else st.cached(key + ("rows",), lambda: upload(rows_h, dev))
+        job = st.cached(key + ("job",), lambda: upload(job_h, dev))
+        router = torch.cat([self.moe[seg.name].router for seg in segs])  # (J*E, H)
+        logits = _RouterLogits.apply(xf, router)  # (n, J*E): E columns a job are nothing
+        if idx is not None:
+            logits = logits.index_select(0, idx)  # (n_real, J*E)
+        pick = job[:, None, None].expand(-1, 1, E)
+        logits = logits.view(-1, len(segs), E).gather(1, pick).squeeze(1)  # (n_real, E)
+        probs = logits.softmax(-1)
+        top_w, top_e, chosen = route(probs, spec)  # (n_real, S) each
+        slots = top_e.shape[1]
+        if st.router_logs is not None:
+            lo = 0
+            for seg, n in zip(segs, counts, strict=True):
+                log = RouterLog(probs[lo : lo + n], chosen[lo : lo + n])
+                st.router_logs.setdefault(seg.name or "", []).append(log)
+                lo += n
+        rows = (idx if idx is not None else torch.arange(xf.shape[0], device=dev))[:, None]
+        group = top_e + (job * E)[:, None]
+        if spec.routing == Routing.TOP_P:  # unused slots (weight 0) join no group
+            group = torch.where(top_w > 0, group, -1)
+        pairs = [n * slots for n in counts]
+        return (
+            [rows.expand(-1, slots).reshape(-1)],
+            [top_w.reshape(-1)],
+            [group.reshape(-1)],
+            pairs,
+            E * len(segs),
+        )
+
+    def _choose_per_job(
+        self, xf: Tensor, segs: list[Segment], per_seq: int
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[int], int]:
+        """Each job's router over its real tokens: per job, the (token, slot) pairs' rows,
+        routing weights and groups (job's base group + expert; -1: no group), and the pair
+        count; and the number of groups."""
+        st = self.state
+        rows, weights, groups, pairs = [], [], [], []
         gbase = 0
         for seg in segs:
             spec = self.specs[seg.name or ""]
@@ -584,23 +688,8 @@ class MultiAdapterMLP(nn.Module):
                 group = torch.where(top_w.reshape(-1) > 0, group, -1)
             groups.append(group)
             pairs.append(n_j * slots)
-            jobs.append((seg, w, spec))
             gbase += spec.num_experts
-        flat = groups[0] if len(groups) == 1 else torch.cat(groups)
-        sorted_groups, order = torch.sort(flat, stable=True)  # job-major, then expert
-        bounds = torch.arange(gbase + 1, device=xf.device)
-        offsets = torch.searchsorted(sorted_groups, bounds)  # (G+1,) first pair of each group
-        tiles = kernels.tile_table(offsets, flat.shape[0]) if st.backend == "triton" else None
-        return _Routed(
-            rows=_in_order(rows, order),
-            weights=_in_order(weights, order),
-            groups=sorted_groups,
-            offsets=offsets,
-            order=order,
-            pairs=pairs,
-            jobs=jobs,
-            tiles=tiles,
-        )
+        return rows, weights, groups, pairs, gbase
 
     # -- experts -----------------------------------------------------------------------
 

@@ -1,0 +1,50 @@
+"""Jobs that route alike choose their experts in one batch (a fixed number of ops, whatever
+the number of jobs); that trains exactly as choosing job by job does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_llama
+from trainer_helpers import make_job, mixlora_hp
+
+from mixloom.model.adapter_model import AdapterModel
+from mixloom.model.layers import MultiAdapterMLP
+from mixloom.trainer.fused import FusedTrainer
+
+
+def _train(routing: str, together: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, int]:
+    calls = []
+    real = MultiAdapterMLP._choose_together
+
+    def counted(self, *args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(self, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(MultiAdapterMLP, "_choose_together", counted)
+        if not together:
+            m.setattr(MultiAdapterMLP, "_routes_alike", lambda self, segs: False)
+        trainer = FusedTrainer(AdapterModel(tiny_llama(), recompute=True), pad_id=0)
+        hp = mixlora_hp(
+            num_experts=3, routing=routing, top_k=2, top_p=0.6, batch_size=2, lora_dropout=0.1
+        )
+        for i in range(3):  # rows of random length: padded batches
+            trainer.add_job(make_job(f"m{i}", hp, seed=10 + i, n_rows=4))
+        for _ in range(2):
+            trainer.step()
+        weights = {f"m{i}": trainer.model.adapter_state_dict(f"m{i}") for i in range(3)}
+    return weights, len(calls)
+
+
+@pytest.mark.parametrize("routing", ["top_k", "top_p", "switch"])
+def test_choosing_together_trains_like_choosing_job_by_job(
+    routing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    together, calls = _train(routing, True, monkeypatch)
+    assert calls == 2 * 2  # every layer of both steps took the batched path
+    alone, none = _train(routing, False, monkeypatch)
+    assert none == 0
+    for name, weights in alone.items():
+        for k, v in weights.items():
+            torch.testing.assert_close(together[name][k], v, atol=1e-6, rtol=1e-5, msg=k)

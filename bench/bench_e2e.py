@@ -127,7 +127,9 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def worker_peft(spec: dict, jobs: int, steps: int, warmup: int) -> dict:
+def peft_step(spec: dict, jobs: int):  # type: ignore[no-untyped-def]
+    """PEFT's side: K plain-LoRA adapters on one model, one AdamW each; the step trains them
+    one after another, each on its own sequence."""
     import torch
     import torch.distributed.tensor  # noqa: F401  (peft touches it without importing it)
     from peft import LoraConfig, get_peft_model
@@ -156,7 +158,11 @@ def worker_peft(spec: dict, jobs: int, steps: int, warmup: int) -> dict:
             opts[n].step()
             opts[n].zero_grad(set_to_none=True)
 
-    sec = _timed_steps(step, steps, warmup)
+    return step
+
+
+def worker_peft(spec: dict, jobs: int, steps: int, warmup: int) -> dict:
+    sec = _timed_steps(peft_step(spec, jobs), steps, warmup)
     return dict(seconds_per_step=sec, peak_mib=_peak_mib())
 
 

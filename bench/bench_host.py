@@ -76,34 +76,6 @@ def mixloom_step(spec: dict, jobs: int, recompute: bool):  # type: ignore[no-unt
     return trainer.step
 
 
-def peft_step(spec: dict, jobs: int):  # type: ignore[no-untyped-def]
-    import torch.distributed.tensor  # noqa: F401  (peft touches it without importing it)
-    from peft import LoraConfig, get_peft_model
-
-    names = [f"t{i}" for i in range(jobs)]
-    cfg = LoraConfig(
-        r=e2e.RANK, lora_alpha=e2e.ALPHA, lora_dropout=e2e.DROPOUT,
-        target_modules=e2e.PROJECTIONS, task_type="CAUSAL_LM",
-    )  # fmt: skip
-    pm = get_peft_model(e2e._random_model(spec), cfg, adapter_name=names[0])
-    for n in names[1:]:
-        pm.add_adapter(n, cfg)
-    opts = {}
-    for n in names:
-        params = [p for name, p in pm.named_parameters() if f".{n}." in name]
-        opts[n] = torch.optim.AdamW(params, lr=1e-4)
-    batches = [torch.tensor([r]) for r in e2e._rows(spec, jobs)]
-
-    def step() -> None:
-        for n, ids in zip(names, batches, strict=True):
-            pm.base_model.set_adapter(n)
-            pm(input_ids=ids, labels=ids).loss.backward()
-            opts[n].step()
-            opts[n].zero_grad(set_to_none=True)
-
-    return step
-
-
 def measure(make, layers: int, steps: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
     """(ms per step, aten ops per step) of the step `make(spec)` builds."""
     step = make(_spec(layers))
@@ -135,7 +107,7 @@ def main() -> None:
             (
                 f"peft, LoRA, {jobs} job(s) one after another",
                 jobs,
-                lambda s, k=jobs: peft_step(s, k),
+                lambda s, k=jobs: e2e.peft_step(s, k),
             )
         )
         for recompute in (False, True):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from tiny import tiny_llama
-from trainer_helpers import lora_hp, make_job, mixlora_hp
+from trainer_helpers import make_job, mixlora_hp, three_kinds
 
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.trainer.fused import FusedTrainer
@@ -17,21 +17,7 @@ NAMES = ("lo", "mx", "sw")
 
 
 def _jobs():  # type: ignore[no-untyped-def]
-    return [
-        make_job("lo", lora_hp(r=4, batch_size=2, lora_dropout=0.1), seed=1, n_rows=4),
-        make_job(
-            "mx",
-            mixlora_hp(num_experts=3, top_k=2, batch_size=2, lora_dropout=0.1),
-            seed=2,
-            n_rows=4,
-        ),
-        make_job(
-            "sw",
-            mixlora_hp(r=8, num_experts=2, routing="switch", batch_size=2, expert_lora={"r": 4}),
-            seed=3,
-            n_rows=4,
-        ),
-    ]
+    return three_kinds(lora_dropout=0.1)
 
 
 def _trainer(backend: str, recompute: bool) -> FusedTrainer:

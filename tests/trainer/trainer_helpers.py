@@ -56,5 +56,25 @@ def mixlora_hp(**kw: object) -> MixLoraHyperparameters:
     return MixLoraHyperparameters(**base)  # type: ignore[arg-type]
 
 
+def three_kinds(lora_dropout: float = 0.0) -> list[Job]:
+    """A LoRA job, a top-2 MixLoRA job with dropout and a switch MixLoRA job with another
+    expert rank, 4 rows each (rows of random length: padded batches)."""
+    return [
+        make_job("lo", lora_hp(r=4, batch_size=2, lora_dropout=lora_dropout), seed=1, n_rows=4),
+        make_job(
+            "mx",
+            mixlora_hp(num_experts=3, top_k=2, batch_size=2, lora_dropout=0.1),
+            seed=2,
+            n_rows=4,
+        ),
+        make_job(
+            "sw",
+            mixlora_hp(r=8, num_experts=2, routing="switch", batch_size=2, expert_lora={"r": 4}),
+            seed=3,
+            n_rows=4,
+        ),
+    ]
+
+
 def trainer_for(model: object, backend: str = "torch") -> FusedTrainer:
     return FusedTrainer(AdapterModel(model, backend=backend), pad_id=0)

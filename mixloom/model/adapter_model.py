@@ -146,10 +146,18 @@ class AdapterModel(nn.Module):
         *,
         training: bool,
         collect_router: bool = True,
+        host_mask: Tensor | None = None,
     ) -> Iterator[FusedState]:
-        """Within the block, forwards route row blocks through their adapters."""
+        """Within the block, forwards route row blocks through their adapters. `host_mask`:
+        the attention mask on the host, if the caller has it (FusedState.begin)."""
         st = self.state
-        st.begin(segments, attention_mask, training=training, collect_router=collect_router)
+        st.begin(
+            segments,
+            attention_mask,
+            training=training,
+            collect_router=collect_router,
+            host_mask=host_mask,
+        )
         try:
             yield st
         finally:
@@ -160,12 +168,14 @@ class AdapterModel(nn.Module):
         logs = self.state.router_logs or {}
         return {name: aux_loss(entries, self.specs[name]) for name, entries in logs.items()}
 
-    def router_load(self) -> dict[str, list[float]]:
-        """Per MixLoRA adapter: the fraction of routed (token, choice) pairs each expert got."""
+    def router_load(self) -> dict[str, Tensor]:
+        """Per MixLoRA adapter: the fraction of routed (token, choice) pairs each expert got,
+        (E,) on the device (read it together with other values: each read waits for the
+        GPU)."""
         out = {}
         for name, entries in (self.state.router_logs or {}).items():
             chosen = torch.cat([e.chosen for e in entries]).float().sum(0)
-            out[name] = (chosen / chosen.sum().clamp(min=1)).tolist()
+            out[name] = chosen / chosen.sum().clamp(min=1)
         return out
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw: Any) -> Any:

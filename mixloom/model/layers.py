@@ -73,15 +73,18 @@ class FusedState:
         *,
         training: bool,
         collect_router: bool,
+        host_mask: Tensor | None = None,
     ) -> None:
-        """Describe the batch the next forwards run over."""
+        """Describe the batch the next forwards run over. `host_mask`: the attention mask as
+        the host has it, when the caller does: the layers read padding from it, where
+        reading the device's copy would wait for the GPU to finish everything queued."""
         self.segments = segments
         self.token_mask = attention_mask.bool() if attention_mask is not None else None
         self.training = training
         self.router_logs = {} if collect_router else None
         self._real = {}
         self._consts = {}
-        self._host_mask = None
+        self._host_mask = host_mask.bool() if host_mask is not None else None
 
     def end(self) -> None:
         """Back to plain base-model behaviour (router logs stay readable until next begin)."""

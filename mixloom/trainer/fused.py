@@ -125,15 +125,16 @@ class FusedTrainer:
         rows, targets_flat, bounds = _target_rows(labels, segments)  # host-side layout
         dev = self.model.device
         full = bool(mask.all())  # host-side: no padding, so plain causal attention
+        host_mask = None if full else mask
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         attn = None if full else mask
 
         # The base stays in eval mode (no base dropout); adapters train through FusedState.
-        with self.model.fused(segments, attn, training=True):
+        with self.model.fused(segments, attn, training=True, host_mask=host_mask):
             hidden = self.model.model.model(input_ids=input_ids, attention_mask=attn)
             hidden = hidden.last_hidden_state  # (B, T, H)
             aux = self.model.aux_losses()
-            loads = self.model.router_load()
+            load_tensors = self.model.router_load()
 
         # One fused vocabulary projection + cross-entropy over every job's target positions.
         token_losses = self._token_losses(hidden, rows.to(dev), targets_flat.to(dev))
@@ -145,7 +146,14 @@ class FusedTrainer:
                 loss = loss + aux[job.name] / job.micro_batches
             job_loss.append(loss)
         aux_list = [aux[job.name] for job, _, _ in batches if job.name in aux]
-        values = torch.stack([t.detach() for t in job_loss + sums + aux_list]).tolist()
+        scalars = torch.stack([t.detach() for t in job_loss + sums + aux_list])
+        # the step's one read of the device: losses, sums, aux losses and router loads
+        values = torch.cat([scalars, *load_tensors.values()]).tolist()
+        loads, at = {}, scalars.shape[0]
+        for name, load in load_tensors.items():
+            loads[name] = values[at : at + load.shape[0]]
+            at += load.shape[0]
+        values = values[: scalars.shape[0]]
         n_jobs = len(batches)
         loss_values, sum_values = values[:n_jobs], values[n_jobs : 2 * n_jobs]
         aux_values = iter(values[2 * n_jobs :])

@@ -36,20 +36,30 @@ def _model(recompute: bool) -> AdapterModel:
     return am
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("recompute", [True, False])  # the GPU default, and activations kept
-def test_fused_forward_backward_never_waits_for_the_gpu(recompute: bool) -> None:
+def test_fused_forward_backward_never_waits_for_the_gpu(recompute: bool, padded: bool) -> None:
     am = _model(recompute)
     ids = torch.randint(0, 128, (3, 24), device="cuda")
     segments = [Segment("plain", 0, 1), Segment("topk", 1, 2), Segment("topp", 2, 3)]
+    host_mask = torch.ones(3, 24, dtype=torch.long)
+    host_mask[1, 17:] = 0  # a MixLoRA job's row is padded: its masks and routing skip pads
+    mask = host_mask.cuda() if padded else None
+    # The model gets its 4D mask ready-made: building one from a padded 2D mask, the model
+    # code itself asks the GPU whether any token is padded (a sync that is not mixloom's).
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()
+    mask_4d = (causal[None, None] & host_mask.bool()[:, None, None, :]).cuda() if padded else None
 
     def step() -> None:
-        hidden = am.model.model(input_ids=ids).last_hidden_state
+        hidden = am.model.model(input_ids=ids, attention_mask=mask_4d).last_hidden_state
         aux = sum(am.aux_losses().values())
         (hidden.float().pow(2).mean() + aux).backward()
 
-    with am.fused(segments, None, training=True):
+    # the trainer hands the layers the host's copy of the mask (FusedState.begin)
+    kw = dict(training=True, host_mask=host_mask if padded else None)
+    with am.fused(segments, mask, **kw):  # type: ignore[arg-type]
         step()  # compiles the kernels, warms the allocators
-    with am.fused(segments, None, training=True):
+    with am.fused(segments, mask, **kw):  # type: ignore[arg-type]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

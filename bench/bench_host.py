@@ -12,7 +12,10 @@ counted with a dispatch mode (each is at least one kernel launch on a GPU).
 Workload: bench_e2e's (MixLoRA, 8 experts, top-2, r=16, dropout 0.05, all 7 projections) on a
 LLaMA with hidden 64, intermediate 128, vocabulary 256, 256 tokens a step; one thread.
 
-Usage: python bench/bench_host.py [--jobs 1 4 16] [--layers 4] [--steps 5]
+`--gpu-dropout` draws dropout bits as the GPU path does (one torch.randint from the job's
+stream), not as the CPU path does (a seed, then numpy's PCG64): op counts as a GPU sees them.
+
+Usage: python bench/bench_host.py [--jobs 1 4 16] [--layers 4] [--steps 5] [--gpu-dropout]
 """
 
 from __future__ import annotations
@@ -95,10 +98,24 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--gpu-dropout", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.gpu_dropout:
+        from mixloom.model import layers
+
+        def gpu_path_bits(gen: torch.Generator, count: int, device: torch.device) -> torch.Tensor:
+            words = torch.randint(
+                -(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, generator=gen
+            )
+            bits = words.view(torch.int16)
+            return bits if bits.shape[0] == count else bits[:count]
+
+        layers.random_bits = gpu_path_bits  # type: ignore[assignment]
     L = args.layers
-    print(f"hidden 64, {L} and {2 * L} layers, 256 tokens a step, 1 thread, {args.steps} steps")
+    path = "GPU-path" if args.gpu_dropout else "CPU-path"
+    print(f"hidden 64, {L} and {2 * L} layers, 256 tokens a step, 1 thread, {args.steps} steps,")
+    print(f"{path} dropout bits")
     print("\n| system | jobs | host ms per layer | aten ops per layer | ms per step (L layers) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     rows = []

@@ -3,6 +3,7 @@ an uninterrupted run (optimizer, schedule, RNG stream and data cursor all restor
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny import tiny_llama
 from trainer_helpers import lora_hp, make_job, mixlora_hp, trainer_for
@@ -32,13 +33,14 @@ def _run_to_end(trainer) -> None:  # type: ignore[no-untyped-def]
         trainer.step()
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    straight = trainer_for(tiny_llama())
+@pytest.mark.parametrize("recompute", [False, True])  # the CPU default, and the GPU default
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, recompute: bool) -> None:  # type: ignore[no-untyped-def]
+    straight = trainer_for(tiny_llama(), recompute=recompute)
     for job in _jobs():
         straight.add_job(job)
     _run_to_end(straight)
 
-    first = trainer_for(tiny_llama())
+    first = trainer_for(tiny_llama(), recompute=recompute)
     jobs = _jobs()
     for job in jobs:
         first.add_job(job)
@@ -52,7 +54,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path) -> None:  # type:
                 )
     del first  # the "crash"
 
-    resumed = trainer_for(tiny_llama())
+    resumed = trainer_for(tiny_llama(), recompute=recompute)
     for job in _jobs():
         ckpt = latest_checkpoint(tmp_path / job.name)
         assert ckpt == saved[job.name]

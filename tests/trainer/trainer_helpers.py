@@ -76,5 +76,7 @@ def three_kinds(lora_dropout: float = 0.0) -> list[Job]:
     ]
 
 
-def trainer_for(model: object, backend: str = "torch") -> FusedTrainer:
-    return FusedTrainer(AdapterModel(model, backend=backend), pad_id=0)
+def trainer_for(
+    model: object, backend: str = "torch", recompute: bool | None = None
+) -> FusedTrainer:
+    return FusedTrainer(AdapterModel(model, backend=backend, recompute=recompute), pad_id=0)

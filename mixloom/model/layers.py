@@ -110,9 +110,14 @@ class FusedState:
         if self.token_mask is None:
             assert per_seq is not None
             return torch.arange((seg.end - seg.start) * per_seq)
-        if self._host_mask is None:  # once a batch, before any layer has run
+        return torch.nonzero(self._host_real(seg)).squeeze(1)
+
+    def _host_real(self, seg: Segment) -> Tensor:
+        """(rows,) bool on the host: which of the segment's flattened rows are real tokens."""
+        assert self.token_mask is not None
+        if self._host_mask is None:  # once a batch, unless begin() was given the host's copy
             self._host_mask = self.token_mask.cpu()
-        return torch.nonzero(self._host_mask[seg.start : seg.end].reshape(-1)).squeeze(1)
+        return self._host_mask[seg.start : seg.end].reshape(-1)
 
     def dropout_keep(
         self,
@@ -168,10 +173,7 @@ class FusedState:
                 continue
             t = torch.full((rows,), _threshold(p), dtype=torch.int32)
             if seg is not None and self.token_mask is not None:
-                if self._host_mask is None:
-                    self._host_mask = self.token_mask.cpu()
-                real = self._host_mask[seg.start : seg.end].reshape(-1)
-                t = torch.where(real, t, never)
+                t = torch.where(self._host_real(seg), t, never)
             out.append(t)
         return torch.cat(out)
 

@@ -12,10 +12,14 @@ counted with a dispatch mode (each is at least one kernel launch on a GPU).
 Workload: bench_e2e's (MixLoRA, 8 experts, top-2, r=16, dropout 0.05, all 7 projections) on a
 LLaMA with hidden 64, intermediate 128, vocabulary 256, 256 tokens a step; one thread.
 
-`--gpu-dropout` draws dropout bits as the GPU path does (one torch.randint from the job's
-stream), not as the CPU path does (a seed, then numpy's PCG64): op counts as a GPU sees them.
+`--gpu-path` runs the step as a GPU would, minus the device: the triton kernel backend and the
+counter-based dropout kernel, with every triton launch counted and skipped (TRITON_INTERPRET=1,
+the interpreter's launch replaced by a counter), so values are garbage and the trainer's
+non-finite checks are switched off. "launches" are then the aten ops that are not views plus
+the triton launches: what a GPU pays a kernel launch for. The triton launcher's own host cost
+on a GPU (argument binding, ~10-20 us a launch) is not in the milliseconds.
 
-Usage: python bench/bench_host.py [--jobs 1 4 16] [--layers 4] [--steps 5] [--gpu-dropout]
+Usage: python bench/bench_host.py [--jobs 1 4 16] [--layers 4] [--steps 5] [--gpu-path]
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -32,6 +38,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e as e2e  # noqa: E402  (the workload, models and hyperparameters)
+
+# aten ops that only make a new view of existing memory (or read a scalar): no kernel launch
+_VIEWS = {
+    "alias", "as_strided", "detach", "expand", "lift_fresh", "narrow", "permute", "reshape",
+    "select", "slice", "split", "split_with_sizes", "squeeze", "t", "transpose", "unbind",
+    "unsqueeze", "view", "_unsafe_view", "_local_scalar_dense", "scalar_tensor",
+}  # fmt: skip
+_TRITON_LAUNCHES: collections.Counter[str] = collections.Counter()
 
 
 class _CountOps(TorchDispatchMode):
@@ -42,6 +56,25 @@ class _CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         self.ops[str(func)] += 1
         return func(*args, **(kwargs or {}))
+
+    def launches(self) -> int:
+        """Ops that launch a kernel on a GPU: aten ops other than views."""
+        return sum(n for op, n in self.ops.items() if op.split(".")[1] not in _VIEWS)
+
+
+def _gpu_path() -> None:
+    """Triton backend and counter-based dropout, launches counted and skipped (see above)."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["MIXLOOM_DROPOUT_RNG"] = "counter"
+    import triton.runtime.interpreter as interpreter
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _TRITON_LAUNCHES[self.fn.__name__] += 1
+
+    interpreter.InterpretedFunction.run = counted  # type: ignore[method-assign]
+    import mixloom.trainer.fused as fused
+
+    fused.math = types.SimpleNamespace(isfinite=lambda value: True)  # type: ignore[attr-defined]
 
 
 def _spec(layers: int) -> dict:
@@ -58,7 +91,7 @@ def _spec(layers: int) -> dict:
     return spec
 
 
-def mixloom_step(spec: dict, jobs: int, recompute: bool):  # type: ignore[no-untyped-def]
+def mixloom_step(spec: dict, jobs: int, recompute: bool, backend: str = "torch"):  # type: ignore[no-untyped-def]
     from mixloom.data.tokenize import EncodedRow
     from mixloom.jobspec import MixLoraHyperparameters
     from mixloom.model.adapter_model import AdapterModel
@@ -66,7 +99,7 @@ def mixloom_step(spec: dict, jobs: int, recompute: bool):  # type: ignore[no-unt
     from mixloom.trainer.fused import FusedTrainer
     from mixloom.trainer.job import Job
 
-    model = AdapterModel(e2e._random_model(spec), backend="torch", recompute=recompute)
+    model = AdapterModel(e2e._random_model(spec), backend=backend, recompute=recompute)
     trainer = FusedTrainer(model, pad_id=0)
     for i, ids in enumerate(e2e._rows(spec, jobs)):
         hp = MixLoraHyperparameters(
@@ -79,8 +112,8 @@ def mixloom_step(spec: dict, jobs: int, recompute: bool):  # type: ignore[no-unt
     return trainer.step
 
 
-def measure(make, layers: int, steps: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    """(ms per step, aten ops per step) of the step `make(spec)` builds."""
+def measure(make, layers: int, steps: int) -> tuple[float, int, int]:  # type: ignore[no-untyped-def]
+    """(ms per step, aten ops per step, launches per step) of the step `make(spec)` builds."""
     step = make(_spec(layers))
     for _ in range(2):
         step()
@@ -88,9 +121,10 @@ def measure(make, layers: int, steps: int) -> tuple[float, int]:  # type: ignore
     for _ in range(steps):
         step()
     ms = (time.perf_counter() - t) / steps * 1000
+    _TRITON_LAUNCHES.clear()
     with _CountOps() as count:
         step()
-    return ms, sum(count.ops.values())
+    return ms, sum(count.ops.values()), count.launches() + sum(_TRITON_LAUNCHES.values())
 
 
 def main() -> None:
@@ -98,26 +132,25 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--gpu-dropout", action="store_true")
+    ap.add_argument("--gpu-path", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.gpu_dropout:
-        from mixloom.model import layers
-
-        def gpu_path_bits(gen: torch.Generator, count: int, device: torch.device) -> torch.Tensor:
-            words = torch.randint(
-                -(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, generator=gen
-            )
-            bits = words.view(torch.int16)
-            return bits if bits.shape[0] == count else bits[:count]
-
-        layers.random_bits = gpu_path_bits  # type: ignore[assignment]
+    if args.gpu_path:
+        _gpu_path()
+    backend = "triton" if args.gpu_path else "torch"
     L = args.layers
-    path = "GPU-path" if args.gpu_dropout else "CPU-path"
+    path = (
+        "GPU path (triton backend, counter-based dropout; launches counted, not run)"
+        if args.gpu_path
+        else "CPU path (torch backend, dropout bits from PCG64)"
+    )
     print(f"hidden 64, {L} and {2 * L} layers, 256 tokens a step, 1 thread, {args.steps} steps,")
-    print(f"{path} dropout bits")
-    print("\n| system | jobs | host ms per layer | aten ops per layer | ms per step (L layers) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(path)
+    print(
+        "\n| system | jobs | host ms per layer | aten ops per layer | launches per layer "
+        "| ms per step (L layers) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     rows = []
     for jobs in args.jobs:
         rows.append(
@@ -133,14 +166,15 @@ def main() -> None:
                 (
                     f"mixloom, MixLoRA fused, {label}",
                     jobs,
-                    lambda s, k=jobs, r=recompute: mixloom_step(s, k, r),
+                    lambda s, k=jobs, r=recompute: mixloom_step(s, k, r, backend),
                 )
             )
     for name, jobs, make in rows:
-        ms1, ops1 = measure(make, L, args.steps)
-        ms2, ops2 = measure(make, 2 * L, args.steps)
+        ms1, ops1, n1 = measure(make, L, args.steps)
+        ms2, ops2, n2 = measure(make, 2 * L, args.steps)
         print(
-            f"| {name} | {jobs} | {(ms2 - ms1) / L:.1f} | {(ops2 - ops1) / L:,.0f} | {ms1:.0f} |",
+            f"| {name} | {jobs} | {(ms2 - ms1) / L:.1f} | {(ops2 - ops1) / L:,.0f} "
+            f"| {(n2 - n1) / L:,.0f} | {ms1:.0f} |",
             flush=True,
         )
 

@@ -35,6 +35,8 @@ __all__ = [
     "BACKENDS",
     "Routing",
     "build_routing",
+    "counter_dropout",
+    "dropout_keep",
     "expert_glu",
     "lora_combine",
     "lora_segments",
@@ -61,6 +63,31 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def counter_dropout(device: torch.device) -> bool:
+    """Whether dropout masks on `device` come from dropout.py's counter-based kernel (one
+    launch for every job of a batch) rather than from each job's generator (one draw per
+    job): on CUDA when triton is there. Env MIXLOOM_DROPOUT_RNG ("counter" / "stream")
+    overrides; "counter" on CPU needs TRITON_INTERPRET=1 (the tests run it so)."""
+    forced = os.environ.get("MIXLOOM_DROPOUT_RNG", "auto")
+    if forced not in ("auto", "counter", "stream"):
+        raise ValueError(f"MIXLOOM_DROPOUT_RNG must be auto, counter or stream, got {forced!r}")
+    if forced != "auto":
+        return forced == "counter"
+    return device.type == "cuda" and _triton_available()
+
+
+def dropout_keep(
+    seeds: Tensor, job: Tensor, local: Tensor, thresholds: Tensor, cols: int
+) -> Tensor:
+    """(rows, cols) bool dropout keep-decisions of a batch of jobs in one launch: row r keeps
+    column c when 16 Philox bits keyed by (seeds[job[r]], local[r], c), read as int16, reach
+    thresholds[r]. seeds (J,) int64; job (rows,) int32; local (rows,) int64, each row's index
+    among its job's rows; thresholds (rows,) int32. See dropout.py."""
+    from mixloom.kernels import dropout
+
+    return dropout.keep_mask(seeds, job, local, thresholds, cols)
 
 
 def lora_segments(

@@ -114,7 +114,13 @@ def _cases(dtype_names: list[str]) -> list[tuple[str, Any]]:
     sizes, not T, decide the specializations)."""
     import torch
 
-    from mixloom.kernels import build_routing, expert_glu, lora_combine, lora_segments
+    from mixloom.kernels import (
+        build_routing,
+        dropout_keep,
+        expert_glu,
+        lora_combine,
+        lora_segments,
+    )
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     T, H, I, E, R = 96, 256, 688, 8, 16  # noqa: E741 - I is the intermediate size
@@ -166,6 +172,14 @@ def _cases(dtype_names: list[str]) -> list[tuple[str, Any]]:
 
         for kind in ("segments", "segments_per_pair", "combine", "glu", "glu_per_pair"):
             cases.append((f"{kind}/{name}", lambda kind=kind, run=run: run(kind)))
+
+    def keep() -> None:  # dropout masks: no float data, one specialization
+        rows = 2 * T
+        seeds = torch.tensor([1, 2], dtype=torch.int64)
+        job = (torch.arange(rows) % 2).to(torch.int32)
+        dropout_keep(seeds, job, torch.arange(rows), torch.zeros(rows, dtype=torch.int32), H)
+
+    cases.append(("dropout_keep", keep))
     return cases
 
 
@@ -180,7 +194,7 @@ def check(arch: int = 90, dtype_names: list[str] | None = None) -> list[Compiled
     from triton.compiler import ASTSource
     from triton.runtime import driver
 
-    from mixloom.kernels import glu, segmented
+    from mixloom.kernels import dropout, glu, segmented
 
     target = GPUTarget("cuda", arch, 32)
     seen: dict[Any, Compiled] = {}
@@ -212,24 +226,34 @@ def check(arch: int = 90, dtype_names: list[str] | None = None) -> list[Compiled
         return None
 
     saved_hook = knobs.runtime.jit_cache_hook
-    saved_checks = segmented._check_device, glu._check_device
+    saved_checks = segmented._check_device, glu._check_device, dropout._check_device
     saved_driver = driver._active  # None until first asked: reset_active() would need a GPU
     driver.set_active(_TargetDriver(target))
     knobs.runtime.jit_cache_hook = compile_instead_of_launch
-    segmented._check_device = glu._check_device = on_any_device
+    segmented._check_device = glu._check_device = dropout._check_device = on_any_device
     try:
         for name, thunk in _cases(list(dtype_names or _DTYPES)):
             current["case"] = name
             thunk()
     finally:
         knobs.runtime.jit_cache_hook = saved_hook
-        segmented._check_device, glu._check_device = saved_checks
+        segmented._check_device, glu._check_device, dropout._check_device = saved_checks
         driver._active = saved_driver
     return list(seen.values())
 
 
 def _table(results: list[Compiled], arch: int) -> str:
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_P", "BLOCK_1", "BLOCK_2", "DOT")
+    keys = (
+        "BLOCK_M",
+        "BLOCK_N",
+        "BLOCK_K",
+        "BLOCK_R",
+        "BLOCK_P",
+        "BLOCK_1",
+        "BLOCK_2",
+        "BLOCK_G",
+        "DOT",
+    )
     lines = [
         f"sm_{arch}: {len(results)} kernel specializations",
         "",

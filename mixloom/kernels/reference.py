@@ -10,6 +10,7 @@ Vocabulary (shared with the Triton kernels):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -105,3 +106,58 @@ def expert_glu(
     zsum = torch.zeros(gate.shape, device=gate.device, dtype=torch.float32)
     zsum = zsum.index_add(0, rows, z * weights.float()[:, None])
     return z.to(gate.dtype), zsum.to(gate.dtype)
+
+
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # round multipliers
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # key increments (Weyl)
+
+
+def philox4x32(counter: np.ndarray, key: tuple[int, int], rounds: int = 10) -> np.ndarray:
+    """Philox4x32-`rounds` of (..., 4) uint32 counters under a two-word key -> (..., 4)
+    uint32 words (Salmon et al., SC'11; Random123's known answers hold for it)."""
+    c = [counter[..., i].astype(np.uint64) for i in range(4)]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    lo32 = np.uint64(0xFFFFFFFF)
+    for _ in range(rounds):
+        p0 = np.uint64(_PHILOX_M[0]) * c[0]  # < 2**64: exact in uint64
+        p1 = np.uint64(_PHILOX_M[1]) * c[2]
+        c = [
+            (p1 >> np.uint64(32)) ^ c[1] ^ k0,
+            p1 & lo32,
+            (p0 >> np.uint64(32)) ^ c[3] ^ k1,
+            p0 & lo32,
+        ]
+        k0 = (k0 + np.uint64(_PHILOX_W[0])) & lo32
+        k1 = (k1 + np.uint64(_PHILOX_W[1])) & lo32
+    return np.stack(c, axis=-1).astype(np.uint32)
+
+
+def philox_keep(
+    seeds: Tensor,  # (J,) int64
+    job: Tensor,  # (rows,) int32
+    local: Tensor,  # (rows,) int64
+    thresholds: Tensor,  # (rows,) int32
+    cols: int,
+    key: tuple[int, int],
+) -> Tensor:
+    """kernels.dropout.keep_mask, computed with numpy on the host: the oracle."""
+    seed = seeds.cpu().numpy().view(np.uint64)[job.cpu().numpy()]  # (rows,)
+    groups = (cols + 7) // 8
+    counter = local.cpu().numpy().astype(np.uint64)[:, None] * np.uint64(groups) + np.arange(
+        groups, dtype=np.uint64
+    )  # (rows, groups)
+    ctr = np.stack(
+        [
+            counter & np.uint64(0xFFFFFFFF),
+            counter >> np.uint64(32),
+            np.broadcast_to((seed & np.uint64(0xFFFFFFFF))[:, None], counter.shape),
+            np.broadcast_to((seed >> np.uint64(32))[:, None], counter.shape),
+        ],
+        axis=-1,
+    ).astype(np.uint32)
+    words = philox4x32(ctr, key)  # (rows, groups, 4): lanes 2i, 2i+1 = low, high half of word i
+    bits = words.view(np.uint16).astype(np.int32)  # (rows, groups, 8), little-endian halves
+    bits = bits.reshape(counter.shape[0], groups * 8)[:, :cols]
+    signed = bits - ((bits & 0x8000) << 1)
+    keep = signed >= thresholds.cpu().numpy()[:, None]
+    return torch.from_numpy(keep).to(seeds.device)

@@ -87,7 +87,8 @@ class AdapterModel(nn.Module):
                 )
             mlp.specs[spec.name] = spec
         self.specs[spec.name] = spec
-        self.generators[spec.name] = torch.Generator(self.device).manual_seed(spec.seed + 1)
+        # on the host whatever the device: dropout draws seeds from it (no device work)
+        self.generators[spec.name] = torch.Generator().manual_seed(spec.seed + 1)
 
     def remove_adapter(self, name: str) -> None:
         for layer in _layers(self.model):

@@ -136,12 +136,32 @@ class FusedState:
         and draw nothing. All parts are compared with their thresholds in one op, not one
         per job: on a GPU every op is a launch, and this runs for every projection.
 
+        On a GPU (kernels.counter_dropout) each dropping part draws one seed from its
+        stream instead, and one kernel writes every part's mask from those seeds (Philox,
+        keyed by the seed and each row's index among its part's real rows): one launch a
+        projection, not one per job, with the same independence from the other jobs and
+        from padding. A replay passes the same seeds, so it costs no more than the forward.
+
         The inverted-dropout factor (`dropout_scale`) is not applied here: the LoRA layers
         fold it into their scale, which saves a full pass over the input
         (scale * B @ A @ (x * keep / q) == (scale / q) * B @ A @ (x * keep)).
         """
         if not any(self.dropping(p) for _, _, p, _ in parts):
             return None
+        key = (
+            "drop",
+            tuple((rows, p if self.dropping(p) else 0.0, seg) for _, rows, p, seg in parts),
+        )
+        thresholds = self.cached(key, lambda: upload(self._thresholds(parts), device))
+        if kernels.counter_dropout(device):
+            seeds = [
+                draw_seed(self.generators[name]) if self.dropping(p) else 0
+                for name, _, p, _ in parts
+            ]
+            job, local = self.cached(
+                key + ("rows",), lambda: tuple(upload(t, device) for t in self._counter_rows(parts))
+            )
+            return kernels.dropout_keep(upload(seeds, device), job, local, thresholds, cols)
         bits = []
         for name, rows, p, seg in parts:
             if not self.dropping(p):  # any bits: its threshold keeps everything
@@ -155,11 +175,6 @@ class FusedState:
                 block = drawn.new_empty(rows, cols).index_copy_(0, real, drawn.view(n, cols))
                 drawn = block.view(-1)
             bits.append(drawn)
-        key = (
-            "drop",
-            tuple((rows, p if self.dropping(p) else 0.0, seg) for _, rows, p, seg in parts),
-        )
-        thresholds = self.cached(key, lambda: upload(self._thresholds(parts), device))
         flat = bits[0] if len(bits) == 1 else torch.cat(bits)
         return flat.view(-1, cols) >= thresholds[:, None]
 
@@ -176,6 +191,20 @@ class FusedState:
                 t = torch.where(self._host_real(seg), t, never)
             out.append(t)
         return torch.cat(out)
+
+    def _counter_rows(
+        self, parts: list[tuple[str, int, float, Segment | None]]
+    ) -> tuple[Tensor, Tensor]:
+        """(sum of rows,) int32 part of each row, and (sum of rows,) int64 index of each row
+        among its part's real rows (padding rows: any; their threshold drops them)."""
+        jobs, local = [], []
+        for j, (_, rows, p, seg) in enumerate(parts):
+            jobs.append(torch.full((rows,), j, dtype=torch.int32))
+            if seg is not None and self.token_mask is not None and self.dropping(p):
+                local.append((self._host_real(seg).cumsum(0) - 1).clamp(min=0))
+            else:
+                local.append(torch.arange(rows))
+        return torch.cat(jobs), torch.cat(local)
 
     def dropping(self, p: float) -> bool:
         """Whether a dropout of probability p is applied in this batch."""
@@ -236,7 +265,8 @@ class FusedState:
     def jitter(self, name: str, x: Tensor, eps: float) -> Tensor:
         if not self.training or eps == 0.0:
             return x
-        noise = torch.rand(x.shape, generator=self.generators[name], device=x.device)
+        gen = on_device(self.generators[name], x.device)
+        noise = torch.rand(x.shape, generator=gen, device=x.device)
         return x * (noise * (2 * eps) + (1.0 - eps)).to(x.dtype)
 
 
@@ -266,23 +296,40 @@ def _threshold(p: float) -> int:
     return _drop_count(p) - 2 ** (_DROP_BITS - 1)
 
 
+def draw_seed(gen: torch.Generator) -> int:
+    """A 63-bit seed from an adapter's stream (a host generator: no device work)."""
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=gen))
+
+
+def on_device(gen: torch.Generator, device: torch.device) -> torch.Generator:
+    """`gen` itself on its own device; elsewhere a generator of `device` seeded from it (the
+    adapters' streams live on the host, where drawing a seed waits for nothing)."""
+    if gen.device.type == device.type:
+        return gen
+    return torch.Generator(device).manual_seed(draw_seed(gen))
+
+
 def random_bits(gen: torch.Generator, count: int, device: torch.device) -> Tensor:
     """(count,) int16, uniform: 16 random bits per dropout decision, four per 64-bit word.
 
-    On a GPU the words come from `gen` itself (Philox). On a CPU, `gen` (a Mersenne
-    Twister) draws one 63-bit seed and numpy's PCG64 expands it into the words: still a pure
-    function of `gen`'s state, so checkpoints and fused-equals-alone are unchanged. For 3.1M
-    decisions on 2 CPU cores: bernoulli_ 13.2 ms, 16-bit words from `gen` 3.7 ms, from PCG64
-    1.3 ms.
+    The stream path (FusedState.dropout_keep's, where kernels.counter_dropout is off). On a
+    CPU, `gen` (a Mersenne Twister) draws one 63-bit seed and numpy's PCG64 expands it into
+    the words: a pure function of `gen`'s state, so checkpoints and fused-equals-alone hold.
+    For 3.1M decisions on 2 CPU cores: bernoulli_ 13.2 ms, 16-bit words from `gen` 3.7 ms,
+    from PCG64 1.3 ms. On a GPU without triton, a device generator seeded from `gen`.
     """
     n_words = (count + 3) // 4
     if device.type == "cpu":
-        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=gen))
-        raw = np.random.PCG64(seed).random_raw(n_words)  # uint64
+        raw = np.random.PCG64(draw_seed(gen)).random_raw(n_words)  # uint64
         words = torch.from_numpy(raw.view(np.int64))
     else:
         words = torch.randint(
-            -(2**63), 2**63 - 1, (n_words,), dtype=torch.int64, generator=gen, device=device
+            -(2**63),
+            2**63 - 1,
+            (n_words,),
+            dtype=torch.int64,
+            generator=on_device(gen, device),
+            device=device,
         )
     bits = words.view(torch.int16)
     return bits if bits.shape[0] == count else bits[:count]
@@ -295,6 +342,12 @@ def keep_mask(gen: torch.Generator, rows: int, cols: int, p: float, device: torc
     Each decision reads 16 random bits, so p is resolved to p' = round(p * 2**16) / 2**16
     (0.05 -> 0.0500030; see dropout_scale).
     """
+    if kernels.counter_dropout(device):
+        seeds = upload([draw_seed(gen)], device)
+        job = torch.zeros(rows, dtype=torch.int32, device=device)
+        local = torch.arange(rows, device=device)
+        thresholds = torch.full((rows,), _threshold(p), dtype=torch.int32, device=device)
+        return kernels.dropout_keep(seeds, job, local, thresholds, cols)
     return random_bits(gen, rows * cols, device).view(rows, cols) >= _threshold(p)
 
 
@@ -408,13 +461,19 @@ def _lora_rows(
     key = ("lora", tuple((s.start, s.end) for s, _ in active), tuple(scale), per_seq)
     scales = state.cached(key + ("scale",), lambda: upload(scale, x.device))
     offs = state.cached(key + ("offsets",), lambda: upload(offsets, x.device))
+    tiles = None
+    if state.backend == "triton":  # the groups are known here: build the table on the host
+        tiles = state.cached(
+            key + ("tiles",),
+            lambda: upload(kernels.tile_table(torch.tensor(offsets), offsets[-1]), x.device),
+        )
 
     def run(xin: Tensor) -> Tensor:  # (P, N)
         keep = state.dropout_keep(drops, x.shape[1], x.device)  # one mask over the batch
         if keep is not None:
             xin = torch.where(keep, xin, 0.0)  # no float copy of the mask, forward or backward
         A, B = _stack([w for _, w in active])
-        return kernels.lora_segments(xin, A, B, scales, offs, backend=state.backend)
+        return kernels.lora_segments(xin, A, B, scales, offs, backend=state.backend, tiles=tiles)
 
     # with dropout, keep x, not its masked copy and the mask
     delta = state.recomputed(dropping, run, xin) if dropping else run(xin)

@@ -247,7 +247,8 @@ class FusedTrainer:
         return self._token_losses(hidden, rows.to(dev), targets.to(dev)).sum()
 
     def _optimizer_step(self, job: Job) -> float | None:
-        params = self.model.adapter_parameters(job.name)
+        # the optimizer's own list: walking the model for it costs ~2 ms a job per 8 layers
+        params = [p for group in job.optimizer.param_groups for p in group["params"]]
         max_norm = job.hp.max_grad_norm if job.hp.max_grad_norm is not None else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
         if not math.isfinite(norm):

@@ -18,6 +18,7 @@ KERNELS = {
     "_seg_outer_kernel",
     "_glu_fwd_kernel",
     "_glu_bwd_kernel",
+    "_keep_kernel",
 }
 
 
@@ -45,7 +46,7 @@ def test_every_kernel_compiles_and_fits_sm90(tmp_path: Path) -> None:
     for r in results:
         assert r["ok"] and r["error"] is None and r["problems"] == [], r
         assert r["registers"] is not None and 0 < r["registers"] <= 255, r
-        if r["kernel"] != "_zero_outside_kernel":  # the only kernel without a tl.dot
+        if r["kernel"] not in ("_zero_outside_kernel", "_keep_kernel"):  # no tl.dot there
             assert 0 < r["shared"] <= 232448, r
 
 

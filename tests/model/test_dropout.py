@@ -1,11 +1,24 @@
 """Dropout masks of a fused batch: every job's block is exactly the mask it would draw alone,
-from its own stream, whatever else shares the batch and however wide the batch is padded."""
+from its own stream, whatever else shares the batch and however wide the batch is padded.
+Both ways of drawing: from each job's stream (the CPU's), and the counter-based kernel fed one
+seed per job (the GPU's; here in triton's interpreter)."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from mixloom.model.layers import FusedState, Segment, keep_mask
+
+
+@pytest.fixture(params=["stream", "counter"], autouse=True)
+def rng(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "counter" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("the counter-based kernel on CPU needs TRITON_INTERPRET=1 (scripts/test.sh)")
+    monkeypatch.setenv("MIXLOOM_DROPOUT_RNG", request.param)
+    return request.param  # type: ignore[no-any-return]
 
 
 def _generators(seed: int = 0) -> dict[str, torch.Generator]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from tiny import tiny_llama
 from trainer_helpers import lora_hp, make_job, mixlora_hp, trainer_for
@@ -55,7 +58,13 @@ def _alone(job, steps):  # type: ignore[no-untyped-def]
     return _weights(trainer, job.name)
 
 
-def test_fused_equals_separate_with_accumulation_and_a_late_joiner() -> None:
+@pytest.mark.parametrize("rng", ["stream", "counter"])  # dropout bits: the CPU's, the GPU's
+def test_fused_equals_separate_with_accumulation_and_a_late_joiner(
+    rng: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if rng == "counter" and not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1", "scripts/test.sh sets TRITON_INTERPRET=1"
+    monkeypatch.setenv("MIXLOOM_DROPOUT_RNG", rng)
     steps = 3
     fused = trainer_for(tiny_llama())
     a, b, c = _jobs()

@@ -3,6 +3,8 @@ an uninterrupted run (optimizer, schedule, RNG stream and data cursor all restor
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tiny import tiny_llama
@@ -33,8 +35,16 @@ def _run_to_end(trainer) -> None:  # type: ignore[no-untyped-def]
         trainer.step()
 
 
-@pytest.mark.parametrize("recompute", [False, True])  # the CPU default, and the GPU default
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, recompute: bool) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("recompute", "rng"),
+    [(False, "stream"), (True, "stream"), (True, "counter")],  # CPU defaults; GPU defaults
+)
+def test_resume_from_checkpoint_equals_uninterrupted(
+    tmp_path, recompute: bool, rng: str, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    if rng == "counter" and not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1", "scripts/test.sh sets TRITON_INTERPRET=1"
+    monkeypatch.setenv("MIXLOOM_DROPOUT_RNG", rng)
     straight = trainer_for(tiny_llama(), recompute=recompute)
     for job in _jobs():
         straight.add_job(job)

@@ -45,6 +45,12 @@ def test_choosing_together_trains_like_choosing_job_by_job(
     assert calls == 2 * 2  # every layer of both steps took the batched path
     alone, none = _train(routing, False, monkeypatch)
     assert none == 0
+    # One router matmul against all routers stacked rounds differently from one per job;
+    # Adam turns a near-zero gradient's last bits into up to ~2e-6 here (seen), 0.04% of one
+    # step at lr 5e-3. A wrong expert or weight moves a parameter by a whole step.
     for name, weights in alone.items():
         for k, v in weights.items():
-            torch.testing.assert_close(together[name][k], v, atol=1e-6, rtol=1e-5, msg=k)
+            diff = (together[name][k] - v).abs().max().item()
+            torch.testing.assert_close(
+                together[name][k], v, atol=1e-5, rtol=1e-5, msg=f"{name} {k}: {diff:.2e}"
+            )

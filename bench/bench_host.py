@@ -15,9 +15,12 @@ LLaMA with hidden 64, intermediate 128, vocabulary 256, 256 tokens a step; one t
 `--gpu-path` runs the step as a GPU would, minus the device: the triton kernel backend and the
 counter-based dropout kernel, with every triton launch counted and skipped (TRITON_INTERPRET=1,
 the interpreter's launch replaced by a counter), so values are garbage and the trainer's
-non-finite checks are switched off. "launches" are then the aten ops that are not views plus
-the triton launches: what a GPU pays a kernel launch for. The triton launcher's own host cost
-on a GPU (argument binding, ~10-20 us a launch) is not in the milliseconds.
+non-finite checks are switched off. "launches" are then the aten ops that are neither views nor
+allocations, plus the triton launches: what a GPU pays a kernel launch for. (On the CPU path
+the same ops are counted, though some of them would not be launches: the dropout bits drawn
+on the host.) The triton launcher's own host cost on a GPU (argument binding, ~10-20 us a
+launch) is not in the milliseconds. The draw of an adapter's dropout seeds is counted as a
+launch here, though on a GPU it runs on the host: a few ops a job a step.
 
 Usage: python bench/bench_host.py [--jobs 1 4 16] [--layers 4] [--steps 5] [--gpu-path]
 """
@@ -45,6 +48,7 @@ _VIEWS = {
     "select", "slice", "split", "split_with_sizes", "squeeze", "t", "transpose", "unbind",
     "unsqueeze", "view", "_unsafe_view", "_local_scalar_dense", "scalar_tensor",
 }  # fmt: skip
+_ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided"}  # the caching allocator's
 _TRITON_LAUNCHES: collections.Counter[str] = collections.Counter()
 
 
@@ -58,8 +62,12 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def launches(self) -> int:
-        """Ops that launch a kernel on a GPU: aten ops other than views."""
-        return sum(n for op, n in self.ops.items() if op.split(".")[1] not in _VIEWS)
+        """Ops that launch a kernel on a GPU: aten ops other than views and allocations."""
+        return sum(
+            n
+            for op, n in self.ops.items()
+            if op.split(".")[1] not in _VIEWS and op.split(".")[1] not in _ALLOCATIONS
+        )
 
 
 def _gpu_path() -> None:

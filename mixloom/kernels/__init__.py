@@ -17,6 +17,9 @@ Typical MixLoRA layer call (routing built once, shared by gate/up/down of every 
     out = out + lora_combine(z, Ad, Bd, s, r.offsets, w, r.rows, T, **kw)  # (T, H)
 
 or, unfused, lora_segments(x, Ag, Bg, s, r.offsets, r.rows, **kw) -> (P, I) per projection.
+
+Dropout masks of every job of a batch in one launch (dropout.py, on CUDA): dropout_keep(seeds,
+job, local, thresholds, cols), seeds one per job; counter_dropout(device) says where it is used.
 """
 
 from __future__ import annotations

@@ -65,6 +65,10 @@ class FusedState:
     _real: dict[Segment, Tensor] = field(default_factory=dict)  # per-batch caches
     _consts: dict[tuple[object, ...], Any] = field(default_factory=dict)
     _host_mask: Tensor | None = None
+    # counter-based dropout: each adapter's seed for this batch (one draw from its stream),
+    # and how many masks it has drawn in this batch
+    _seeds: dict[str, int] = field(default_factory=dict)
+    _draws: dict[str, int] = field(default_factory=dict)
 
     def begin(
         self,
@@ -85,6 +89,7 @@ class FusedState:
         self._real = {}
         self._consts = {}
         self._host_mask = host_mask.bool() if host_mask is not None else None
+        self._seeds, self._draws = {}, {}
 
     def end(self) -> None:
         """Back to plain base-model behaviour (router logs stay readable until next begin)."""
@@ -94,6 +99,7 @@ class FusedState:
         self._real = {}
         self._consts = {}
         self._host_mask = None
+        self._seeds, self._draws = {}, {}
 
     def real_tokens(self, seg: Segment, per_seq: int, device: torch.device) -> Tensor:
         """(n_real,) indices of the segment's non-padding tokens within its flattened rows."""
@@ -136,11 +142,12 @@ class FusedState:
         and draw nothing. All parts are compared with their thresholds in one op, not one
         per job: on a GPU every op is a launch, and this runs for every projection.
 
-        On a GPU (kernels.counter_dropout) each dropping part draws one seed from its
-        stream instead, and one kernel writes every part's mask from those seeds (Philox,
-        keyed by the seed and each row's index among its part's real rows): one launch a
-        projection, not one per job, with the same independence from the other jobs and
-        from padding. A replay passes the same seeds, so it costs no more than the forward.
+        On a GPU (kernels.counter_dropout) one kernel writes every part's mask (Philox,
+        keyed by a seed of the part's adapter and each row's index among its part's real
+        rows): one launch a projection, not one per job, with the same independence from
+        the other jobs and from padding. An adapter draws one seed a batch from its stream
+        (`mask_seed`), and its n-th mask of the batch uses that seed mixed with n: no
+        device work and no per-job op on the host either. A replay passes the same seeds.
 
         The inverted-dropout factor (`dropout_scale`) is not applied here: the LoRA layers
         fold it into their scale, which saves a full pass over the input
@@ -154,10 +161,7 @@ class FusedState:
         )
         thresholds = self.cached(key, lambda: upload(self._thresholds(parts), device))
         if kernels.counter_dropout(device):
-            seeds = [
-                draw_seed(self.generators[name]) if self.dropping(p) else 0
-                for name, _, p, _ in parts
-            ]
+            seeds = [self.mask_seed(name) if self.dropping(p) else 0 for name, _, p, _ in parts]
             job, local = self.cached(
                 key + ("rows",), lambda: tuple(upload(t, device) for t in self._counter_rows(parts))
             )
@@ -191,6 +195,17 @@ class FusedState:
                 t = torch.where(self._host_real(seg), t, never)
             out.append(t)
         return torch.cat(out)
+
+    def mask_seed(self, name: str) -> int:
+        """The seed of adapter `name`'s next counter-based mask in this batch: its batch
+        seed (drawn from its stream at its first mask of the batch) mixed with the number
+        of masks it has drawn since. Depends on this adapter's masks only, not on which
+        other jobs share the batch or what they draw."""
+        if name not in self._seeds:
+            self._seeds[name] = draw_seed(self.generators[name])
+        n = self._draws.get(name, 0)
+        self._draws[name] = n + 1
+        return _mix64(self._seeds[name], n)
 
     def _counter_rows(
         self, parts: list[tuple[str, int, float, Segment | None]]
@@ -240,8 +255,19 @@ class FusedState:
         the forward did: the batch's description and caches (the batch may have ended by
         then), and where the named adapters' dropout streams are now."""
         return _Snapshot(
-            batch=(self.training, self.token_mask, self._host_mask, self._real, self._consts),
-            streams={name: self.generators[name].get_state() for name in names},
+            batch=(
+                self.training,
+                self.token_mask,
+                self._host_mask,
+                self._real,
+                self._consts,
+                dict(self._seeds),
+                dict(self._draws),
+            ),
+            # an adapter with a batch seed draws no more from its stream in this batch
+            streams={
+                name: self.generators[name].get_state() for name in names if name not in self._seeds
+            },
         )
 
     @contextmanager
@@ -250,17 +276,42 @@ class FusedState:
         of their streams set back to it, so a recomputation (in the backward, after the
         batch has ended) redraws the same masks; the streams themselves stay put."""
         real = {name: self.generators[name] for name in snap.streams}
-        now = (self.training, self.token_mask, self._host_mask, self._real, self._consts)
+        now = (
+            self.training,
+            self.token_mask,
+            self._host_mask,
+            self._real,
+            self._consts,
+            self._seeds,
+            self._draws,
+        )
         for name, state in snap.streams.items():
             copy = torch.Generator(device=real[name].device)
             copy.set_state(state)
             self.generators[name] = copy
-        self.training, self.token_mask, self._host_mask, self._real, self._consts = snap.batch
+        (
+            self.training,
+            self.token_mask,
+            self._host_mask,
+            self._real,
+            self._consts,
+            seeds,
+            draws,
+        ) = snap.batch
+        self._seeds, self._draws = dict(seeds), dict(draws)  # the replay's own to move on
         try:
             yield
         finally:
             self.generators.update(real)
-            self.training, self.token_mask, self._host_mask, self._real, self._consts = now
+            (
+                self.training,
+                self.token_mask,
+                self._host_mask,
+                self._real,
+                self._consts,
+                self._seeds,
+                self._draws,
+            ) = now
 
     def jitter(self, name: str, x: Tensor, eps: float) -> Tensor:
         if not self.training or eps == 0.0:
@@ -294,6 +345,17 @@ def dropout_scale(p: float) -> float:
 def _threshold(p: float) -> int:
     """Keep a decision when its 16 random bits, read as int16, are at least this."""
     return _drop_count(p) - 2 ** (_DROP_BITS - 1)
+
+
+def _mix64(seed: int, n: int) -> int:
+    """SplitMix64's output for state seed + (n + 1) * golden gamma, as a signed 64-bit int:
+    the n-th seed derived from `seed` (host arithmetic, ~1 us)."""
+    m = (1 << 64) - 1
+    z = (seed + (n + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    z ^= z >> 31
+    return z - (1 << 64) if z >= 1 << 63 else z
 
 
 def draw_seed(gen: torch.Generator) -> int:
@@ -337,13 +399,14 @@ def random_bits(gen: torch.Generator, count: int, device: torch.device) -> Tenso
 
 def keep_mask(gen: torch.Generator, rows: int, cols: int, p: float, device: torch.device) -> Tensor:
     """(rows, cols) bool keep-decisions of dropout with probability p, drawn from `gen`: one
-    job's mask alone (FusedState.dropout_keep draws the same for each job of a batch).
+    job's mask alone (FusedState.dropout_keep draws the same for each job of a batch; with
+    counter-based dropout, for the job's first mask of the batch).
 
     Each decision reads 16 random bits, so p is resolved to p' = round(p * 2**16) / 2**16
     (0.05 -> 0.0500030; see dropout_scale).
     """
-    if kernels.counter_dropout(device):
-        seeds = upload([draw_seed(gen)], device)
+    if kernels.counter_dropout(device):  # as an adapter's first mask of a batch
+        seeds = upload([_mix64(draw_seed(gen), 0)], device)
         job = torch.zeros(rows, dtype=torch.int32, device=device)
         local = torch.arange(rows, device=device)
         thresholds = torch.full((rows,), _threshold(p), dtype=torch.int32, device=device)

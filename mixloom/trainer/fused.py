@@ -126,8 +126,8 @@ class FusedTrainer:
         dev = self.model.device
         full = bool(mask.all())  # host-side: no padding, so plain causal attention
         host_mask = None if full else mask
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
-        attn = None if full else mask
+        input_ids = input_ids.to(dev)
+        attn = None if full else mask.to(dev)  # `mask` itself stays the host's: read below
 
         # The base stays in eval mode (no base dropout); adapters train through FusedState.
         with self.model.fused(segments, attn, training=True, host_mask=host_mask):
@@ -178,25 +178,36 @@ class FusedTrainer:
             if job.status == JobStatus.FAILED:  # its rows may hold inf*0 = NaN gradients
                 job.optimizer.zero_grad(set_to_none=True)
 
+        # Jobs whose micro-batches complete an optimizer step clip their gradients first, all
+        # of them, and the norms are read in one go: one wait for the GPU a step, not one a job.
         report = []
         total_tokens = 0
+        entries = []  # (job, targets, tokens, stepped, aux_value) of the jobs still running
+        norms: list[Tensor] = []
         for (job, _, targets), seg in zip(batches, segments, strict=True):
             tokens = int(mask[seg.start : seg.end].sum())
             if job.status != JobStatus.RUNNING:
+                entries.append((job, targets, tokens, None, None))
+                continue
+            total_tokens += tokens
+            job.tokens_seen += tokens
+            aux_value = job.aux_sum if job.adapter.is_mixlora else None  # before advance_step
+            stepped = job.advance_micro()
+            if stepped:
+                norms.append(self._clip(job))
+            entries.append((job, targets, tokens, stepped, aux_value))
+        norm_values = iter(torch.stack(norms).tolist() if norms else [])
+        for job, targets, tokens, stepped, aux_value in entries:
+            if stepped is None:  # failed before this step's backward
                 report.append(
                     self._metrics(job, False, float("nan"), None, None, tokens, None, loads)
                 )
                 continue
-            total_tokens += tokens
-            job.tokens_seen += tokens
-            stepped = job.advance_micro()
             grad_norm = None
             step_loss = None
-            aux_value = (
-                job.aux_sum if job.adapter.is_mixlora else None
-            )  # before advance_step resets it
             if stepped:
-                grad_norm = self._optimizer_step(job)
+                grad_norm = next(norm_values)
+                self._optimizer_step(job, grad_norm)
                 if job.status == JobStatus.RUNNING:
                     step_loss = job.loss_sum / max(1, targets)
                     job.advance_step()
@@ -246,18 +257,24 @@ class FusedTrainer:
         dev = hidden.device
         return self._token_losses(hidden, rows.to(dev), targets.to(dev)).sum()
 
-    def _optimizer_step(self, job: Job) -> float | None:
+    def _clip(self, job: Job) -> Tensor:
+        """Clip the job's gradients to its max norm, on the device; -> the norm before, (),
+        unread."""
         # the optimizer's own list: walking the model for it costs ~2 ms a job per 8 layers
         params = [p for group in job.optimizer.param_groups for p in group["params"]]
         max_norm = job.hp.max_grad_norm if job.hp.max_grad_norm is not None else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return norm.to(self.model.device, torch.float32)  # a host 0 when no parameter has a grad
+
+    def _optimizer_step(self, job: Job, norm: float) -> None:
+        """The job's optimizer step on its clipped gradients, or its failure when their norm
+        was not finite."""
         if not math.isfinite(norm):
             self._fail(job, f"gradient norm became {norm} at step {job.step + 1}")
-            return norm
+            return
         job.optimizer.step()
         job.scheduler.step()
         job.optimizer.zero_grad(set_to_none=True)
-        return norm
 
     def _fail(self, job: Job, message: str) -> None:
         job.status = JobStatus.FAILED

@@ -71,3 +71,22 @@ def test_no_mask_when_nothing_drops() -> None:
     assert st.dropout_keep([("a", 4, 0.0, None)], 8, torch.device("cpu")) is None
     st.begin([Segment("a", 0, 1)], None, training=False, collect_router=False)
     assert st.dropout_keep([("a", 4, 0.5, None)], 8, torch.device("cpu")) is None
+
+
+def test_a_jobs_later_masks_do_not_depend_on_what_others_drew_between() -> None:
+    cpu = torch.device("cpu")
+    together = FusedState(generators=_generators())
+    together.begin(
+        [Segment("a", 0, 1), Segment("c", 1, 2)], None, training=True, collect_router=False
+    )
+    first = together.dropout_keep([("a", 6, 0.3, None)], 16, cpu)
+    together.dropout_keep([("c", 6, 0.3, None)], 16, cpu)  # a projection only c adapts
+    both = together.dropout_keep([("a", 6, 0.3, None), ("c", 6, 0.5, None)], 16, cpu)
+
+    alone = FusedState(generators=_generators())
+    alone.begin([Segment("a", 0, 1)], None, training=True, collect_router=False)
+    own_first = alone.dropout_keep([("a", 6, 0.3, None)], 16, cpu)
+    own_second = alone.dropout_keep([("a", 6, 0.3, None)], 16, cpu)
+    assert first is not None and both is not None
+    assert torch.equal(first, own_first) and torch.equal(both[:6], own_second)
+    assert not torch.equal(own_first, own_second)  # successive masks differ

@@ -18,6 +18,7 @@ from mixloom.model.layers import (
     MultiLoraLinear,
     Segment,
     aux_loss,
+    router_totals,
 )
 from mixloom.model.specs import AdapterSpec
 
@@ -166,18 +167,15 @@ class AdapterModel(nn.Module):
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Per MixLoRA adapter: its load-balance loss over the last forward's router logs."""
-        logs = self.state.router_logs or {}
-        return {name: aux_loss(entries, self.specs[name]) for name, entries in logs.items()}
+        totals = router_totals(self.state.router_logs or [])
+        return {name: aux_loss(*t, self.specs[name]) for name, t in totals.items()}
 
     def router_load(self) -> dict[str, Tensor]:
         """Per MixLoRA adapter: the fraction of routed (token, choice) pairs each expert got,
         (E,) on the device (read it together with other values: each read waits for the
         GPU)."""
-        out = {}
-        for name, entries in (self.state.router_logs or {}).items():
-            chosen = torch.cat([e.chosen for e in entries]).float().sum(0)
-            out[name] = chosen / chosen.sum().clamp(min=1)
-        return out
+        totals = router_totals(self.state.router_logs or [])
+        return {name: chosen / chosen.sum().clamp(min=1) for name, (_, chosen, _) in totals.items()}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw: Any) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)

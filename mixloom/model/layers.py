@@ -35,8 +35,15 @@ class Segment:
 
 @dataclass
 class RouterLog:
-    probs: Tensor  # (n, E) fp32 router probabilities of one layer, real tokens only
-    chosen: Tensor  # (n, E) bool, experts each token was routed to
+    """One layer's routing of the real tokens of the jobs `names` (one job, or all that chose
+    their experts together), summed per job: what the load-balance loss and the router loads
+    need, and a fixed number of ops a layer whatever the number of jobs (no per-job slice,
+    whose gradient would cost a zero-fill and an add per job and layer on a GPU)."""
+
+    names: tuple[str, ...]
+    probs: Tensor  # (J, E) fp32: router probabilities summed over each job's real tokens
+    chosen: Tensor  # (J, E) fp32: how many of each job's tokens chose each expert
+    tokens: list[int]  # (J,) host: each job's real tokens
 
 
 _T = TypeVar("_T")
@@ -56,7 +63,7 @@ class FusedState:
     token_mask: Tensor | None = None  # (B, T) bool: real (non-padding) tokens
     training: bool = False
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # dropout/jitter streams
-    router_logs: dict[str, list[RouterLog]] | None = None  # collected when not None
+    router_logs: list[RouterLog] | None = None  # collected when not None
     backend: str = "torch"
     # Adapter activations (MixLoRA experts, dropout-masked LoRA inputs) recomputed in the
     # backward instead of kept (see recomputed); False keeps them (faster on a CPU, more memory).
@@ -85,7 +92,7 @@ class FusedState:
         self.segments = segments
         self.token_mask = attention_mask.bool() if attention_mask is not None else None
         self.training = training
-        self.router_logs = {} if collect_router else None
+        self.router_logs = [] if collect_router else None
         self._real = {}
         self._consts = {}
         self._host_mask = host_mask.bool() if host_mask is not None else None
@@ -763,11 +770,16 @@ class MultiAdapterMLP(nn.Module):
         top_w, top_e, chosen = route(probs, spec)  # (n_real, S) each
         slots = top_e.shape[1]
         if st.router_logs is not None:
-            lo = 0
-            for seg, n in zip(segs, counts, strict=True):
-                log = RouterLog(probs[lo : lo + n], chosen[lo : lo + n])
-                st.router_logs.setdefault(seg.name or "", []).append(log)
-                lo += n
+            sums = probs.new_zeros(len(segs), E)
+            names = tuple(seg.name or "" for seg in segs)
+            st.router_logs.append(
+                RouterLog(
+                    names,
+                    sums.index_add(0, job, probs),
+                    sums.index_add(0, job, chosen.float()),
+                    counts,
+                )
+            )
         rows = (idx if idx is not None else torch.arange(xf.shape[0], device=dev))[:, None]
         group = top_e + (job * E)[:, None]
         if spec.routing == Routing.TOP_P:  # unused slots (weight 0) join no group
@@ -806,7 +818,13 @@ class MultiAdapterMLP(nn.Module):
             probs = logits.softmax(-1)
             top_w, top_e, chosen = route(probs, spec)  # (n_j, S) each
             if st.router_logs is not None:
-                st.router_logs.setdefault(seg.name or "", []).append(RouterLog(probs, chosen))
+                log = RouterLog(
+                    (seg.name or "",),
+                    probs.sum(0, keepdim=True),
+                    chosen.float().sum(0, keepdim=True),
+                    [probs.shape[0]],
+                )
+                st.router_logs.append(log)
             n_j, slots = top_e.shape
             rows.append((tok + lo)[:, None].expand(n_j, slots).reshape(-1))
             weights.append(top_w.reshape(-1))
@@ -1125,14 +1143,36 @@ def route(probs: Tensor, spec: AdapterSpec) -> tuple[Tensor, Tensor, Tensor]:
     return w, e, chosen
 
 
-def aux_loss(logs: list[RouterLog], spec: AdapterSpec) -> Tensor:
-    """Load-balance loss over all layers' real tokens: coef * E * sum_e f[e] * P[e], where
-    f[e] is the fraction of tokens routed to e (summed over a token's choices) and P[e] the
-    mean router probability of e (the Mixtral form, with k choices per token)."""
-    probs = torch.cat([log.probs for log in logs])  # (L*n, E)
-    chosen = torch.cat([log.chosen for log in logs]).float()
-    if probs.shape[0] == 0:
-        return probs.sum()
-    frac = chosen.mean(0)  # (E,)
-    mean_p = probs.mean(0)  # (E,)
+def router_totals(logs: list[RouterLog]) -> dict[str, tuple[Tensor, Tensor, int]]:
+    """Per job: (E,) router probabilities and (E,) choices summed over every layer's real
+    tokens, and the number of those tokens; layers are summed per group of jobs that logged
+    together first (one op, not one per job)."""
+    groups: dict[tuple[str, ...], list[RouterLog]] = {}
+    for log in logs:
+        groups.setdefault(log.names, []).append(log)
+    out: dict[str, tuple[Tensor, Tensor, int]] = {}
+    for names, group in groups.items():
+        probs = group[0].probs if len(group) == 1 else torch.stack([g.probs for g in group]).sum(0)
+        chosen = (
+            group[0].chosen if len(group) == 1 else torch.stack([g.chosen for g in group]).sum(0)
+        )
+        for j, name in enumerate(names):
+            n = sum(g.tokens[j] for g in group)
+            if name in out:  # logged alone in some layers, together in others
+                p, c, m = out[name]
+                out[name] = (p + probs[j], c + chosen[j], m + n)
+            else:
+                out[name] = (probs[j], chosen[j], n)
+    return out
+
+
+def aux_loss(probs: Tensor, chosen: Tensor, tokens: int, spec: AdapterSpec) -> Tensor:
+    """Load-balance loss over all layers' real tokens, from router_totals' sums: coef * E *
+    sum_e f[e] * P[e], where f[e] is the fraction of tokens routed to e (summed over a
+    token's choices) and P[e] the mean router probability of e (the Mixtral form, with k
+    choices per token)."""
+    if tokens == 0:
+        return probs.sum() * 0.0
+    frac = chosen / tokens  # (E,)
+    mean_p = probs / tokens  # (E,)
     return spec.aux_loss_coef * spec.num_experts * (frac * mean_p).sum()

@@ -54,3 +54,38 @@ def test_choosing_together_trains_like_choosing_job_by_job(
             torch.testing.assert_close(
                 together[name][k], v, atol=1e-5, rtol=1e-5, msg=f"{name} {k}: {diff:.2e}"
             )
+
+
+def test_load_balance_losses_and_router_loads_equal_job_by_jobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Logged together, a layer's router statistics are summed per job in one op; the losses
+    # and loads must be what each job's own tokens give, padding excluded.
+    def run(together: bool) -> tuple[dict, dict]:
+        with monkeypatch.context() as m:
+            if not together:
+                m.setattr(MultiAdapterMLP, "_routes_alike", lambda self, segs: False)
+            trainer = FusedTrainer(AdapterModel(tiny_llama()), pad_id=0)
+            hp = mixlora_hp(num_experts=3, top_k=2, batch_size=2, router_aux_loss_coef=0.5)
+            for i in range(3):
+                trainer.add_job(make_job(f"m{i}", hp, seed=10 + i, n_rows=4))
+            batches = [(job, *job.next_micro_batch()) for job in trainer.active]
+            ids, _, mask, segments = trainer._collate(batches)
+            assert not mask.all()  # rows of random length: padding is there
+            with trainer.model.fused(segments, mask, training=False):
+                trainer.model.model.model(input_ids=ids, attention_mask=mask)
+                aux = trainer.model.aux_losses()
+                loads = trainer.model.router_load()
+            logged = trainer.model.state.router_logs
+            assert logged is not None and all(
+                len(log.names) == (3 if together else 1) for log in logged
+            )
+            return aux, loads
+
+    (aux_t, load_t), (aux_j, load_j) = run(True), run(False)
+    assert set(aux_t) == set(aux_j) == {"m0", "m1", "m2"}
+    for name in aux_j:
+        assert float(aux_j[name].detach()) > 0
+        torch.testing.assert_close(aux_t[name], aux_j[name], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(load_t[name], load_j[name], rtol=1e-6, atol=1e-7)
+        assert abs(float(load_j[name].sum()) - 1) < 1e-6

@@ -4,12 +4,18 @@ and its own index only."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from mixloom.kernels import dropout_keep, reference
 from mixloom.kernels.dropout import KEY
+
+# bench/gpu.sh runs these on the GPU (TRITON_INTERPRET=0): the kernel then gets CUDA tensors
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 
 def test_reference_philox_gives_random123s_known_answers() -> None:
@@ -34,7 +40,7 @@ def _inputs(rows: int, J: int, seed: int = 0):  # type: ignore[no-untyped-def]
     job = torch.randint(0, J, (rows,), generator=g).to(torch.int32)
     local = torch.randint(0, 2**40, (rows,), generator=g)  # counters past 32 bits too
     thresholds = torch.randint(-(2**15), 2**15 + 1, (rows,), generator=g).to(torch.int32)
-    return seeds, job, local, thresholds
+    return seeds.to(DEVICE), job.to(DEVICE), local.to(DEVICE), thresholds.to(DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -58,8 +64,8 @@ def test_kernel_equals_numpy_philox(rows: int, cols: int, J: int) -> None:
 
 def test_thresholds_at_the_ends_keep_all_and_none() -> None:
     seeds, job, local, _ = _inputs(20, 2)
-    always = torch.full((20,), -(2**15), dtype=torch.int32)
-    never = torch.full((20,), 2**15, dtype=torch.int32)
+    always = torch.full((20,), -(2**15), dtype=torch.int32, device=DEVICE)
+    never = torch.full((20,), 2**15, dtype=torch.int32, device=DEVICE)
     assert dropout_keep(seeds, job, local, always, 33).all()
     assert not dropout_keep(seeds, job, local, never, 33).any()
 
@@ -70,7 +76,7 @@ def test_a_rows_mask_depends_on_its_seed_and_index_only() -> None:
     # other jobs' seeds changed, rows shuffled: each row's own mask is unchanged
     others = seeds.clone()
     others[1:] += 12345
-    perm = torch.randperm(24, generator=torch.Generator().manual_seed(1))
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     moved = dropout_keep(others, job[perm], local[perm], thresholds[perm], 40)
     of_job0 = job[perm] == 0
     assert torch.equal(moved[of_job0], keep[perm][of_job0])
@@ -80,10 +86,10 @@ def test_a_rows_mask_depends_on_its_seed_and_index_only() -> None:
 def test_drop_rate_is_the_thresholds_probability() -> None:
     # p = 0.1 on the int16 scale (layers._threshold): 6,554 of 65,536 bit patterns drop
     rows, cols = 64, 256
-    seeds = torch.tensor([7, -3], dtype=torch.int64)
-    job = torch.arange(rows, dtype=torch.int32) % 2
-    local = torch.arange(rows) // 2
-    thresholds = torch.full((rows,), 6554 - 2**15, dtype=torch.int32)
+    seeds = torch.tensor([7, -3], dtype=torch.int64, device=DEVICE)
+    job = torch.arange(rows, dtype=torch.int32, device=DEVICE) % 2
+    local = torch.arange(rows, device=DEVICE) // 2
+    thresholds = torch.full((rows,), 6554 - 2**15, dtype=torch.int32, device=DEVICE)
     keep = dropout_keep(seeds, job, local, thresholds, cols)
     dropped = 1 - keep.float().mean().item()  # 16,384 decisions: sd 0.0023
     assert abs(dropped - 0.1) < 0.012, dropped

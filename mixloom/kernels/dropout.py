@@ -92,7 +92,8 @@ def _keep_kernel(
         )
 
 
-def _check_device(t: Tensor) -> None:
+def _check_device(*ts: Tensor) -> None:
+    t = ts[0]
     if t.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
             f"counter-based dropout runs in triton: needs CUDA tensors (got {t.device}), or "

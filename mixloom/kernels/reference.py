@@ -143,8 +143,10 @@ def philox_keep(
     """kernels.dropout.keep_mask, computed with numpy on the host: the oracle."""
     seed = seeds.cpu().numpy().view(np.uint64)[job.cpu().numpy()]  # (rows,)
     groups = (cols + 7) // 8
-    counter = local.cpu().numpy().astype(np.uint64)[:, None] * np.uint64(groups) + np.arange(
-        groups, dtype=np.uint64
+    counter: np.ndarray = np.add(
+        local.cpu().numpy().astype(np.uint64)[:, None] * np.uint64(groups),
+        np.arange(groups, dtype=np.uint64),
+        dtype=np.uint64,
     )  # (rows, groups)
     ctr = np.stack(
         [

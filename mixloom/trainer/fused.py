@@ -182,7 +182,8 @@ class FusedTrainer:
         # of them, and the norms are read in one go: one wait for the GPU a step, not one a job.
         report = []
         total_tokens = 0
-        entries = []  # (job, targets, tokens, stepped, aux_value) of the jobs still running
+        # (job, targets, tokens, stepped (None: failed in this step), aux_value) in batch order
+        entries: list[tuple[Job, int, int, bool | None, float | None]] = []
         norms: list[Tensor] = []
         for (job, _, targets), seg in zip(batches, segments, strict=True):
             tokens = int(mask[seg.start : seg.end].sum())
@@ -192,17 +193,18 @@ class FusedTrainer:
             total_tokens += tokens
             job.tokens_seen += tokens
             aux_value = job.aux_sum if job.adapter.is_mixlora else None  # before advance_step
-            stepped = job.advance_micro()
-            if stepped:
+            completes = job.advance_micro()
+            if completes:
                 norms.append(self._clip(job))
-            entries.append((job, targets, tokens, stepped, aux_value))
+            entries.append((job, targets, tokens, completes, aux_value))
         norm_values = iter(torch.stack(norms).tolist() if norms else [])
-        for job, targets, tokens, stepped, aux_value in entries:
-            if stepped is None:  # failed before this step's backward
+        for job, targets, tokens, outcome, aux_value in entries:
+            if outcome is None:  # failed before this step's backward
                 report.append(
                     self._metrics(job, False, float("nan"), None, None, tokens, None, loads)
                 )
                 continue
+            stepped = outcome
             grad_norm = None
             step_loss = None
             if stepped:

@@ -51,7 +51,7 @@ _T = TypeVar("_T")
 
 @dataclass
 class _Snapshot:
-    batch: tuple[Any, ...]  # FusedState's training, token_mask, _host_mask, _real, _consts
+    batch: tuple[Any, ...]  # FusedState._batch(): the batch, its caches and dropout seeds
     streams: dict[str, Tensor]  # adapter name -> its dropout stream's state
 
 
@@ -261,16 +261,9 @@ class FusedState:
         """What a later recomputation of this batch's adapter math needs to see the batch as
         the forward did: the batch's description and caches (the batch may have ended by
         then), and where the named adapters' dropout streams are now."""
+        batch = self._batch()
         return _Snapshot(
-            batch=(
-                self.training,
-                self.token_mask,
-                self._host_mask,
-                self._real,
-                self._consts,
-                dict(self._seeds),
-                dict(self._draws),
-            ),
+            batch=(*batch[:-2], dict(self._seeds), dict(self._draws)),
             # an adapter with a batch seed draws no more from its stream in this batch
             streams={
                 name: self.generators[name].get_state() for name in names if name not in self._seeds
@@ -283,7 +276,22 @@ class FusedState:
         of their streams set back to it, so a recomputation (in the backward, after the
         batch has ended) redraws the same masks; the streams themselves stay put."""
         real = {name: self.generators[name] for name in snap.streams}
-        now = (
+        now = self._batch()
+        for name, state in snap.streams.items():
+            copy = torch.Generator(device=real[name].device)
+            copy.set_state(state)
+            self.generators[name] = copy
+        self._set_batch(snap.batch)
+        self._seeds, self._draws = dict(self._seeds), dict(self._draws)  # the replay's own
+        try:
+            yield
+        finally:
+            self.generators.update(real)
+            self._set_batch(now)
+
+    def _batch(self) -> tuple[Any, ...]:
+        """What describes the batch, for snapshot and replaying."""
+        return (
             self.training,
             self.token_mask,
             self._host_mask,
@@ -292,33 +300,17 @@ class FusedState:
             self._seeds,
             self._draws,
         )
-        for name, state in snap.streams.items():
-            copy = torch.Generator(device=real[name].device)
-            copy.set_state(state)
-            self.generators[name] = copy
+
+    def _set_batch(self, batch: tuple[Any, ...]) -> None:
         (
             self.training,
             self.token_mask,
             self._host_mask,
             self._real,
             self._consts,
-            seeds,
-            draws,
-        ) = snap.batch
-        self._seeds, self._draws = dict(seeds), dict(draws)  # the replay's own to move on
-        try:
-            yield
-        finally:
-            self.generators.update(real)
-            (
-                self.training,
-                self.token_mask,
-                self._host_mask,
-                self._real,
-                self._consts,
-                self._seeds,
-                self._draws,
-            ) = now
+            self._seeds,
+            self._draws,
+        ) = batch
 
     def jitter(self, name: str, x: Tensor, eps: float) -> Tensor:
         if not self.training or eps == 0.0:

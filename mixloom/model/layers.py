@@ -289,28 +289,15 @@ class FusedState:
             self.generators.update(real)
             self._set_batch(now)
 
+    # what describes a batch to the layers: saved by snapshot, set back by replaying
+    _BATCH = ("training", "token_mask", "_host_mask", "_real", "_consts", "_seeds", "_draws")
+
     def _batch(self) -> tuple[Any, ...]:
-        """What describes the batch, for snapshot and replaying."""
-        return (
-            self.training,
-            self.token_mask,
-            self._host_mask,
-            self._real,
-            self._consts,
-            self._seeds,
-            self._draws,
-        )
+        return tuple(getattr(self, name) for name in self._BATCH)
 
     def _set_batch(self, batch: tuple[Any, ...]) -> None:
-        (
-            self.training,
-            self.token_mask,
-            self._host_mask,
-            self._real,
-            self._consts,
-            self._seeds,
-            self._draws,
-        ) = batch
+        for name, value in zip(self._BATCH, batch, strict=True):
+            setattr(self, name, value)
 
     def jitter(self, name: str, x: Tensor, eps: float) -> Tensor:
         if not self.training or eps == 0.0:

@@ -263,7 +263,7 @@ class FusedState:
         then), and where the named adapters' dropout streams are now."""
         batch = self._batch()
         return _Snapshot(
-            batch=(*batch[:-2], dict(self._seeds), dict(self._draws)),
+            batch=(*batch[:-2], dict(self._seeds), dict(self._draws)),  # these move on: copies
             # an adapter with a batch seed draws no more from its stream in this batch
             streams={
                 name: self.generators[name].get_state() for name in names if name not in self._seeds

@@ -167,15 +167,20 @@ class AdapterModel(nn.Module):
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Per MixLoRA adapter: its load-balance loss over the last forward's router logs."""
-        totals = router_totals(self.state.router_logs or [])
-        return {name: aux_loss(*t, self.specs[name]) for name, t in totals.items()}
+        return {name: aux_loss(*t, self.specs[name]) for name, t in self._router_totals().items()}
 
     def router_load(self) -> dict[str, Tensor]:
         """Per MixLoRA adapter: the fraction of routed (token, choice) pairs each expert got,
         (E,) on the device (read it together with other values: each read waits for the
         GPU)."""
-        totals = router_totals(self.state.router_logs or [])
+        totals = self._router_totals()
         return {name: chosen / chosen.sum().clamp(min=1) for name, (_, chosen, _) in totals.items()}
+
+    def _router_totals(self) -> dict[str, tuple[Tensor, Tensor, int]]:
+        """router_totals of the batch's logs, summed once for both aux_losses and
+        router_load (a training step asks for both)."""
+        logs = self.state.router_logs or []
+        return self.state.cached(("router_totals", len(logs)), lambda: router_totals(logs))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw: Any) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)

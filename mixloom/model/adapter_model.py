@@ -20,9 +20,11 @@ from mixloom.model.layers import (
     aux_loss,
     router_totals,
 )
+from mixloom.model.packing import repack
 from mixloom.model.specs import AdapterSpec
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def _layers(model: Any) -> Any:
@@ -90,6 +92,7 @@ class AdapterModel(nn.Module):
         self.specs[spec.name] = spec
         # on the host whatever the device: dropout draws seeds from it (no device work)
         self.generators[spec.name] = torch.Generator().manual_seed(spec.seed + 1)
+        self._repack()
 
     def remove_adapter(self, name: str) -> None:
         for layer in _layers(self.model):
@@ -104,6 +107,23 @@ class AdapterModel(nn.Module):
             mlp.specs.pop(name, None)
         self.specs.pop(name, None)
         self.generators.pop(name, None)
+        self._repack()
+
+    def _repack(self) -> None:
+        """Each projection's weights of every adapter back to back in one block, in the order
+        the adapters joined, which is the order of a fused batch (model/packing.py)."""
+        for layer in _layers(self.model):
+            groups: list[list[LoraWeights]] = [
+                list(getattr(layer.self_attn, proj).adapters.values()) for proj in _ATTENTION
+            ]
+            mlp = layer.mlp
+            for proj in _MLP:
+                groups.append([d[proj] for d in mlp.lora.values() if proj in d])
+                groups.append([m.experts[proj] for m in mlp.moe.values() if proj in m.experts])
+            for group in groups:
+                repack([w.lora_A for w in group])
+                repack([w.lora_B for w in group])
+            repack([m.router for m in mlp.moe.values()])
 
     def named_adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of one adapter in a fixed order; names are model-relative."""

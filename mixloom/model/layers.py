@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mixloom import kernels
 from mixloom.jobspec import Routing
+from mixloom.model.packing import joined
 from mixloom.model.specs import AdapterSpec, LoraSpec
 
 
@@ -473,8 +474,13 @@ def _stack(weights: list[LoraWeights]) -> tuple[Tensor, Tensor]:
         return (a[None], b[None]) if a.dim() == 2 else (a, b)
     rmax = max(w.spec.r for w in weights)
     if all(w.spec.r == rmax for w in weights):  # one op each, not one per job (host cost)
-        join = torch.stack if weights[0].lora_A.dim() == 2 else torch.cat
-        return join([w.lora_A for w in weights]), join([w.lora_B for w in weights])
+        stacked = weights[0].lora_A.dim() == 2
+        As, Bs = [w.lora_A for w in weights], [w.lora_B for w in weights]
+        A, B = joined(As, stacked=stacked), joined(Bs, stacked=stacked)
+        if A is not None and B is not None:  # packed in this order: views, no copy
+            return A, B
+        join = torch.stack if stacked else torch.cat
+        return join(As), join(Bs)
     As, Bs = [], []
     for w in weights:
         a, b = w.lora_A, w.lora_B
@@ -739,7 +745,10 @@ class MultiAdapterMLP(nn.Module):
         every_row = rows_h.shape[0] == xf.shape[0]  # the jobs' real tokens are the whole batch
         idx = None if every_row else st.cached(key + ("rows",), lambda: upload(rows_h, dev))
         job = st.cached(key + ("job",), lambda: upload(job_h, dev))
-        router = torch.cat([self.moe[seg.name].router for seg in segs])  # (J*E, H)
+        routers = [self.moe[seg.name].router for seg in segs]
+        router = joined(routers, stacked=False)  # (J*E, H), a view when packed in this order
+        if router is None:
+            router = torch.cat(routers)
         logits = _RouterLogits.apply(xf, router)  # (n, J*E): E columns a job are nothing
         if idx is not None:
             logits = logits.index_select(0, idx)  # (n_real, J*E)

@@ -154,71 +154,62 @@ class FusedTrainer:
                 loss = loss + aux[job.name] / job.micro_batches
             job_loss.append(loss)
         aux_list = [aux[job.name] for job, _, _ in batches if job.name in aux]
-        scalars = torch.stack([t.detach() for t in job_loss + sums + aux_list])
-        # the step's one read of the device: losses, sums, aux losses and router loads
+        torch.stack(job_loss).sum().backward()
+
+        # Jobs whose micro-batches complete an optimizer step take it now, on the device, with
+        # no read in between: the clipping and a non-finite loss or gradient norm reach the
+        # fused AdamW step as device scalars (grad_scale, found_inf; the latter skips the
+        # update), so the host queues the whole step without waiting for the GPU. What the
+        # step did is read once, at the end.
+        stepping = [job.micro + 1 >= job.micro_batches for job, _, _ in batches]
+        norms: list[Tensor] = []
+        for (job, _, _), loss, steps in zip(batches, job_loss, stepping, strict=True):
+            if steps:
+                norm = self._clip(job)
+                job.optimizer.found_inf = (  # type: ignore[attr-defined]
+                    ~(torch.isfinite(norm) & torch.isfinite(loss.detach()))
+                ).float()
+                self._optimizer_step(job)
+                norms.append(norm)
+
+        # the step's one read of the device: losses, sums, aux losses, norms, router loads
+        scalars = torch.stack([t.detach() for t in job_loss + sums + aux_list + norms])
         values = torch.cat([scalars, *load_tensors.values()]).tolist()
         loads, at = {}, scalars.shape[0]
         for name, load in load_tensors.items():
             loads[name] = values[at : at + load.shape[0]]
             at += load.shape[0]
-        values = values[: scalars.shape[0]]
         n_jobs = len(batches)
         loss_values, sum_values = values[:n_jobs], values[n_jobs : 2 * n_jobs]
-        aux_values = iter(values[2 * n_jobs :])
+        aux_values = iter(values[2 * n_jobs : 2 * n_jobs + len(aux_list)])
+        norm_values = iter(values[2 * n_jobs + len(aux_list) : scalars.shape[0]])
 
-        losses: dict[str, Tensor] = {}
-        micro_loss: dict[str, float] = {}
-        for i, (job, _, _) in enumerate(batches):
-            aux_value = next(aux_values) if job.name in aux else None
-            value = loss_values[i]
-            if not math.isfinite(value):
-                self._fail(job, f"loss became {value} at step {job.step + 1}")
-                continue
-            losses[job.name] = job_loss[i]
-            n_here = bounds[i][1] - bounds[i][0]
-            micro_loss[job.name] = sum_values[i] / max(1, n_here)
-            job.loss_sum += sum_values[i]
-            if aux_value is not None:
-                job.aux_sum += aux_value / job.micro_batches
-        if losses:
-            torch.stack(list(losses.values())).sum().backward()
-        for job, _, _ in batches:
-            if job.status == JobStatus.FAILED:  # its rows may hold inf*0 = NaN gradients
-                job.optimizer.zero_grad(set_to_none=True)
-
-        # Jobs whose micro-batches complete an optimizer step clip their gradients first, all
-        # of them, and the norms are read in one go: one wait for the GPU a step, not one a job.
         report = []
         total_tokens = 0
-        # (job, targets, tokens, stepped (None: failed in this step), aux_value) in batch order
-        entries: list[tuple[Job, int, int, bool | None, float | None]] = []
-        norms: list[Tensor] = []
-        for (job, _, targets), seg in zip(batches, segments, strict=True):
+        for i, ((job, _, targets), seg) in enumerate(zip(batches, segments, strict=True)):
             tokens = int(mask[seg.start : seg.end].sum())
-            if job.status != JobStatus.RUNNING:
-                entries.append((job, targets, tokens, None, None))
-                continue
-            total_tokens += tokens
-            job.tokens_seen += tokens
-            aux_value = job.aux_sum if job.adapter.is_mixlora else None  # before advance_step
-            completes = job.advance_micro()
-            if completes:
-                norms.append(self._clip(job))
-            entries.append((job, targets, tokens, completes, aux_value))
-        norm_values = iter(torch.stack(norms).tolist() if norms else [])
-        for job, targets, tokens, outcome, aux_value in entries:
-            if outcome is None:  # failed before this step's backward
+            aux_value = next(aux_values) if job.name in aux else None
+            grad_norm = next(norm_values) if stepping[i] else None
+            if not math.isfinite(loss_values[i]):
+                self._fail(job, f"loss became {loss_values[i]} at step {job.step + 1}")
                 report.append(
                     self._metrics(job, False, float("nan"), None, None, tokens, None, loads)
                 )
                 continue
-            stepped = outcome
-            grad_norm = None
+            micro_loss = sum_values[i] / max(1, bounds[i][1] - bounds[i][0])
+            job.loss_sum += sum_values[i]
+            if aux_value is not None:
+                job.aux_sum += aux_value / job.micro_batches
+            total_tokens += tokens
+            job.tokens_seen += tokens
+            aux_value = job.aux_sum if job.adapter.is_mixlora else None  # before advance_step
+            job.advance_micro()
             step_loss = None
-            if stepped:
-                grad_norm = next(norm_values)
-                self._optimizer_step(job, grad_norm)
-                if job.status == JobStatus.RUNNING:
+            if grad_norm is not None:
+                if not math.isfinite(grad_norm):  # the update was skipped (found_inf)
+                    self._fail(job, f"gradient norm became {grad_norm} at step {job.step + 1}")
+                else:
+                    job.scheduler.step()
                     step_loss = job.loss_sum / max(1, targets)
                     job.advance_step()
                     if job.done:
@@ -226,8 +217,8 @@ class FusedTrainer:
             report.append(
                 self._metrics(
                     job,
-                    stepped,
-                    micro_loss[job.name],
+                    stepping[i],
+                    micro_loss,
                     step_loss,
                     aux_value,
                     tokens,
@@ -284,17 +275,14 @@ class FusedTrainer:
             job.optimizer.grad_scale = divisor  # type: ignore[attr-defined]
         return norm
 
-    def _optimizer_step(self, job: Job, norm: float) -> None:
-        """The job's optimizer step on its clipped gradients, or its failure when their norm
-        was not finite."""
+    def _optimizer_step(self, job: Job) -> None:
+        """The job's fused AdamW step on its gradients, divided by `grad_scale` (clipping) as it
+        reads them and skipped on the device where `found_inf` is set; then its gradients go."""
         try:
-            if not math.isfinite(norm):
-                self._fail(job, f"gradient norm became {norm} at step {job.step + 1}")
-                return
-            job.optimizer.step()  # fused AdamW divides the gradients by grad_scale as it reads them
+            job.optimizer.step()
         finally:
-            job.optimizer.__dict__.pop("grad_scale", None)
-        job.scheduler.step()
+            for key in ("grad_scale", "found_inf"):
+                job.optimizer.__dict__.pop(key, None)
         job.optimizer.zero_grad(set_to_none=True)
 
     def _fail(self, job: Job, message: str) -> None:

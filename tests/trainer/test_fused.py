@@ -100,3 +100,26 @@ def test_poisoned_job_fails_alone() -> None:
     assert bad.status == JobStatus.FAILED
     assert "nan" in (bad.error or "").lower()
     _assert_same(_weights(fused, "good"), _alone(make_job("good", mixlora_hp(), seed=4), steps))
+
+
+def test_a_job_whose_gradients_blow_up_keeps_its_weights_and_fails_alone() -> None:
+    """Its loss is finite, so nothing is known before the optimizer step; the step is queued
+    with the norm check on the device and must leave the job's weights as they were."""
+    steps = 2
+    fused = trainer_for(tiny_llama())
+    good = make_job("good", mixlora_hp(), seed=4)
+    bad = make_job("bad", lora_hp(), seed=5)
+    fused.add_job(good)
+    fused.add_job(bad)
+    before = _weights(fused, "bad")
+    first = next(iter(fused.model.adapter_parameters("bad")))
+    first.register_hook(lambda g: g + float("inf"))
+    while fused.active and good.step < steps:
+        report = fused.step()
+    assert bad.status == JobStatus.FAILED
+    assert "gradient norm became" in (bad.error or "")
+    state = bad.optimizer.state[first]  # made at the step, then left as it was made
+    assert bad.step == 0 and float(state["step"]) == 0 and not state["exp_avg"].any()
+    _assert_same(_weights(fused, "bad"), before, atol=0.0)
+    assert [m.name for m in report.jobs] == ["good"]
+    _assert_same(_weights(fused, "good"), _alone(make_job("good", mixlora_hp(), seed=4), steps))

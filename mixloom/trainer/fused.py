@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mixloom.data.tokenize import IGNORE_INDEX, EncodedRow, collate
 from mixloom.model.adapter_model import AdapterModel
-from mixloom.model.layers import Segment
+from mixloom.model.layers import Segment, upload
 from mixloom.trainer.host import tune_cpu_allocator
 from mixloom.trainer.job import Job, JobStatus
 from mixloom.trainer.loss import linear_cross_entropy
@@ -134,8 +134,10 @@ class FusedTrainer:
         dev = self.model.device
         full = bool(mask.all())  # host-side: no padding, so plain causal attention
         host_mask = None if full else mask
-        input_ids = input_ids.to(dev)
-        attn = None if full else mask.to(dev)  # `mask` itself stays the host's: read below
+        # uploads from pinned memory: a plain copy from the host waits for the device's queue
+        input_ids = upload(input_ids, dev)
+        attn = None if full else upload(mask, dev)  # `mask` itself stays the host's: read below
+        rows, targets_flat = upload(rows, dev), upload(targets_flat, dev)
 
         # The base stays in eval mode (no base dropout); adapters train through FusedState.
         with self.model.fused(segments, attn, training=True, host_mask=host_mask):
@@ -145,7 +147,7 @@ class FusedTrainer:
             load_tensors = self.model.router_load()
 
         # One fused vocabulary projection + cross-entropy over every job's target positions.
-        token_losses = self._token_losses(hidden, rows.to(dev), targets_flat.to(dev))
+        token_losses = self._token_losses(hidden, rows, targets_flat)
         sums = [token_losses[a:b].sum() for a, b in bounds]  # per job, in batch order
         job_loss: list[Tensor] = []
         for (job, _, targets), token_sum in zip(batches, sums, strict=True):

@@ -1,18 +1,25 @@
 """On a GPU: a fused forward and backward through every adapter layer of the model (attention
 LoRA, MixLoRA top-k and top-p experts, the triton backend) queues its work without a single
-host sync, checked with torch's sync debug mode set to "error". bench/gpu.sh runs it."""
+host sync, checked with torch's sync debug mode set to "error"; and a whole training step,
+optimizer steps included, waits for the GPU once, at its end. bench/gpu.sh runs it."""
 
 from __future__ import annotations
 
 import os
+import random
+import warnings
 
 import pytest
 import torch
 from tiny import tiny_llama
 
+from mixloom.data.tokenize import EncodedRow
+from mixloom.jobspec import LoraHyperparameters, MixLoraHyperparameters
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.layers import Segment
 from mixloom.model.specs import AdapterSpec, LoraSpec
+from mixloom.trainer.fused import FusedTrainer
+from mixloom.trainer.job import Job
 
 pytestmark = [
     pytest.mark.gpu,
@@ -68,3 +75,32 @@ def test_fused_forward_backward_never_waits_for_the_gpu(recompute: bool, padded:
             torch.cuda.set_sync_debug_mode(0)
     grads = [p.grad for _, p in am.named_adapter_parameters("topp")]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _job(name: str, hp: LoraHyperparameters, seed: int) -> Job:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(8):  # one length: no padding (the model code syncs on a padded 2D mask)
+        ids = [rng.randrange(1, 128) for _ in range(20)]
+        rows.append(EncodedRow(ids, [-100] * 5 + ids[5:]))
+    return Job(name, AdapterSpec.from_hyperparameters(name, hp, seed=seed), hp, rows, seed=seed)
+
+
+def test_a_training_step_reads_the_device_once() -> None:
+    trainer = FusedTrainer(AdapterModel(tiny_llama().cuda(), backend="triton"), pad_id=0)
+    common = dict(r=8, lora_alpha=16, lora_dropout=0.1, batch_size=2, max_grad_norm=0.01)
+    trainer.add_job(_job("plain", LoraHyperparameters(**common), seed=1))  # type: ignore[arg-type]
+    moe = MixLoraHyperparameters(num_experts=4, top_k=2, **common)  # type: ignore[arg-type]
+    trainer.add_job(_job("moe", moe, seed=2))
+    trainer.step()  # compiles the kernels, makes the optimizer states
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            report = trainer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs  # the read of losses, norms and router loads
+    assert all(m.stepped and m.grad_norm is not None for m in report.jobs)

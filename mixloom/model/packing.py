@@ -40,17 +40,17 @@ def joined(params: Sequence[Tensor], *, stacked: bool) -> Tensor | None:
     gradients, when the parameters lie back to back in one block in this order and share one
     shape; None otherwise (the caller copies)."""
     first = params[0]
-    count, shape = first.numel(), first.shape
-    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    shape, dtype, ptr = first.shape, first.dtype, first.data_ptr()
+    step = first.numel() * first.element_size()
     for i, p in enumerate(params):
-        if (
-            p.shape != shape
-            or p.dtype != first.dtype
-            or not p.is_contiguous()
-            or p.untyped_storage().data_ptr() != ptr
-            or p.storage_offset() != offset + i * count
-        ):
+        if p.data_ptr() != ptr + i * step or p.shape != shape or p.dtype != dtype:
             return None
+        if not p.is_contiguous():
+            return None
+    # back to back in memory and all inside the first one's block: one block
+    end = (first.storage_offset() + len(params) * first.numel()) * first.element_size()
+    if end > first.untyped_storage().nbytes():
+        return None
     return _Joined.apply(stacked, *params)  # type: ignore[no-any-return]
 
 

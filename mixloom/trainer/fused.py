@@ -164,6 +164,9 @@ class FusedTrainer:
         # update), so the host queues the whole step without waiting for the GPU. What the
         # step did is read once, at the end.
         stepping = [job.micro + 1 >= job.micro_batches for job, _, _ in batches]
+        for (job, _, _), steps in zip(batches, stepping, strict=True):
+            if steps and not job.optimizer.state:
+                self._make_moments(job)
         norms: list[Tensor] = []
         for (job, _, _), loss, steps in zip(batches, job_loss, stepping, strict=True):
             if steps:
@@ -276,6 +279,17 @@ class FusedTrainer:
             divisor = ((norm + 1e-6) / job.hp.max_grad_norm).clamp(min=1.0)
             job.optimizer.grad_scale = divisor  # type: ignore[attr-defined]
         return norm
+
+    def _make_moments(self, job: Job) -> None:
+        """AdamW makes a job's moments (twice its weights) at its first step. Made here by a
+        step the device skips (found_inf), before any job of this fused step updates its
+        weights: running out of memory for them leaves every job as it was, so the worker can
+        undo the step and retry it."""
+        try:
+            job.optimizer.found_inf = torch.ones((), device=self.model.device)  # type: ignore[attr-defined]
+            job.optimizer.step()
+        finally:
+            job.optimizer.__dict__.pop("found_inf", None)
 
     def _optimizer_step(self, job: Job) -> None:
         """The job's fused AdamW step on its gradients, divided by `grad_scale` (clipping) as it

@@ -123,3 +123,25 @@ def test_a_job_whose_gradients_blow_up_keeps_its_weights_and_fails_alone() -> No
     _assert_same(_weights(fused, "bad"), before, atol=0.0)
     assert [m.name for m in report.jobs] == ["good"]
     _assert_same(_weights(fused, "good"), _alone(make_job("good", mixlora_hp(), seed=4), steps))
+
+
+def test_running_out_of_memory_for_the_moments_updates_no_job() -> None:
+    """Jobs step one after another inside a fused step; the first step of each also makes
+    its AdamW moments. An out-of-memory there must find no job updated yet, so that the
+    worker can undo the whole step (scheduler/worker.py _out_of_memory) and retry."""
+    fused = trainer_for(tiny_llama())
+    first, second = make_job("first", lora_hp(), seed=1), make_job("second", lora_hp(), seed=2)
+    fused.add_job(first)
+    fused.add_job(second)
+    before = _weights(fused, "first")
+    real = second.optimizer.step
+
+    def no_memory(*args: object, **kw: object) -> object:
+        if not second.optimizer.state:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kw)
+
+    second.optimizer.step = no_memory  # type: ignore[method-assign]
+    with pytest.raises(torch.OutOfMemoryError):
+        fused.step()
+    _assert_same(_weights(fused, "first"), before, atol=0.0)

@@ -475,7 +475,8 @@ def _stack(weights: list[LoraWeights]) -> tuple[Tensor, Tensor]:
     rmax = max(w.spec.r for w in weights)
     if all(w.spec.r == rmax for w in weights):  # one op each, not one per job (host cost)
         stacked = weights[0].lora_A.dim() == 2
-        As, Bs = [w.lora_A for w in weights], [w.lora_B for w in weights]
+        As: list[Tensor] = [w.lora_A for w in weights]
+        Bs: list[Tensor] = [w.lora_B for w in weights]
         A, B = joined(As, stacked=stacked), joined(Bs, stacked=stacked)
         if A is not None and B is not None:  # packed in this order: views, no copy
             return A, B
@@ -745,7 +746,7 @@ class MultiAdapterMLP(nn.Module):
         every_row = rows_h.shape[0] == xf.shape[0]  # the jobs' real tokens are the whole batch
         idx = None if every_row else st.cached(key + ("rows",), lambda: upload(rows_h, dev))
         job = st.cached(key + ("job",), lambda: upload(job_h, dev))
-        routers = [self.moe[seg.name].router for seg in segs]
+        routers: list[Tensor] = [self.moe[seg.name or ""].router for seg in segs]  # type: ignore[misc]
         router = joined(routers, stacked=False)  # (J*E, H), a view when packed in this order
         if router is None:
             router = torch.cat(routers)

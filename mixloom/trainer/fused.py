@@ -130,14 +130,14 @@ class FusedTrainer:
             rows, targets = job.next_micro_batch()
             batches.append((job, rows, targets))
         input_ids, labels, mask, segments = self._collate(batches)
-        rows, targets_flat, bounds = _target_rows(labels, segments)  # host-side layout
+        target_rows, targets_flat, bounds = _target_rows(labels, segments)  # host-side layout
         dev = self.model.device
         full = bool(mask.all())  # host-side: no padding, so plain causal attention
         host_mask = None if full else mask
         # uploads from pinned memory: a plain copy from the host waits for the device's queue
         input_ids = upload(input_ids, dev)
         attn = None if full else upload(mask, dev)  # `mask` itself stays the host's: read below
-        rows, targets_flat = upload(rows, dev), upload(targets_flat, dev)
+        target_rows, targets_flat = upload(target_rows, dev), upload(targets_flat, dev)
 
         # The base stays in eval mode (no base dropout); adapters train through FusedState.
         with self.model.fused(segments, attn, training=True, host_mask=host_mask):
@@ -147,7 +147,7 @@ class FusedTrainer:
             load_tensors = self.model.router_load()
 
         # One fused vocabulary projection + cross-entropy over every job's target positions.
-        token_losses = self._token_losses(hidden, rows, targets_flat)
+        token_losses = self._token_losses(hidden, target_rows, targets_flat)
         sums = [token_losses[a:b].sum() for a, b in bounds]  # per job, in batch order
         job_loss: list[Tensor] = []
         for (job, _, targets), token_sum in zip(batches, sums, strict=True):

@@ -19,8 +19,14 @@ allocated on the GPU, or the peak RSS of the process on CPU.
 Configs: `gpu` is DESIGN.md section 7's (LLaMA-2-7B shape, bf16, 4096 tokens/step); `cpu` is
 PEERS.md's CPU proxy (hidden 576, 4 layers, vocab 49152, 1024 tokens/step, fp32).
 
+`--profile DIR`: after the timed steps, one more step of mixloom or PEFT under torch's profiler;
+DIR gets its busiest ops as a table (profile_<system>_<K>.md), and the result a "device busy"
+share: the union of the step's kernel intervals over the unprofiled step time. Well under 100%
+on a GPU means the device waited for the host (launch overhead, Python, reads).
+
 Usage: python bench/bench_e2e.py [--config cpu|gpu] [--jobs 1 4 16]
-           [--systems mixloom mixloom-recompute mixloom-kept peft moe-peft] [--steps 3] [--warmup 1] [--json PATH]
+           [--systems mixloom mixloom-recompute mixloom-kept peft moe-peft] [--steps 3] [--warmup 1]
+           [--json PATH] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -119,6 +125,48 @@ def _timed_steps(step, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _profiled(step, steps_seconds: float, out: str | None, label: str) -> dict:  # type: ignore[no-untyped-def]
+    """One more step under torch's profiler (see --profile): its busiest ops into
+    out/profile_<label>.md; -> the step's kernel count and device-busy share."""
+    if out is None:
+        return {}
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA
+    )
+    busy, end = 0, None
+    for lo, hi in spans:  # union of the kernels' intervals, in microseconds
+        if end is None or lo > end:
+            busy += hi - lo
+            end = hi
+        elif hi > end:
+            busy += hi - end
+            end = hi
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    path = Path(out) / f"profile_{label}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"{label}: {len(spans)} kernels, device busy {busy / 1e3:.1f} ms of a "
+        f"{steps_seconds * 1e3:.1f} ms step (unprofiled)\n\n{table}\n"
+    )
+    if not cuda:
+        return {}
+    return dict(kernels=len(spans), device_busy=busy / 1e6 / steps_seconds)
+
+
 def _peak_mib() -> float:
     import torch
 
@@ -161,13 +209,22 @@ def peft_step(spec: dict, jobs: int):  # type: ignore[no-untyped-def]
     return step
 
 
-def worker_peft(spec: dict, jobs: int, steps: int, warmup: int) -> dict:
-    sec = _timed_steps(peft_step(spec, jobs), steps, warmup)
-    return dict(seconds_per_step=sec, peak_mib=_peak_mib())
+def worker_peft(spec: dict, jobs: int, steps: int, warmup: int, profile: str | None = None) -> dict:
+    step = peft_step(spec, jobs)
+    sec = _timed_steps(step, steps, warmup)
+    peak = _peak_mib()
+    return dict(
+        seconds_per_step=sec, peak_mib=peak, **_profiled(step, sec, profile, f"peft_{jobs}")
+    )
 
 
 def worker_mixloom(
-    spec: dict, jobs: int, steps: int, warmup: int, recompute: bool | None = None
+    spec: dict,
+    jobs: int,
+    steps: int,
+    warmup: int,
+    profile: str | None = None,
+    recompute: bool | None = None,
 ) -> dict:
     from mixloom.data.tokenize import EncodedRow
     from mixloom.jobspec import MixLoraHyperparameters
@@ -191,13 +248,18 @@ def worker_mixloom(
         adapter = AdapterSpec.from_hyperparameters(name, hp, seed=i)
         trainer.add_job(Job(name=name, adapter=adapter, hp=hp, rows=[EncodedRow(ids, ids)]))
     sec = _timed_steps(trainer.step, steps, warmup)
-    return dict(seconds_per_step=sec, peak_mib=_peak_mib(), backend=backend)
+    peak = _peak_mib()
+    mode = {None: "", True: "_recompute", False: "_kept"}[recompute]
+    extra = _profiled(trainer.step, sec, profile, f"mixloom{mode}_{jobs}")
+    return dict(seconds_per_step=sec, peak_mib=peak, backend=backend, **extra)
 
 
 # ---- driver ----------------------------------------------------------------------------------
 
 
-def run_one(system: str, config: str, jobs: int, steps: int, warmup: int) -> dict:
+def run_one(
+    system: str, config: str, jobs: int, steps: int, warmup: int, profile: str | None = None
+) -> dict:
     spec = CONFIGS[config]
     args = dict(system=system, config=config, jobs=jobs, steps=steps, warmup=warmup)
     if system == "moe-peft":
@@ -205,7 +267,8 @@ def run_one(system: str, config: str, jobs: int, steps: int, warmup: int) -> dic
             return dict(error="no bench/.venv-moe-peft: run bench/setup_peers.sh")
         cmd = [str(MOE_PEFT_PY), str(BENCH / "peer_moe_peft.py"), json.dumps({**args, **spec})]
     else:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(args)]
+        worker = {**args, "profile": profile}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(worker)]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -226,6 +289,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", default=None, help="folder for one profiled step's tables")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -238,7 +302,7 @@ def main() -> None:
             "mixloom-recompute": functools.partial(worker_mixloom, recompute=True),
             "mixloom-kept": functools.partial(worker_mixloom, recompute=False),
         }[w["system"]]
-        res = fn(CONFIGS[w["config"]], w["jobs"], w["steps"], w["warmup"])
+        res = fn(CONFIGS[w["config"]], w["jobs"], w["steps"], w["warmup"], w.get("profile"))
         print("RESULT " + json.dumps(res), flush=True)
         return
 
@@ -251,18 +315,25 @@ def main() -> None:
     rows = []
     for system in args.systems:
         for jobs in args.jobs:
-            res = run_one(system, config, jobs, args.steps, args.warmup)
+            res = run_one(system, config, jobs, args.steps, args.warmup, args.profile)
             rows.append(dict(system=system, jobs=jobs, **res))
             print(f"  {system} K={jobs}: {res}", file=sys.stderr, flush=True)
-    print(f"\n| system | jobs | tokens/s | s/step | {mem} |\n| --- | ---: | ---: | ---: | ---: |")
+    busy = any("device_busy" in r for r in rows)
+    extra = " kernels | device busy |" if busy else ""
+    print(f"\n| system | jobs | tokens/s | s/step | {mem} |{extra}")
+    print("| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if busy else ""))
     for r in rows:
         if "error" in r:
             print(f"| {r['system']} | {r['jobs']} | failed: {r['error'][:120]} | | |")
-        else:
-            print(
-                f"| {r['system']} | {r['jobs']} | {r['tokens_per_s']:,.0f} | "
-                f"{r['seconds_per_step']:.3f} | {r['peak_mib']:,.0f} |"
-            )
+            continue
+        line = (
+            f"| {r['system']} | {r['jobs']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['seconds_per_step']:.3f} | {r['peak_mib']:,.0f} |"
+        )
+        if busy:
+            k, b = r.get("kernels"), r.get("device_busy")
+            line += f" {k:,} | {b:.0%} |" if k is not None else " | |"
+        print(line)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(config=config, rows=rows)))

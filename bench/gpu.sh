@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# On a CUDA machine, in one go (under 8 minutes on an H200; each step has its own timeout):
+# On a CUDA machine, in one go (under 8 minutes on an H200; each step has its own timeout,
+# 480 s in all: run it with timeout_s=520):
 #   1. kernel correctness on the GPU: tests/kernels with TRITON_INTERPRET=0 (forward and every
 #      gradient of both backends vs the reference, fp32/fp16/bf16; the layer chain and a whole
 #      model forward+backward under sync-debug "error")
 #   2. the kernel-level comparison at the DESIGN.md shape (bench_lora_segments.py --config design)
 #   3. a small tile-size sweep of the triton kernels (MIXLOOM_* knobs in kernels/segmented.py)
-#   4. end to end (bench_e2e.py --config gpu), when mixloom.trainer.fused exists
+#   4. end to end (bench_e2e.py --config gpu), when mixloom.trainer.fused exists, with one
+#      profiled step a row: its busiest kernels (profile_*.md) and how busy the GPU was
 # Logs and JSON go to $OUT (the device tool's folder) or bench/out.
 # Needs python3 with torch, triton, pytest, transformers, peft; mixloom's own pure-python
 # dependencies (pydantic) may come as wheels in .whl/ (installed to /tmp/site first).
@@ -23,7 +25,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 
 echo "== 1. kernel correctness on the GPU"
-timeout 150 python3 -m pytest -q -m "not slow" -p no:cacheprovider tests/kernels \
+timeout 140 python3 -m pytest -q -m "not slow" -p no:cacheprovider tests/kernels \
     --deselect tests/kernels/test_cubin_check.py 2>&1 \
     | tee "$out/gpu_tests.log" | tail -25
 
@@ -46,12 +48,12 @@ done | tee "$out/kernels_sweep.md"
 echo "== 4. end to end"
 if [ -f mixloom/trainer/fused.py ]; then
     # The DESIGN targets: mixloom 4 jobs vs PEFT 1 job; mixloom 16 jobs vs mixloom 4 jobs.
-    timeout 80 python3 bench/bench_e2e.py --config gpu --jobs 4 16 \
-        --systems mixloom --steps 3 --warmup 1 --json "$out/e2e_gpu_mixloom.json" 2>&1 \
-        | tee "$out/e2e_gpu_mixloom.md"
-    timeout 55 python3 bench/bench_e2e.py --config gpu --jobs 1 4 \
-        --systems peft --steps 3 --warmup 1 --json "$out/e2e_gpu_peft.json" 2>&1 \
-        | tee "$out/e2e_gpu_peft.md"
+    timeout 110 python3 bench/bench_e2e.py --config gpu --jobs 4 16 \
+        --systems mixloom --steps 3 --warmup 1 --json "$out/e2e_gpu_mixloom.json" \
+        --profile "$out" 2>&1 | tee "$out/e2e_gpu_mixloom.md"
+    timeout 65 python3 bench/bench_e2e.py --config gpu --jobs 1 4 \
+        --systems peft --steps 3 --warmup 1 --json "$out/e2e_gpu_peft.json" \
+        --profile "$out" 2>&1 | tee "$out/e2e_gpu_peft.md"
     # The rows above recompute adapter activations in the backward (the GPU default); this
     # one keeps them: what the recomputation costs in time and saves in memory.
     timeout 45 python3 bench/bench_e2e.py --config gpu --jobs 4 \

@@ -3,7 +3,7 @@
 # (the image has torch, triton, transformers, peft, numpy, tokenizers; not pydantic; its
 # typing_extensions may be older than pydantic wants), for its
 # Python 3.12 on x86-64, into .whl/ (git-ignored through .git/info/exclude). Then:
-#   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=480)
+#   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=520)
 # gpu.sh installs whatever lies in .whl/ into /tmp/site first. Versions: this venv's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,6 +12,7 @@ to each parameter as a slice, as `torch.cat`'s backward does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -51,7 +52,22 @@ def joined(params: Sequence[Tensor], *, stacked: bool) -> Tensor | None:
     end = (first.storage_offset() + len(params) * first.numel()) * first.element_size()
     if end > first.untyped_storage().nbytes():
         return None
+    if not torch.is_grad_enabled():  # e.g. a forward whose activations are recomputed later
+        return first.as_strided(
+            *_layout(len(params), tuple(shape), stacked), first.storage_offset()
+        )
     return _Joined.apply(stacked, *params)  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(count: int, shape: tuple[int, ...], stacked: bool) -> tuple[tuple[int, ...], ...]:
+    """(size, strides) of `count` contiguous `shape` tensors stacked, or concatenated on dim 0."""
+    size = (count, *shape) if stacked else (count * shape[0], *shape[1:])
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= n
+    return size, tuple(reversed(strides))
 
 
 class _Joined(torch.autograd.Function):
@@ -60,10 +76,9 @@ class _Joined(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, stacked: bool, *params: Tensor) -> Tensor:  # type: ignore[override]
         first = params[0]
-        rows = [p.shape[0] for p in params]
-        size = (len(params), *first.shape) if stacked else (sum(rows), *first.shape[1:])
-        ctx.stacked, ctx.rows = stacked, rows  # type: ignore[attr-defined]
-        return first.as_strided(size, _contiguous_strides(size), first.storage_offset())
+        ctx.stacked, ctx.rows = stacked, first.shape[0]  # type: ignore[attr-defined]
+        layout = _layout(len(params), tuple(first.shape), stacked)
+        return first.as_strided(*layout, first.storage_offset())
 
     @staticmethod
     def backward(
@@ -71,11 +86,3 @@ class _Joined(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         parts = grad.unbind(0) if ctx.stacked else grad.split(ctx.rows)  # type: ignore[attr-defined]
         return (None, *parts)
-
-
-def _contiguous_strides(size: Sequence[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(size):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))

@@ -40,6 +40,15 @@ def test_joined_is_a_view_with_the_copys_values_and_gradients(stacked: bool) -> 
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
 
 
+def test_joined_without_grad_is_a_plain_view() -> None:
+    ps = _params((2, 3, 4), (2, 3, 4))
+    repack(ps)
+    with torch.no_grad():
+        view = joined(ps, stacked=False)
+    assert view is not None and view.grad_fn is None and view.data_ptr() == ps[0].data_ptr()
+    torch.testing.assert_close(view, torch.cat([p.detach() for p in ps]), rtol=0, atol=0)
+
+
 def test_joined_declines_what_is_not_back_to_back_in_order() -> None:
     ps = _params((2, 4), (2, 4), (2, 4))
     assert joined(ps, stacked=True) is None  # each in its own memory

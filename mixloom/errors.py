@@ -49,10 +49,6 @@ class ModelLoadError(MixloomError):
     """The base model or an adapter could not be loaded."""
 
 
-class JobFailed(MixloomError):
-    """A training job failed (e.g. its loss became NaN); other jobs are unaffected."""
-
-
 @dataclass
 class ProblemList:
     """Collects problems and raises them all at once."""

@@ -51,10 +51,6 @@ class TrainingHyperparameters(_Strict):
     def micro(self) -> int:
         return self.micro_batch_size or self.batch_size
 
-    @property
-    def accumulation_steps(self) -> int:
-        return self.batch_size // self.micro
-
 
 class LoraHyperparameters(TrainingHyperparameters):
     r: Annotated[int, Field(ge=1, le=1024)] = 8

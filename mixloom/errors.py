@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 class MixloomError(Exception):
@@ -64,6 +66,38 @@ class ProblemList:
     def raise_if_any(self, cls: type[ValidationError] = ValidationError) -> None:
         if self.problems:
             raise cls(list(self.problems))
+
+
+class _PydanticErrors(Protocol):
+    """pydantic's ValidationError, or FastAPI's RequestValidationError (not imported here:
+    the client package imports this module and needs neither)."""
+
+    def errors(self) -> Sequence[Mapping[str, Any]]: ...
+
+
+def pydantic_problems(exc: _PydanticErrors, prefix: str = "") -> list[Problem]:
+    """Every error pydantic found, as Problems whose `where` is a dotted path under `prefix`."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
+        where = ".".join(([prefix] if prefix else []) + loc)
+        kind = err.get("type", "")
+        msg = str(err.get("msg", "invalid value"))
+        if kind == "json_invalid":
+            ctx = err.get("ctx") or {}
+            where = prefix
+            msg = (
+                f"not valid JSON ({ctx.get('error', 'parse error')} at character "
+                f"{loc[-1] if loc else 0}); send one JSON object"
+            )
+        elif kind == "extra_forbidden":
+            msg = "unknown key (not a mixloom setting; check the spelling)"
+        elif kind == "missing":
+            msg = "required; it is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        problems.append(Problem(where, msg))
+    return problems
 
 
 class RequestError(MixloomError):

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
-from mixloom.errors import ConfigError, Problem
+from mixloom.errors import ConfigError, pydantic_problems
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -165,21 +165,6 @@ class JobSpec(_Strict):
     validation_file: str | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
     method: Method = Method(type="lora")
-
-
-def pydantic_problems(exc: PydanticValidationError, prefix: str = "") -> list[Problem]:
-    """Flatten a pydantic error into Problems whose `where` is a dotted path."""
-    problems = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
-        where = ".".join(([prefix] if prefix else []) + loc)
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (not a mixloom setting; check the spelling)"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        problems.append(Problem(where, msg))
-    return problems
 
 
 def parse_job(data: Any, where: str = "job") -> JobSpec:

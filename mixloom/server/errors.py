@@ -22,6 +22,7 @@ from mixloom.errors import (
     QuotaExceededError,
     RequestError,
     ValidationError,
+    pydantic_problems,
 )
 from mixloom.server.schemas import ErrorResponse
 
@@ -97,46 +98,20 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, DataError):
         param, code = "file", "invalid_file"
     else:
-        param, code = (problems[0].where if len(problems) == 1 else None), "invalid_value"
+        param, code = (problems[0].where or None if len(problems) == 1 else None), "invalid_value"
     return error_response(400, str(exc), param=param, code=code, problems=problems)
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if not str(p).startswith("function-")]
-    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
-        parts = parts[1:]
-    return ".".join(parts)
-
-
-def _request_validation_error(_: Request, exc: Exception) -> JSONResponse:
+def _request_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problems = []
-    for err in exc.errors():
-        where = _loc(tuple(err.get("loc", ())))
-        kind = err.get("type", "")
-        msg = str(err.get("msg", "invalid value"))
-        if kind == "json_invalid":
-            ctx = err.get("ctx") or {}
-            where = ""
-            msg = (
-                f"the request body is not valid JSON ({ctx.get('error', 'parse error')} "
-                f"at character {_loc(tuple(err.get('loc', ())))}); send one JSON object"
-            )
-        elif kind == "extra_forbidden":
-            msg = "unknown key (not a mixloom setting; check the spelling)"
-        elif kind == "missing":
-            msg = "required; it is missing"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        problems.append(Problem(where, msg))
-    if not problems:
-        problems.append(Problem("", "invalid request"))
-    if len(problems) == 1:
-        message = str(problems[0])
-    else:
-        message = f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
-    param = problems[0].where or None if len(problems) == 1 else None
-    return error_response(400, message, param=param, code="invalid_value", problems=problems)
+    problems = [Problem(_in_part(p.where), p.message) for p in pydantic_problems(exc)]
+    return _validation_error(request, ValidationError(problems or "invalid request"))
+
+
+def _in_part(where: str) -> str:
+    """FastAPI's paths start with the request part (body, query, ...): the field is enough."""
+    part, _, rest = where.partition(".")
+    return rest if part in ("body", "query", "path", "header", "cookie") else where
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:

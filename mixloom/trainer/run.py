@@ -12,8 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from mixloom.errors import ConfigError, DataError, Problem, ProblemList
-from mixloom.jobspec import JobSpec, parse_job, pydantic_problems
+from mixloom.errors import ConfigError, DataError, Problem, ProblemList, pydantic_problems
+from mixloom.jobspec import JobSpec, parse_job
 
 
 class TrainConfig(BaseModel):

@@ -10,15 +10,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from mixloom.data.formats import validate_jsonl_bytes
 from mixloom.errors import DataError, PayloadTooLargeError, QuotaExceededError, ValidationError
 from mixloom.server.deps import ID_PATTERN, Context, CurrentTenant, Cursor, FileId, IdempotencyKey
 from mixloom.server.errors import ERROR_RESPONSES
-from mixloom.server.idempotency import request_hash, stored_response
+from mixloom.server.idempotency import create_once
 from mixloom.server.schemas import FileDeleted, FilePublic, FilesPublic
-from mixloom.storage import files, idempotency, tenants
+from mixloom.storage import files, tenants
 
 router = APIRouter(tags=["files"], responses=ERROR_RESPONSES)
 
@@ -76,67 +76,49 @@ def upload_file(
         raise DataError(problems)
 
     sha256 = hashlib.sha256(data).hexdigest()
-    digest = request_hash({"purpose": purpose, "filename": filename, "sha256": sha256})
-    for attempt in range(2):
+    written: list[Path] = []
+
+    def create(session: Session) -> FilePublic:
+        tenants.lock_tenant(session=session, tenant_id=tenant.id)
+        used = tenants.tenant_usage(session=session, tenant_id=tenant.id)["stored_bytes"]
+        quota = tenant.max_total_bytes or settings.max_tenant_bytes
+        if used + len(data) > quota:
+            raise QuotaExceededError(
+                f"storing {len(data)} more bytes would exceed this tenant's {quota} bytes "
+                f"({used} in use); delete files you no longer need",
+                param="file",
+                code="storage_quota_exceeded",
+            )
         file_id = files.new_file_id()
         path = settings.files_dir / tenant.id / f"{file_id}.jsonl"
-        written = False
-        try:
-            with ctx.db.transaction() as session:
-                if idempotency_key:
-                    replay = stored_response(
-                        session=session,
-                        tenant_id=tenant.id,
-                        key=idempotency_key,
-                        method="POST",
-                        path="/v1/files",
-                        digest=digest,
-                    )
-                    if replay is not None:
-                        return replay
-                tenants.lock_tenant(session=session, tenant_id=tenant.id)
-                used = tenants.tenant_usage(session=session, tenant_id=tenant.id)["stored_bytes"]
-                quota = tenant.max_total_bytes or settings.max_tenant_bytes
-                if used + len(data) > quota:
-                    raise QuotaExceededError(
-                        f"storing {len(data)} more bytes would exceed this tenant's {quota} bytes "
-                        f"({used} in use); delete files you no longer need",
-                        param="file",
-                        code="storage_quota_exceeded",
-                    )
-                _write_atomically(path, data)
-                written = True
-                record = files.create_file(
-                    session=session,
-                    file_id=file_id,
-                    tenant_id=tenant.id,
-                    filename=filename,
-                    purpose=purpose,
-                    size=len(data),
-                    rows=rows,
-                    sha256=sha256,
-                    path=str(path),
-                )
-                public = FilePublic.of(record)
-                if idempotency_key:
-                    idempotency.save_idempotency(
-                        session=session,
-                        tenant_id=tenant.id,
-                        key=idempotency_key,
-                        request_method="POST",
-                        request_path="/v1/files",
-                        request_hash=digest,
-                        response_status=200,
-                        response_body=public.model_dump(mode="json"),
-                    )
-        except BaseException as exc:
-            if written:
-                path.unlink(missing_ok=True)
-            if isinstance(exc, IntegrityError) and idempotency_key and attempt == 0:
-                continue  # a concurrent request with this key won; replay its response
-            raise
-        return public
-    raise AssertionError("unreachable")
+        _write_atomically(path, data)
+        written.append(path)
+        record = files.create_file(
+            session=session,
+            file_id=file_id,
+            tenant_id=tenant.id,
+            filename=filename,
+            purpose=purpose,
+            size=len(data),
+            rows=rows,
+            sha256=sha256,
+            path=str(path),
+        )
+        return FilePublic.of(record)
+
+    def undo() -> None:
+        while written:
+            written.pop().unlink(missing_ok=True)
+
+    return create_once(
+        ctx.db,
+        tenant_id=tenant.id,
+        key=idempotency_key,
+        path="/v1/files",
+        request={"purpose": purpose, "filename": filename, "sha256": sha256},
+        create=create,
+        undo=undo,
+    )
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mixloom.errors import (
@@ -33,7 +32,7 @@ from mixloom.server.deps import (
     ServerContext,
 )
 from mixloom.server.errors import ERROR_RESPONSES, GoneError
-from mixloom.server.idempotency import request_hash, stored_response
+from mixloom.server.idempotency import create_once
 from mixloom.server.schemas import (
     CheckpointPublic,
     CheckpointsPublic,
@@ -45,7 +44,7 @@ from mixloom.server.schemas import (
     MetricPublic,
     MetricsPublic,
 )
-from mixloom.storage import files, idempotency, jobs, tenants
+from mixloom.storage import files, jobs, tenants
 from mixloom.storage.records import JobRecord, JobStatus, TenantRecord
 
 router = APIRouter(tags=["fine_tuning"], responses=ERROR_RESPONSES)
@@ -121,63 +120,44 @@ def create_job(
 ) -> Any:
     """Validate the job against the served base model and the tenant's files, and queue it."""
     _check_against_model(ctx, body)
-    digest = request_hash(body.model_dump(mode="json"))
-    for attempt in range(2):
-        try:
-            with ctx.db.transaction() as session:
-                if idempotency_key:
-                    replay = stored_response(
-                        session=session,
-                        tenant_id=tenant.id,
-                        key=idempotency_key,
-                        method="POST",
-                        path=JOBS,
-                        digest=digest,
-                    )
-                    if replay is not None:
-                        return replay
-                _check_file(session, tenant, body.training_file, "training_file")
-                if body.validation_file is not None:
-                    _check_file(session, tenant, body.validation_file, "validation_file")
-                tenants.lock_tenant(session=session, tenant_id=tenant.id)
-                waiting = tenants.tenant_usage(session=session, tenant_id=tenant.id)
-                cap = tenant.max_queued_jobs or ctx.settings.max_queued_jobs
-                if waiting["waiting_jobs"] >= cap:
-                    raise QuotaExceededError(
-                        f"this tenant already has {waiting['waiting_jobs']} jobs waiting "
-                        f"(the limit is {cap}); wait for some to start or cancel them",
-                        code="job_quota_exceeded",
-                    )
-                job = jobs.create_job(
-                    session=session,
-                    tenant_id=tenant.id,
-                    model=body.model,
-                    training_file_id=body.training_file,
-                    validation_file_id=body.validation_file,
-                    method=method_json(body.method),
-                    seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
-                    suffix=body.suffix,
-                    metadata=body.metadata,
-                )
-                public = _public(session, job)
-                if idempotency_key:
-                    idempotency.save_idempotency(
-                        session=session,
-                        tenant_id=tenant.id,
-                        key=idempotency_key,
-                        request_method="POST",
-                        request_path=JOBS,
-                        request_hash=digest,
-                        response_status=200,
-                        response_body=public.model_dump(mode="json"),
-                    )
-        except IntegrityError:
-            if idempotency_key and attempt == 0:
-                continue  # a concurrent request with this key won; replay its response
-            raise
-        _notify(ctx, job.id, 0, wake=True)
-        return public
-    raise AssertionError("unreachable")
+
+    def create(session: Session) -> JobPublic:
+        _check_file(session, tenant, body.training_file, "training_file")
+        if body.validation_file is not None:
+            _check_file(session, tenant, body.validation_file, "validation_file")
+        tenants.lock_tenant(session=session, tenant_id=tenant.id)
+        waiting = tenants.tenant_usage(session=session, tenant_id=tenant.id)
+        cap = tenant.max_queued_jobs or ctx.settings.max_queued_jobs
+        if waiting["waiting_jobs"] >= cap:
+            raise QuotaExceededError(
+                f"this tenant already has {waiting['waiting_jobs']} jobs waiting "
+                f"(the limit is {cap}); wait for some to start or cancel them",
+                code="job_quota_exceeded",
+            )
+        job = jobs.create_job(
+            session=session,
+            tenant_id=tenant.id,
+            model=body.model,
+            training_file_id=body.training_file,
+            validation_file_id=body.validation_file,
+            method=method_json(body.method),
+            seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+            suffix=body.suffix,
+            metadata=body.metadata,
+        )
+        return _public(session, job)
+
+    created = create_once(
+        ctx.db,
+        tenant_id=tenant.id,
+        key=idempotency_key,
+        path=JOBS,
+        request=body.model_dump(mode="json"),
+        create=create,
+    )
+    if isinstance(created, JobPublic):
+        _notify(ctx, created.id, 0, wake=True)
+    return created
 
 
 @router.get(JOBS, response_model=JobsPublic)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -17,6 +18,22 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
     kernel_backend: str = "auto"  # auto | torch | triton
+    # dropout masks: auto (the Philox kernel on CUDA with triton, else each job's generator)
+    # | counter (the kernel; on CPU under TRITON_INTERPRET=1) | stream (each job's generator)
+    dropout_rng: Literal["auto", "counter", "stream"] = "auto"
+    # Triton tile sizes (mixloom/kernels/common.py), for bench/gpu.sh's sweep; unset: small
+    # under triton's interpreter, tuned for a GPU. Read once, at the first launch.
+    kernel_block_m: int | None = None  # pairs per tile (the tile table's unit)
+    kernel_block_k: int | None = None  # shrink's step over the input features
+    kernel_block_n: int | None = None  # expand's output columns (stored)
+    kernel_block_n_add: int | None = None  # expand's output columns (scatter-added)
+    kernel_block_p: int | None = None  # weight gradients' step over a group's pairs
+    kernel_block_f: int | None = None  # weight gradients' tile over the features
+    kernel_warps: int | None = None
+    kernel_stages: int | None = None
+    kernel_glu_warps: int | None = None
+    kernel_glu_block_n_fwd: int | None = None
+    kernel_glu_block_n_bwd: int | None = None
     # adapter activations recomputed in the backward (less memory, a slower step); unset:
     # on a GPU, off on a CPU (AdapterModel)
     recompute: bool | None = None

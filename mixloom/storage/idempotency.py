@@ -10,13 +10,14 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from mixloom.storage import models as m
+from mixloom.storage.records import Record
 
 # A key is remembered this long; a retry after that creates the object again.
 IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
-class IdempotencyRecordView:
+class IdempotencyRecordView(Record):
     tenant_id: str
     key: str
     request_method: str
@@ -25,19 +26,6 @@ class IdempotencyRecordView:
     response_status: int
     response_body: dict[str, Any]
     created_at: datetime
-
-    @classmethod
-    def from_row(cls, row: m.IdempotencyRecord) -> IdempotencyRecordView:
-        return cls(
-            tenant_id=row.tenant_id,
-            key=row.key,
-            request_method=row.request_method,
-            request_path=row.request_path,
-            request_hash=row.request_hash,
-            response_status=row.response_status,
-            response_body=dict(row.response_body),
-            created_at=row.created_at,
-        )
 
 
 def get_idempotency(*, session: Session, tenant_id: str, key: str) -> IdempotencyRecordView | None:

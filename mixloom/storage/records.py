@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
-
-from mixloom.storage import models as m
+from typing import Any, ClassVar, Self
 
 
 class JobStatus(StrEnum):
@@ -37,7 +36,29 @@ class RequestedAction(StrEnum):
 
 
 @dataclass(frozen=True)
-class TenantRecord:
+class Record:
+    """A frozen copy of an ORM row: each field read from the column of the same name."""
+
+    # field -> column, where the ORM needs another name
+    _columns: ClassVar[dict[str, str]] = {}
+    # field -> the enum its stored string becomes
+    _enums: ClassVar[dict[str, type[StrEnum]]] = {}
+
+    @classmethod
+    def from_row(cls, row: Any) -> Self:
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(row, cls._columns.get(f.name, f.name))
+            if isinstance(value, dict):
+                value = dict(value)  # a JSON column: a copy the caller cannot change the row by
+            elif value is not None and f.name in cls._enums:
+                value = cls._enums[f.name](value)
+            values[f.name] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TenantRecord(Record):
     id: str
     name: str
     created_at: datetime
@@ -46,40 +67,18 @@ class TenantRecord:
     max_file_bytes: int | None
     max_total_bytes: int | None
 
-    @classmethod
-    def from_row(cls, row: m.Tenant) -> TenantRecord:
-        return cls(
-            id=row.id,
-            name=row.name,
-            created_at=row.created_at,
-            max_queued_jobs=row.max_queued_jobs,
-            max_running_jobs=row.max_running_jobs,
-            max_file_bytes=row.max_file_bytes,
-            max_total_bytes=row.max_total_bytes,
-        )
-
 
 @dataclass(frozen=True)
-class ApiKeyRecord:
+class ApiKeyRecord(Record):
     id: str
     tenant_id: str
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
 
-    @classmethod
-    def from_row(cls, row: m.ApiKey) -> ApiKeyRecord:
-        return cls(
-            id=row.id,
-            tenant_id=row.tenant_id,
-            prefix=row.prefix,
-            created_at=row.created_at,
-            revoked_at=row.revoked_at,
-        )
-
 
 @dataclass(frozen=True)
-class FileRecord:
+class FileRecord(Record):
     id: str
     tenant_id: str
     filename: str
@@ -91,24 +90,15 @@ class FileRecord:
     status: str
     created_at: datetime
 
-    @classmethod
-    def from_row(cls, row: m.File) -> FileRecord:
-        return cls(
-            id=row.id,
-            tenant_id=row.tenant_id,
-            filename=row.filename,
-            purpose=row.purpose,
-            bytes=row.bytes,
-            rows=row.rows,
-            sha256=row.sha256,
-            path=row.path,
-            status=row.status,
-            created_at=row.created_at,
-        )
-
 
 @dataclass(frozen=True)
-class JobRecord:
+class JobRecord(Record):
+    _columns: ClassVar[dict[str, str]] = {"metadata": "meta"}  # a reserved name in SQLAlchemy
+    _enums: ClassVar[dict[str, type[StrEnum]]] = {
+        "status": JobStatus,
+        "requested_action": RequestedAction,
+    }
+
     id: str
     tenant_id: str
     model: str
@@ -135,41 +125,9 @@ class JobRecord:
     attempts: int
     last_seq: int
 
-    @classmethod
-    def from_row(cls, row: m.Job) -> JobRecord:
-        return cls(
-            id=row.id,
-            tenant_id=row.tenant_id,
-            model=row.model,
-            training_file_id=row.training_file_id,
-            validation_file_id=row.validation_file_id,
-            method=dict(row.method),
-            seed=row.seed,
-            suffix=row.suffix,
-            metadata=dict(row.meta) if row.meta is not None else None,
-            status=JobStatus(row.status),
-            requested_action=RequestedAction(row.requested_action)
-            if row.requested_action
-            else None,
-            error=dict(row.error) if row.error is not None else None,
-            fine_tuned_model=row.fine_tuned_model,
-            adapter_path=row.adapter_path,
-            trained_tokens=row.trained_tokens,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            queued_at=row.queued_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-            worker_id=row.worker_id,
-            lease_expires_at=row.lease_expires_at,
-            heartbeat_at=row.heartbeat_at,
-            attempts=row.attempts,
-            last_seq=row.last_seq,
-        )
-
 
 @dataclass(frozen=True)
-class EventRecord:
+class EventRecord(Record):
     id: int
     job_id: str
     seq: int
@@ -178,19 +136,6 @@ class EventRecord:
     type: str
     message: str
     data: dict[str, Any] | None
-
-    @classmethod
-    def from_row(cls, row: m.JobEvent) -> EventRecord:
-        return cls(
-            id=row.id,
-            job_id=row.job_id,
-            seq=row.seq,
-            created_at=row.created_at,
-            level=row.level,
-            type=row.type,
-            message=row.message,
-            data=dict(row.data) if row.data is not None else None,
-        )
 
     def to_message(self) -> dict[str, Any]:
         """The progress-bus / SSE form; `id` is the job-wide sequence number."""
@@ -210,24 +155,13 @@ class EventRecord:
 
 
 @dataclass(frozen=True)
-class MetricRecord:
+class MetricRecord(Record):
     id: int
     job_id: str
     seq: int
     step: int
     created_at: datetime
     values: dict[str, Any]
-
-    @classmethod
-    def from_row(cls, row: m.JobMetric) -> MetricRecord:
-        return cls(
-            id=row.id,
-            job_id=row.job_id,
-            seq=row.seq,
-            step=row.step,
-            created_at=row.created_at,
-            values=dict(row.values),
-        )
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -243,21 +177,10 @@ class MetricRecord:
 
 
 @dataclass(frozen=True)
-class CheckpointRecord:
+class CheckpointRecord(Record):
     id: str
     job_id: str
     step: int
     path: str
     metrics: dict[str, Any] | None
     created_at: datetime
-
-    @classmethod
-    def from_row(cls, row: m.Checkpoint) -> CheckpointRecord:
-        return cls(
-            id=row.id,
-            job_id=row.job_id,
-            step=row.step,
-            path=row.path,
-            metrics=dict(row.metrics) if row.metrics is not None else None,
-            created_at=row.created_at,
-        )

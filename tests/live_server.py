@@ -132,7 +132,7 @@ class ScriptedWorker:
 
         db = self.server.db
         seq = self._seq(job_id)
-        # claim_jobs takes the oldest queued job of any tenant; tests share one server, so
+        # a worker's claim takes a queued job of any tenant; tests share one server, so
         # this job is leased directly (status event included) instead.
         with db.transaction() as session:
             claimed = jobs.set_job_status(

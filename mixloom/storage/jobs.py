@@ -3,7 +3,8 @@ and the job's events, metrics and checkpoints.
 
 State machine (the API asks, the worker holding the lease carries out):
 
-    queued --claim--> running --release--> succeeded | failed | cancelled | paused | queued
+    queued --claim (scheduler.queue)--> running --release--> succeeded | failed | cancelled |
+        paused | queued
     queued | paused --cancel--> cancelled (at once)
     queued --pause--> paused (at once);  paused --resume--> queued (back of the queue)
     running --cancel|pause--> running with requested_action set; the worker sees it on its
@@ -22,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from mixloom.errors import ConflictError, NotFoundError
 from mixloom.storage import models as m
@@ -258,75 +259,6 @@ def resume_job(
 
 
 # --- the worker's side --------------------------------------------------------------------
-
-
-def claim_jobs(
-    *,
-    session: Session,
-    worker_id: str,
-    lease_seconds: float,
-    limit: int = 1,
-    model: str | None = None,
-    default_max_running: int | None = None,
-    now: datetime | None = None,
-) -> list[JobRecord]:
-    """Claim up to `limit` queued jobs, oldest first, leasing them to `worker_id`.
-
-    Postgres: `SELECT ... FOR UPDATE SKIP LOCKED`, so concurrent workers never take the same
-    job and never wait on each other. SQLite: the transaction began IMMEDIATE (see db.py)
-    and holds the write lock, so select-then-update is atomic. `model` restricts the claim
-    to jobs on the base model this worker holds; `default_max_running` (with each tenant's
-    own `max_running_jobs` taking precedence) skips tenants already at their running limit.
-    Commit promptly: the row locks are held until then.
-    """
-    now = _now(now)
-    claimed: list[JobRecord] = []
-    for _ in range(limit):
-        query = select(m.Job.id).where(
-            m.Job.status == JobStatus.QUEUED.value, m.Job.requested_action.is_(None)
-        )
-        if model is not None:
-            query = query.where(m.Job.model == model)
-        if default_max_running is not None:
-            other = aliased(m.Job)
-            running = (
-                select(func.count())
-                .where(other.tenant_id == m.Job.tenant_id, other.status == JobStatus.RUNNING.value)
-                .scalar_subquery()
-            )
-            cap = (
-                select(func.coalesce(m.Tenant.max_running_jobs, default_max_running))
-                .where(m.Tenant.id == m.Job.tenant_id)
-                .scalar_subquery()
-            )
-            query = query.where(running < cap)
-        query = (
-            query.order_by(m.Job.queued_at, m.Job.id)
-            .limit(1)
-            .with_for_update(skip_locked=True, of=m.Job)
-        )
-        job_id = session.scalar(query)
-        if job_id is None:
-            break
-        row = _job_row(session, job_id)
-        row.status = JobStatus.RUNNING.value
-        row.worker_id = worker_id
-        row.lease_expires_at = now + timedelta(seconds=lease_seconds)
-        row.heartbeat_at = now
-        row.started_at = row.started_at or now
-        row.updated_at = now
-        row.attempts += 1
-        _event(
-            session,
-            row,
-            f"Job started by worker {worker_id} (attempt {row.attempts})",
-            type="status",
-            data={"status": JobStatus.RUNNING.value, "worker_id": worker_id},
-            now=now,
-        )
-        session.flush()
-        claimed.append(JobRecord.from_row(row))
-    return claimed
 
 
 def _leased_row(session: Session, job_id: str, worker_id: str) -> m.Job:

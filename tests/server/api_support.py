@@ -15,6 +15,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from mixloom.config import Settings
+from mixloom.scheduler.memory import Admission
+from mixloom.scheduler.queue import claim_next
 from mixloom.server.app import create_app
 from mixloom.server.deps import ServerContext
 from mixloom.storage import jobs, tenants
@@ -86,13 +88,19 @@ class Api:
         try:
             while True:
                 with self.ctx.db.transaction() as s:
-                    got = jobs.claim_jobs(
-                        session=s, worker_id=worker, lease_seconds=60, model=MODEL
-                    )
-                assert got, f"job {job_id} was not claimable"
-                if got[0].id == job_id:
-                    return got[0]
-                others += got
+                    got = claim_next(
+                        session=s,
+                        worker_id=worker,
+                        lease_seconds=60,
+                        model=MODEL,
+                        fits=lambda *_: Admission(ok=True),
+                        default_max_running=None,
+                        notified=set(),
+                    ).claimed
+                assert got is not None, f"job {job_id} was not claimable"
+                if got.id == job_id:
+                    return got
+                others.append(got)
         finally:
             with self.ctx.db.transaction() as s:
                 for o in others:

@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mixloom.errors import ConflictError, NotFoundError
+from mixloom.scheduler.memory import Admission
+from mixloom.scheduler.queue import claim_next
 from mixloom.storage import files, jobs, tenants
 from mixloom.storage.db import Database
 from mixloom.storage.ids import new_id
@@ -49,15 +51,31 @@ def _job(db: Database, tenant_id: str, model: str | None = None) -> JobRecord:
         )
 
 
-def _claim(db: Database, model: str, worker: str = "w1", **kw: object) -> list[JobRecord]:
+def _claim(
+    db: Database,
+    model: str,
+    worker: str = "w1",
+    *,
+    limit: int = 1,
+    default_max_running: int | None = None,
+) -> list[JobRecord]:
+    """Up to `limit` jobs, claimed as a worker claims them (every job fits)."""
+    claimed: list[JobRecord] = []
     with db.transaction() as s:
-        return jobs.claim_jobs(
-            session=s,
-            worker_id=worker,
-            lease_seconds=30,
-            model=model,
-            **kw,  # type: ignore[arg-type]
-        )
+        while len(claimed) < limit:
+            got = claim_next(
+                session=s,
+                worker_id=worker,
+                lease_seconds=30,
+                model=model,
+                fits=lambda *_: Admission(ok=True),
+                default_max_running=default_max_running,
+                notified=set(),
+            ).claimed
+            if got is None:
+                break
+            claimed.append(got)
+    return claimed
 
 
 def test_lifecycle_queued_running_succeeded(db: Database) -> None:

@@ -101,7 +101,12 @@ def pydantic_problems(exc: _PydanticErrors, prefix: str = "") -> list[Problem]:
 
 
 class RequestError(MixloomError):
-    """A request that cannot be served as asked; `param` names the offending field if any."""
+    """A request that cannot be served as asked; `param` names the offending field if any.
+
+    These are raised where the request is served (storage, server). The HTTP client raises
+    its own classes, named for the response it got (`mixloom.clients.NotFoundError` for a
+    404), so no two classes here and there share a name.
+    """
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -110,11 +115,11 @@ class RequestError(MixloomError):
         self.code = code
 
 
-class NotFoundError(RequestError):
+class ObjectNotFoundError(RequestError):
     """The object does not exist, or belongs to another tenant (the two look the same)."""
 
 
-class ConflictError(RequestError):
+class StateConflictError(RequestError):
     """The object exists but its state forbids the action (e.g. cancelling a finished job)."""
 
 
@@ -122,9 +127,9 @@ class QuotaExceededError(RequestError):
     """A tenant limit (queued jobs, stored bytes) would be exceeded."""
 
 
-class PayloadTooLargeError(RequestError):
+class TooLargeError(RequestError):
     """A request body or uploaded file is larger than the deployment allows."""
 
 
-class AuthenticationError(RequestError):
+class APIKeyError(RequestError):
     """The API key is missing, malformed, unknown or revoked."""

@@ -10,7 +10,7 @@ from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mixloom.config import Settings
-from mixloom.errors import AuthenticationError
+from mixloom.errors import APIKeyError
 from mixloom.server.registry import ServedModel
 from mixloom.storage import tenants
 from mixloom.storage.bus import ProgressBus
@@ -49,7 +49,7 @@ def current_tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> TenantRecord:
     if credentials is None or not credentials.credentials:
-        raise AuthenticationError(
+        raise APIKeyError(
             "missing API key: send `Authorization: Bearer <key>`; an admin creates keys "
             "with `mixloom keys create TENANT`",
             code="missing_api_key",
@@ -57,7 +57,7 @@ def current_tenant(
     with ctx.db.transaction() as session:
         tenant = tenants.authenticate(session=session, api_key=credentials.credentials)
     if tenant is None:
-        raise AuthenticationError(
+        raise APIKeyError(
             "invalid API key: it is unknown or revoked; ask an admin for a new one",
             code="invalid_api_key",
         )

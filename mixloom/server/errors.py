@@ -12,15 +12,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixloom.errors import (
-    AuthenticationError,
-    ConflictError,
+    APIKeyError,
     DataError,
     MixloomError,
-    NotFoundError,
-    PayloadTooLargeError,
+    ObjectNotFoundError,
     Problem,
     QuotaExceededError,
     RequestError,
+    StateConflictError,
+    TooLargeError,
     ValidationError,
     pydantic_problems,
 )
@@ -44,16 +44,16 @@ ERROR_TYPES = {
 }
 
 
-class GoneError(NotFoundError):
+class ObjectGoneError(ObjectNotFoundError):
     """A download whose file was recorded but is no longer on disk."""
 
 
 _REQUEST_ERROR_STATUS: list[tuple[type[RequestError], int]] = [
-    (AuthenticationError, 401),
-    (GoneError, 410),
-    (NotFoundError, 404),
-    (ConflictError, 409),
-    (PayloadTooLargeError, 413),
+    (APIKeyError, 401),
+    (ObjectGoneError, 410),
+    (ObjectNotFoundError, 404),
+    (StateConflictError, 409),
+    (TooLargeError, 413),
     (QuotaExceededError, 429),
 ]
 

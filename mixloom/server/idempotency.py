@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from mixloom.errors import ConflictError
+from mixloom.errors import StateConflictError
 from mixloom.storage import idempotency
 from mixloom.storage.db import Database
 
@@ -84,13 +84,13 @@ def stored_response(
 ) -> JSONResponse | None:
     """The stored response for this key, or None if the key is new.
 
-    ConflictError if the key was used for a different request.
+    StateConflictError if the key was used for a different request.
     """
     record = idempotency.get_idempotency(session=session, tenant_id=tenant_id, key=key)
     if record is None:
         return None
     if (record.request_method, record.request_path, record.request_hash) != (method, path, digest):
-        raise ConflictError(
+        raise StateConflictError(
             "this Idempotency-Key was already used with a different request; "
             "use a new key for a new request",
             param="Idempotency-Key",

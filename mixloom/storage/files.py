@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mixloom.errors import ConflictError, NotFoundError
+from mixloom.errors import ObjectNotFoundError, StateConflictError
 from mixloom.storage import models as m
 from mixloom.storage.ids import new_id
 from mixloom.storage.records import TERMINAL_STATUSES, FileRecord
@@ -56,12 +56,14 @@ def _file_row(session: Session, file_id: str, tenant_id: str | None) -> m.File:
         query = query.where(m.File.tenant_id == tenant_id)
     row = session.scalar(query)
     if row is None:
-        raise NotFoundError(f"no file with id {file_id!r}", param="file_id", code="file_not_found")
+        raise ObjectNotFoundError(
+            f"no file with id {file_id!r}", param="file_id", code="file_not_found"
+        )
     return row
 
 
 def get_file(*, session: Session, file_id: str, tenant_id: str | None = None) -> FileRecord:
-    """A live file; NotFoundError if it is missing, deleted, or another tenant's."""
+    """A live file; ObjectNotFoundError if it is missing, deleted, or another tenant's."""
     return FileRecord.from_row(_file_row(session, file_id, tenant_id))
 
 
@@ -100,7 +102,7 @@ def delete_file(
         .limit(3)
     ).all()
     if users:
-        raise ConflictError(
+        raise StateConflictError(
             f"file {file_id} is in use by unfinished job(s) {', '.join(users)}; "
             "cancel them or wait until they finish, then delete it",
             param="file_id",

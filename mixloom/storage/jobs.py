@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from mixloom.errors import ConflictError, NotFoundError
+from mixloom.errors import ObjectNotFoundError, StateConflictError
 from mixloom.storage import models as m
 from mixloom.storage.ids import new_id
 from mixloom.storage.records import (
@@ -38,7 +38,7 @@ from mixloom.storage.records import (
 )
 
 
-class LeaseLostError(ConflictError):
+class LeaseLostError(StateConflictError):
     """The worker no longer holds this job's lease (it expired and the job moved on)."""
 
 
@@ -104,12 +104,14 @@ def _job_row(
         query = query.with_for_update()
     row = session.scalar(query)
     if row is None:
-        raise NotFoundError(f"no job with id {job_id!r}", param="job_id", code="job_not_found")
+        raise ObjectNotFoundError(
+            f"no job with id {job_id!r}", param="job_id", code="job_not_found"
+        )
     return row
 
 
 def get_job(*, session: Session, job_id: str, tenant_id: str | None = None) -> JobRecord:
-    """NotFoundError if missing or (with tenant_id) another tenant's."""
+    """ObjectNotFoundError if missing or (with tenant_id) another tenant's."""
     return JobRecord.from_row(_job_row(session, job_id, tenant_id))
 
 
@@ -179,7 +181,7 @@ def _set_status(
 
 def _refuse_finished(row: m.Job, action: str) -> None:
     if JobStatus(row.status).terminal:
-        raise ConflictError(
+        raise StateConflictError(
             f"job {row.id} already {row.status}; a finished job cannot be {action}",
             param="job_id",
             code="job_finished",
@@ -217,7 +219,7 @@ def pause_job(
     _refuse_finished(row, "paused")
     if status == JobStatus.RUNNING:
         if row.requested_action == RequestedAction.CANCEL.value:
-            raise ConflictError(
+            raise StateConflictError(
                 f"job {row.id} is being cancelled; it cannot be paused",
                 param="job_id",
                 code="cancel_requested",
@@ -245,7 +247,7 @@ def resume_job(
         _set_status(session, row, JobStatus.QUEUED, "Job resumed; queued", now=now)
     elif status == JobStatus.RUNNING:
         if row.requested_action == RequestedAction.CANCEL.value:
-            raise ConflictError(
+            raise StateConflictError(
                 f"job {row.id} is being cancelled; it cannot be resumed",
                 param="job_id",
                 code="cancel_requested",
@@ -553,7 +555,7 @@ def get_checkpoint(*, session: Session, job_id: str, checkpoint_id: str) -> Chec
         select(m.Checkpoint).where(m.Checkpoint.id == checkpoint_id, m.Checkpoint.job_id == job_id)
     )
     if row is None:
-        raise NotFoundError(
+        raise ObjectNotFoundError(
             f"job {job_id} has no checkpoint {checkpoint_id!r}",
             param="checkpoint_id",
             code="checkpoint_not_found",

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mixloom.errors import ConflictError, NotFoundError, ValidationError
+from mixloom.errors import ObjectNotFoundError, StateConflictError, ValidationError
 from mixloom.storage import models as m
 from mixloom.storage.ids import new_id
 from mixloom.storage.records import (
@@ -50,7 +50,7 @@ def create_tenant(
             where="name",
         )
     if session.scalar(select(m.Tenant.id).where(m.Tenant.name == name)):
-        raise ConflictError(f"a tenant named {name!r} already exists; pick another name")
+        raise StateConflictError(f"a tenant named {name!r} already exists; pick another name")
     row = m.Tenant(
         id=new_id("tenant"),
         name=name,
@@ -71,7 +71,7 @@ def get_tenant(*, session: Session, tenant: str) -> TenantRecord:
         select(m.Tenant).where((m.Tenant.id == tenant) | (m.Tenant.name == tenant))
     )
     if row is None:
-        raise NotFoundError(f"no tenant {tenant!r}; list them with `mixloom tenants list`")
+        raise ObjectNotFoundError(f"no tenant {tenant!r}; list them with `mixloom tenants list`")
     return TenantRecord.from_row(row)
 
 
@@ -90,7 +90,7 @@ def set_tenant_quotas(*, session: Session, tenant: str, **quotas: int | None) ->
         select(m.Tenant).where((m.Tenant.id == tenant) | (m.Tenant.name == tenant))
     )
     if row is None:
-        raise NotFoundError(f"no tenant {tenant!r}; list them with `mixloom tenants list`")
+        raise ObjectNotFoundError(f"no tenant {tenant!r}; list them with `mixloom tenants list`")
     for key, value in quotas.items():
         setattr(row, key, value)
     session.flush()
@@ -112,7 +112,7 @@ def create_api_key(
 ) -> tuple[ApiKeyRecord, str]:
     """Returns the record and the key itself, which is never stored and cannot be shown again."""
     if session.get(m.Tenant, tenant_id) is None:
-        raise NotFoundError(f"no tenant with id {tenant_id!r}")
+        raise ObjectNotFoundError(f"no tenant with id {tenant_id!r}")
     api_key = API_KEY_PREFIX + secrets.token_urlsafe(_KEY_RANDOM_BYTES)
     row = m.ApiKey(
         id=new_id("key"),
@@ -142,7 +142,9 @@ def revoke_api_key(*, session: Session, key: str, now: datetime | None = None) -
         where = m.ApiKey.id == key
     row = session.scalar(select(m.ApiKey).where(where))
     if row is None:
-        raise NotFoundError("no such API key; give its id (key-...) or the key itself (mxl-...)")
+        raise ObjectNotFoundError(
+            "no such API key; give its id (key-...) or the key itself (mxl-...)"
+        )
     if row.revoked_at is None:
         row.revoked_at = _now(now)
         session.flush()

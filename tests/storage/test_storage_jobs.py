@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mixloom.errors import ConflictError, NotFoundError
+from mixloom.errors import ObjectNotFoundError, StateConflictError
 from mixloom.scheduler.memory import Admission
 from mixloom.scheduler.queue import claim_next
 from mixloom.storage import files, jobs, tenants
@@ -182,7 +182,7 @@ def test_api_transitions(db: Database) -> None:
         assert withdrawn.requested_action is None
         cancel = jobs.cancel_job(session=s, job_id=job.id, tenant_id=tenant)
         assert cancel.requested_action == RequestedAction.CANCEL
-        with pytest.raises(ConflictError):
+        with pytest.raises(StateConflictError):
             jobs.pause_job(session=s, job_id=job.id, tenant_id=tenant)
         beat = jobs.renew_lease(session=s, job_id=job.id, worker_id="w1", lease_seconds=30)
         assert beat.requested_action == RequestedAction.CANCEL  # the worker sees it
@@ -192,10 +192,10 @@ def test_api_transitions(db: Database) -> None:
         assert done.status == JobStatus.CANCELLED and done.requested_action is None
         assert jobs.cancel_job(session=s, job_id=job.id, tenant_id=tenant).status == "cancelled"
         for action in (jobs.pause_job, jobs.resume_job):
-            with pytest.raises(ConflictError):
+            with pytest.raises(StateConflictError):
                 action(session=s, job_id=job.id, tenant_id=tenant)
     other = _tenant(db)
-    with db.transaction() as s, pytest.raises(NotFoundError):
+    with db.transaction() as s, pytest.raises(ObjectNotFoundError):
         jobs.cancel_job(session=s, job_id=job.id, tenant_id=other)
 
 
@@ -243,11 +243,11 @@ def test_usage_counts_for_quotas(db: Database) -> None:
 def test_file_in_use_cannot_be_deleted(db: Database) -> None:
     tenant = _tenant(db)
     job = _job(db, tenant)
-    with db.transaction() as s, pytest.raises(ConflictError):
+    with db.transaction() as s, pytest.raises(StateConflictError):
         files.delete_file(session=s, file_id=job.training_file_id, tenant_id=tenant)
     with db.transaction() as s:
         jobs.cancel_job(session=s, job_id=job.id, tenant_id=tenant)
         files.delete_file(session=s, file_id=job.training_file_id, tenant_id=tenant)
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ObjectNotFoundError):
             files.get_file(session=s, file_id=job.training_file_id, tenant_id=tenant)
         assert tenants.tenant_usage(session=s, tenant_id=tenant)["stored_bytes"] == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from mixloom.errors import ConflictError, ValidationError
+from mixloom.errors import StateConflictError, ValidationError
 from mixloom.storage import cli as storage_cli
 from mixloom.storage import models as m
 from mixloom.storage import tenants
@@ -34,7 +34,7 @@ def test_tenant_names_are_unique_and_checked(db: Database) -> None:
     name = new_id("dup")
     with db.transaction() as s:
         tenants.create_tenant(session=s, name=name)
-    with db.transaction() as s, pytest.raises(ConflictError):
+    with db.transaction() as s, pytest.raises(StateConflictError):
         tenants.create_tenant(session=s, name=name)
     with db.transaction() as s, pytest.raises(ValidationError):
         tenants.create_tenant(session=s, name="has space")

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
 from mixloom.data.formats import validate_jsonl_bytes
-from mixloom.errors import DataError, PayloadTooLargeError, QuotaExceededError, ValidationError
+from mixloom.errors import DataError, QuotaExceededError, TooLargeError, ValidationError
 from mixloom.server.deps import ID_PATTERN, Context, CurrentTenant, Cursor, FileId, IdempotencyKey
 from mixloom.server.errors import ERROR_RESPONSES
 from mixloom.server.idempotency import create_once
@@ -60,7 +60,7 @@ def upload_file(
     filename = _clean_filename(file.filename)
     data = _read_capped(file, cap)
     if len(data) > cap:
-        raise PayloadTooLargeError(
+        raise TooLargeError(
             f"file {filename} is larger than the {cap} bytes allowed; split it into several files",
             param="file",
             code="file_too_large",

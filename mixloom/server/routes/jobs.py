@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 
 from mixloom.errors import (
     ConfigError,
-    ConflictError,
-    NotFoundError,
+    ObjectNotFoundError,
     ProblemList,
     QuotaExceededError,
+    StateConflictError,
     ValidationError,
 )
 from mixloom.jobspec import Method
@@ -31,7 +31,7 @@ from mixloom.server.deps import (
     JobId,
     ServerContext,
 )
-from mixloom.server.errors import ERROR_RESPONSES, GoneError
+from mixloom.server.errors import ERROR_RESPONSES, ObjectGoneError
 from mixloom.server.idempotency import create_once
 from mixloom.server.schemas import (
     CheckpointPublic,
@@ -83,8 +83,8 @@ def _check_against_model(ctx: ServerContext, body: JobCreate) -> None:
 def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str) -> None:
     try:
         files.get_file(session=session, file_id=file_id, tenant_id=tenant.id)
-    except NotFoundError:
-        raise NotFoundError(
+    except ObjectNotFoundError:
+        raise ObjectNotFoundError(
             f"{param}: no file with id {file_id!r}; upload it with POST /v1/files",
             param=param,
             code="file_not_found",
@@ -279,7 +279,7 @@ def list_checkpoints(
 
 def _zip(path: str, filename: str) -> FileResponse:
     if not Path(path).is_file():
-        raise GoneError(
+        raise ObjectGoneError(
             f"the archive {filename} was removed from the server's disk", code="archive_missing"
         )
     return FileResponse(path, media_type="application/zip", filename=filename)
@@ -296,7 +296,7 @@ def download_adapter(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> File
             hint = "it has no final adapter; its checkpoints may be downloadable"
         else:
             hint = "the adapter is written when it succeeds; try again then"
-        raise ConflictError(
+        raise StateConflictError(
             f"job {job.id} is {job.status.value}: {hint}", param="job_id", code="adapter_not_ready"
         )
     return _zip(job.adapter_path, f"{job.id}-adapter.zip")

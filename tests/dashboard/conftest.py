@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from live_server import LiveServer, live_api
+from needs import missing
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -28,21 +29,15 @@ def chromium_path() -> str | None:
     return os.environ.get("MIXLOOM_CHROMIUM") or shutil.which("chromium")
 
 
-def _need(problem: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(problem)
-    pytest.skip(problem)
-
-
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _need("playwright is not installed: pip install -e '.[dev]'")
+        missing("playwright is not installed: pip install -e '.[dev]'")
     exe = chromium_path()
     if exe is None:
-        _need("chromium is not installed: apt-get install -y chromium (scripts/setup.sh does)")
+        missing("chromium is not installed: apt-get install -y chromium (scripts/setup.sh does)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS, headless=True)
         yield b

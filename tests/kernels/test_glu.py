@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from needs import need_module
 from test_segmented import (
     BACKENDS,
     CASES,
@@ -20,7 +21,7 @@ from test_segmented import (
 from mixloom import kernels
 from mixloom.kernels import reference
 
-pytest.importorskip("triton")
+need_module("triton", "pip install -e '.[dev]' (scripts/setup.sh does)")
 
 
 # Each aspect once (interpreter time): top-2 / top-1 odd / empty groups, gathered / per-pair

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from needs import need_module
 
 from mixloom import kernels
 from mixloom.kernels import reference
 
-pytest.importorskip("triton")
+need_module("triton", "pip install -e '.[dev]' (scripts/setup.sh does)")
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

@@ -3,11 +3,11 @@ and Redis. Without the services these tests skip locally and FAIL in CI (CI=true
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from needs import need
 from tiny import save_tiny_base
 
 from mixloom.storage import migrate
@@ -17,14 +17,6 @@ from mixloom.storage.testing import (
     redis_problem,
     redis_url,
 )
-
-
-def need(problem: str | None) -> None:
-    if problem is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(problem)
-    pytest.skip(problem)
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -26,15 +24,6 @@ from mixloom.storage.records import JobRecord, JobStatus
 MODEL = "smollm2-135m"
 GOOD_JSONL = b'{"prompt": "2+2=", "completion": "4"}\n{"prompt": "3+3=", "completion": "6"}\n'
 LORA = {"type": "lora", "lora": {"hyperparameters": {"r": 4, "n_epochs": 1}}}
-
-
-def need(problem: str | None) -> None:
-    """Postgres/Redis missing: skip locally, FAIL in CI (CI=true)."""
-    if problem is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(problem)
-    pytest.skip(problem)
 
 
 @dataclass

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_support import Api, make_api, need
+from api_support import Api, make_api
+from needs import need
 
 from mixloom.storage import migrate
 from mixloom.storage.testing import (

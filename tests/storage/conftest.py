@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from storage_support import need
+from needs import need
 
 from mixloom.storage import migrate
 from mixloom.storage.db import Database

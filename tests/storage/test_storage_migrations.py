@@ -7,8 +7,8 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from needs import need
 from sqlalchemy import inspect
-from storage_support import need
 
 from mixloom.storage import migrate
 from mixloom.storage.db import make_engine

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+from needs import missing
 from tiny import tiny_llama
 from trainer_helpers import three_kinds, trainer_for
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="triton on CPU needs TRITON_INTERPRET=1 (scripts/test.sh sets it)",
-)
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    missing("triton on CPU needs TRITON_INTERPRET=1 (scripts/test.sh sets it)")
 
 
 def _jobs():  # type: ignore[no-untyped-def]

@@ -232,11 +232,14 @@ def worker_mixloom(
     from mixloom.model.adapter_model import AdapterModel
     from mixloom.model.specs import AdapterSpec
     from mixloom.trainer.fused import FusedTrainer
-    from mixloom.trainer.job import Job
+    from mixloom.trainer.host import tune_cpu_allocator
+    from mixloom.trainer.job import TrainingJob
 
     model = _random_model(spec)
     backend = resolve_backend("auto", _device())  # MIXLOOM_KERNEL_BACKEND overrides
     am = AdapterModel(model, backend=backend, recompute=recompute)
+    if am.device.type == "cpu":  # as `mixloom train` on a CPU does
+        tune_cpu_allocator()
     trainer = FusedTrainer(am, pad_id=0)
     for i, ids in enumerate(_rows(spec, jobs)):
         hp = MixLoraHyperparameters(
@@ -246,7 +249,7 @@ def worker_mixloom(
         )  # fmt: skip
         name = f"t{i}"
         adapter = AdapterSpec.from_hyperparameters(name, hp, seed=i)
-        trainer.add_job(Job(name=name, adapter=adapter, hp=hp, rows=[EncodedRow(ids, ids)]))
+        trainer.add_job(TrainingJob(name=name, adapter=adapter, hp=hp, rows=[EncodedRow(ids, ids)]))
     sec = _timed_steps(trainer.step, steps, warmup)
     peak = _peak_mib()
     mode = {None: "", True: "_recompute", False: "_kept"}[recompute]

@@ -105,9 +105,12 @@ def mixloom_step(spec: dict, jobs: int, recompute: bool, backend: str = "torch")
     from mixloom.model.adapter_model import AdapterModel
     from mixloom.model.specs import AdapterSpec
     from mixloom.trainer.fused import FusedTrainer
-    from mixloom.trainer.job import Job
+    from mixloom.trainer.host import tune_cpu_allocator
+    from mixloom.trainer.job import TrainingJob
 
     model = AdapterModel(e2e._random_model(spec), backend=backend, recompute=recompute)
+    if model.device.type == "cpu":  # as `mixloom train` on a CPU does
+        tune_cpu_allocator()
     trainer = FusedTrainer(model, pad_id=0)
     for i, ids in enumerate(e2e._rows(spec, jobs)):
         hp = MixLoraHyperparameters(
@@ -116,7 +119,9 @@ def mixloom_step(spec: dict, jobs: int, recompute: bool, backend: str = "torch")
             train_on_inputs=True, learning_rate=1e-4,
         )  # fmt: skip
         adapter = AdapterSpec.from_hyperparameters(f"t{i}", hp, seed=i)
-        trainer.add_job(Job(name=f"t{i}", adapter=adapter, hp=hp, rows=[EncodedRow(ids, ids)]))
+        trainer.add_job(
+            TrainingJob(name=f"t{i}", adapter=adapter, hp=hp, rows=[EncodedRow(ids, ids)])
+        )
     return trainer.step
 
 

@@ -1,23 +1,48 @@
-"""Deployment settings, read from the environment (prefix MIXLOOM_)."""
+"""Every setting read from the environment (prefix MIXLOOM_), in one `Settings`.
+
+Read when a command starts (`get_settings()`), never at import. The HTTP client
+(mixloom.clients) is the exception: it runs on users' machines, imports nothing of the
+server, and reads its own MIXLOOM_BASE_URL and MIXLOOM_API_KEY when a Client is made.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Settings(BaseSettings):
+class ModelSettings(BaseModel):
+    """How the base model is loaded and its adapters run. A worker takes them from the
+    environment (Settings); `mixloom train` from its config's top level (TrainConfig)."""
+
+    base_model: str = "smollm2-135m"  # "smollm2-135m" = the embedded default, or a path / hub id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
+    kernel_backend: Literal["auto", "torch", "triton"] = "auto"
+    # adapter activations recomputed in the backward (less memory, a slower step); unset:
+    # on a GPU, off on a CPU (AdapterModel)
+    recompute: bool | None = None
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mixloom"
+
+
+class Settings(ModelSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MIXLOOM_", extra="ignore")
 
     data_dir: Path = Path("./mixloom-data")  # SQLite file, uploads, checkpoints, adapters
     database_url: str | None = None  # default: sqlite file under data_dir
     redis_url: str | None = None  # unset: in-process progress bus
-    base_model: str = "smollm2-135m"  # "smollm2-135m" = the embedded default, or a path / hub id
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
-    kernel_backend: str = "auto"  # auto | torch | triton
+    # the embedded base model converted to a plain HF folder (default: $XDG_CACHE_HOME/mixloom)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # glibc malloc keeps freed memory (trainer/host.py; process-wide); unset: in `mixloom
+    # train` on a CPU, never in `mixloom worker` / `serve`
+    cpu_malloc_tuning: bool | None = None
     # dropout masks: auto (the Philox kernel on CUDA with triton, else each job's generator)
     # | counter (the kernel; on CPU under TRITON_INTERPRET=1) | stream (each job's generator)
     dropout_rng: Literal["auto", "counter", "stream"] = "auto"
@@ -34,9 +59,16 @@ class Settings(BaseSettings):
     kernel_glu_warps: int | None = None
     kernel_glu_block_n_fwd: int | None = None
     kernel_glu_block_n_bwd: int | None = None
-    # adapter activations recomputed in the backward (less memory, a slower step); unset:
-    # on a GPU, off on a CPU (AdapterModel)
-    recompute: bool | None = None
+    # worker (`mixloom worker` / `serve`; their flags override these)
+    worker_id: str | None = None  # default: host:pid:random
+    # a dead worker's jobs are claimable this long after its last heartbeat
+    worker_lease_seconds: float = 30.0
+    worker_heartbeat_seconds: float | None = None  # default: worker_lease_seconds / 3
+    worker_poll_seconds: float = 2.0  # look for new jobs this often (a bus wake-up comes sooner)
+    worker_step_token_budget: int = 16384  # padded tokens (rows x widest row) per fused step
+    worker_memory_budget_gb: float | None = None  # default: 90% of GPU memory, or base + 80% RAM
+    worker_metrics_interval_seconds: float = 1.0  # a job's step metrics reach the DB this often
+    worker_max_jobs: int = 32  # jobs admitted at once (they share steps by fair share)
     # limits
     max_upload_bytes: int = 64 * 1024 * 1024
     max_file_lines: int = 200_000
@@ -48,10 +80,17 @@ class Settings(BaseSettings):
     # API
     sse_poll_seconds: float = 2.0  # an idle SSE stream re-reads the database this often
     sse_max_streams: int = 64  # concurrent SSE streams (each parks a thread while it waits)
+    # tests/: the services integration tests use (each test session makes its own database)
+    test_postgres_url: str = "postgresql://postgres@127.0.0.1:5432/test"
+    test_redis_url: str = "redis://127.0.0.1:6379/0"
 
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def worker_heartbeat(self) -> float:
+        return self.worker_heartbeat_seconds or self.worker_lease_seconds / 3
 
     @property
     def resolved_database_url(self) -> str:

@@ -48,7 +48,8 @@ class TrainingHyperparameters(_Strict):
         return self
 
     @property
-    def micro(self) -> int:
+    def micro_batch_rows(self) -> int:
+        """Rows of one micro-batch (micro_batch_size, or batch_size when it is unset)."""
         return self.micro_batch_size or self.batch_size
 
 

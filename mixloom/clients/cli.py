@@ -302,10 +302,11 @@ def _jobs_get(args: argparse.Namespace) -> int:
     step = f"{p.step}/{p.total}" if p.total else str(p.step)
     pct = f" ({p.fraction:.0%})" if p.fraction is not None else ""
     print(f"  step {step}{pct}")
-    if metrics and metrics[-1].loss is not None:
-        print(f"  loss {metrics[-1].loss:.4f}")
-    if p.tokens_per_s is not None:
-        print(f"  {p.tokens_per_s:.0f} tokens/s")
+    loss = metrics[-1].train_loss if metrics else None
+    if loss is not None:
+        print(f"  loss {loss:.4f}")
+    if p.tokens_per_second is not None:
+        print(f"  {p.tokens_per_second:.0f} tokens/s")
     if p.eta_s is not None:
         print(f"  ETA {p.eta_s:.0f} s")
     if job.error:
@@ -398,12 +399,12 @@ def _watch(client: Client, job_id: str, *, quiet: bool = False) -> int:
 
 def _postfix(metric: Metric) -> dict[str, str]:
     out = {}
-    if metric.loss is not None:
-        out["loss"] = f"{metric.loss:.4f}"
-    val = metric.metrics.get("valid_loss", metric.metrics.get("val_loss"))
+    if metric.train_loss is not None:
+        out["loss"] = f"{metric.train_loss:.4f}"
+    val = metric.metrics.get("valid_loss")
     if isinstance(val, int | float):
-        out["val_loss"] = f"{val:.4f}"
-    tps = metric.metrics.get("tokens_per_second", metric.metrics.get("tokens_per_s"))
+        out["valid_loss"] = f"{val:.4f}"
+    tps = metric.metrics.get("tokens_per_second")
     if isinstance(tps, int | float):
         out["tok/s"] = f"{tps:.0f}"
     return out

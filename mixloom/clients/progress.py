@@ -35,7 +35,7 @@ class Progress:
     total: int | None
     fraction: float | None  # 0..1
     eta_s: float | None
-    tokens_per_s: float | None
+    tokens_per_second: float | None
 
 
 def progress(job: Job, metrics: list[Metric], training_rows: int | None) -> Progress:
@@ -54,15 +54,11 @@ def progress(job: Job, metrics: list[Metric], training_rows: int | None) -> Prog
         first, last = metrics[0], metrics[-1]
         per_step = (last.created_at - first.created_at) / max(1, last.step - first.step)
         eta = max(0.0, (total - step) * per_step)
-    tps = (
-        latest.metrics.get("tokens_per_s", latest.metrics.get("tokens_per_second"))
-        if latest
-        else None
-    )
+    tps = latest.metrics.get("tokens_per_second") if latest else None
     return Progress(
         step=step,
         total=total,
         fraction=fraction,
         eta_s=eta,
-        tokens_per_s=float(tps) if isinstance(tps, int | float) else None,
+        tokens_per_second=float(tps) if isinstance(tps, int | float) else None,
     )

@@ -127,8 +127,8 @@ class Metric:
         return cls(**_known(cls, data), raw=data)
 
     @property
-    def loss(self) -> float | None:
-        value = self.metrics.get("loss", self.metrics.get("train_loss"))
+    def train_loss(self) -> float | None:
+        value = self.metrics.get("train_loss")
         return float(value) if isinstance(value, int | float) else None
 
 

@@ -67,6 +67,17 @@ class AdapterModel(nn.Module):
     def config(self) -> Any:
         return self.model.config
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The decoder stack: input ids -> `last_hidden_state` (B, T, H), no vocabulary
+        projection (the trainer projects only the positions that have a target)."""
+        return self.model.model  # type: ignore[no-any-return]
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        """The vocabulary projection, (V, H) weight."""
+        return self.model.lm_head  # type: ignore[no-any-return]
+
     # -- adapters ----------------------------------------------------------------------
 
     def add_adapter(self, spec: AdapterSpec) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mixloom.config import get_settings
 from mixloom.errors import ModelLoadError
 
 DEFAULT_MODEL_ID = "smollm2-135m"
@@ -51,16 +52,10 @@ def resolve_dtype(
     return DTYPES[dtype]
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("MIXLOOM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mixloom"
-    )
-    return Path(root)
-
-
 def embedded_default_folder() -> Path:
-    """Convert the embedded GGUF once into a plain HF folder (fp32 safetensors) and return it."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    """Convert the embedded GGUF once into a plain HF folder (fp32 safetensors) and return it
+    (under Settings.cache_dir)."""
+    target = get_settings().cache_dir / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)

@@ -8,7 +8,7 @@ import signal
 import threading
 from typing import Any
 
-from mixloom.scheduler.settings import WorkerSettings
+from mixloom.config import Settings
 
 
 def register(sub: Any) -> None:
@@ -32,25 +32,31 @@ def register(sub: Any) -> None:
 
 
 def _worker_flags(p: argparse.ArgumentParser) -> None:
+    """Flags over the worker_* fields of Settings (each flag's dest is the field's name)."""
     g = p.add_argument_group("worker (defaults from MIXLOOM_WORKER_* variables)")
-    g.add_argument("--worker-id", help="a name for this worker in job events")
-    g.add_argument("--lease-seconds", type=float, help="lease length (default 30)")
-    g.add_argument("--heartbeat-seconds", type=float, help="default: a third of the lease")
-    g.add_argument("--poll-seconds", type=float, help="look for new jobs this often (default 2)")
-    g.add_argument("--step-token-budget", type=int, help="padded tokens per fused step")
-    g.add_argument("--memory-budget-gb", type=float, help="default: 90%% of GPU / free RAM")
-    g.add_argument("--metrics-interval-seconds", type=float, help="metrics to the DB this often")
-    g.add_argument("--max-jobs", type=int, help="jobs admitted at once (default 32)")
+    flags = [  # (flag, the Settings field, type, help)
+        ("--worker-id", "worker_id", str, "a name for this worker in job events"),
+        ("--lease-seconds", "worker_lease_seconds", float, "lease length (default 30)"),
+        ("--heartbeat-seconds", "worker_heartbeat_seconds", float, "default: a third of the lease"),
+        ("--poll-seconds", "worker_poll_seconds", float, "look for new jobs this often (default 2)"),
+        ("--step-token-budget", "worker_step_token_budget", int, "padded tokens per fused step"),
+        ("--memory-budget-gb", "worker_memory_budget_gb", float, "default: 90%% of GPU / free RAM"),
+        ("--metrics-interval-seconds", "worker_metrics_interval_seconds", float, "metrics to the DB this often"),
+        ("--max-jobs", "worker_max_jobs", int, "jobs admitted at once (default 32)"),
+    ]  # fmt: skip
+    for name, dest, kind, text in flags:
+        g.add_argument(name, dest=dest, type=kind, help=text)
     g.add_argument("--log-level", default="info")
 
 
-def _options(args: argparse.Namespace) -> WorkerSettings:
+def _settings(args: argparse.Namespace) -> Settings:
+    """The environment's settings, with the worker flags given on the command line."""
     given = {
         k: getattr(args, k)
-        for k in WorkerSettings.model_fields
-        if getattr(args, k, None) is not None
+        for k in Settings.model_fields
+        if k.startswith("worker_") and getattr(args, k, None) is not None
     }
-    return WorkerSettings(**given)
+    return Settings(**given)
 
 
 def _setup_logging(level: str) -> None:
@@ -73,14 +79,13 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from mixloom.config import get_settings
     from mixloom.scheduler.worker import Worker
     from mixloom.storage import migrate
     from mixloom.storage.bus import make_bus
     from mixloom.storage.db import Database
 
     _setup_logging(args.log_level)
-    settings = get_settings()
+    settings = _settings(args)
     if not args.no_migrate:
         migrate.upgrade(settings.resolved_database_url)
     db = Database.connect(settings.resolved_database_url)
@@ -88,7 +93,7 @@ def _worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     try:
-        Worker(settings, _options(args), db=db, bus=bus).run(stop)
+        Worker(settings, db=db, bus=bus).run(stop)
     finally:
         bus.close()
         db.dispose()
@@ -98,7 +103,6 @@ def _worker(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from mixloom.config import get_settings
     from mixloom.scheduler.worker import Worker
     from mixloom.server.app import create_app
     from mixloom.storage import migrate
@@ -106,13 +110,13 @@ def _serve(args: argparse.Namespace) -> int:
     from mixloom.storage.db import Database
 
     _setup_logging(args.log_level)
-    settings = get_settings()
+    settings = _settings(args)
     migrate.upgrade(settings.resolved_database_url)
     db = Database.connect(settings.resolved_database_url)
     bus = make_bus(settings.redis_url)
     app = create_app(settings, db=db, bus=bus)
     stop = threading.Event()
-    worker = Worker(settings, _options(args), db=db, bus=bus)
+    worker = Worker(settings, db=db, bus=bus)
     failed: list[BaseException] = []
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -135,7 +135,9 @@ def activation_bytes(
 def step_bytes_upper_bound(shape: ModelShape, hp: LoraHyperparameters) -> int:
     """Activations of the job's largest possible micro-batch (micro rows of max_seq_len)."""
     width = hp.max_seq_len
-    return activation_bytes(shape, hp, hp.micro, width, targets=hp.micro * width)
+    return activation_bytes(
+        shape, hp, hp.micro_batch_rows, width, targets=hp.micro_batch_rows * width
+    )
 
 
 @dataclass(frozen=True)

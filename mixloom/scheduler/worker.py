@@ -12,6 +12,10 @@ a checkpoint or result only in a transaction that re-checks the lease. A killed 
 jobs are re-queued by whichever process next runs `expire_leases` and resume from their last
 checkpoint, which holds everything a run needs (adapter, optimizer, schedule, RNG, data
 cursor), so the result equals an uninterrupted run.
+
+What a job's training does (build, step, checkpoint cadence, resume, rollback, validation,
+metrics, final checkpoint) is the TrainingSession's (trainer/session.py), the same that
+`mixloom train` runs; this module adds the leases, the database and the bus.
 """
 
 from __future__ import annotations
@@ -19,16 +23,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-import secrets
 import shutil
-import socket
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from sqlalchemy.exc import DBAPIError
 
 from mixloom.config import Settings
@@ -36,12 +39,18 @@ from mixloom.errors import DataError
 from mixloom.scheduler import memory
 from mixloom.scheduler.policy import Candidate, compose_step
 from mixloom.scheduler.queue import claim_next, hyperparameters
-from mixloom.scheduler.settings import WorkerSettings
 from mixloom.storage import files, jobs
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
 from mixloom.storage.jobs import LeaseLostError
 from mixloom.storage.records import JobRecord, JobStatus, RequestedAction
+from mixloom.trainer.job import TrainingJob, TrainingState
+from mixloom.trainer.session import (
+    JobStep,
+    TrainingSession,
+    default_worker_id,
+    is_out_of_memory,
+)
 
 log = logging.getLogger("mixloom.worker")
 
@@ -55,10 +64,6 @@ OOM_RETRIES_ALONE = 3  # a job that runs out of memory this often on its own fai
 MIN_TOKEN_BUDGET = 256  # out-of-memory back-off halves the step budget down to this
 
 
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
-
-
 def jobs_dir(settings: Settings) -> Path:
     """Checkpoints and adapters; shared storage when workers run on several machines."""
     return settings.data_dir / "jobs"
@@ -69,7 +74,7 @@ class Held:
     """A job this worker holds a lease on and trains."""
 
     record: JobRecord
-    job: Any  # trainer.job.Job
+    job: TrainingJob | None  # None until its data is loaded
     order: int
     state_bytes: int
     lease_ok_until: float  # monotonic; the lease is surely valid before this
@@ -77,32 +82,8 @@ class Held:
     lost: bool = False
     last_served: int = -1
     last_metrics_at: float = -math.inf
-    last_step_at: float = field(default_factory=time.monotonic)
-    sec_per_step: float | None = None
-    started_step: int = 0
-    last_ckpt_step: int = -1
+    last_ckpt_step: int = -1  # of the last checkpoint recorded in the database
     oom_alone: int = 0
-    step_tokens: int = 0  # tokens of the current optimizer step so far
-    step_seconds: float = 0.0  # time of the fused steps those tokens went through
-    last_loss: float | None = None
-    # state at the start of the current optimizer step, to replay it after an OOM
-    replay: dict[str, Any] | None = None
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _available_ram() -> int:
@@ -122,21 +103,20 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        options: WorkerSettings | None = None,
         *,
         db: Database,
         bus: ProgressBus,
         base: Any = None,
     ) -> None:
         self.settings = settings
-        self.options = options or WorkerSettings()
-        self.id = self.options.worker_id or default_worker_id()
+        self.id = settings.worker_id or default_worker_id()
         self.db = db
         self.bus = bus
         self.model_id = settings.base_model
         self.base = base  # model.base.BaseModel; loaded in run() when not given
+        self.training: TrainingSession  # made in run(), with the base model
         self.held: dict[str, Held] = {}
-        self.token_budget = self.options.step_token_budget
+        self.token_budget = settings.worker_step_token_budget
         self.steps = 0
         self.ready = threading.Event()  # the base model is loaded and the loop runs
         self._lock = threading.Lock()
@@ -171,42 +151,36 @@ class Worker:
                 try:
                     stepped = self.tick()
                 except DBAPIError:  # the database restarts or fails over: keep the jobs
-                    log.exception("database error; retrying in %.0f s", self.options.poll_seconds)
-                    stop.wait(self.options.poll_seconds)
+                    log.exception(
+                        "database error; retrying in %.0f s", self.settings.worker_poll_seconds
+                    )
+                    stop.wait(self.settings.worker_poll_seconds)
                     continue
                 if not stepped:
-                    self._wake.wait(min(self.options.poll_seconds, 0.5))
+                    self._wake.wait(min(self.settings.worker_poll_seconds, 0.5))
         finally:
             self._shutdown()
             done.set()
 
     def _load(self) -> None:
-        import torch
-
-        from mixloom import kernels
-        from mixloom.data.tokenize import pad_id_of
-        from mixloom.model.adapter_model import AdapterModel
-        from mixloom.model.base import load_base_model
-        from mixloom.trainer.fused import FusedTrainer
-
-        if self.base is None:
-            self.base = load_base_model(
-                self.model_id, dtype=self.settings.dtype, device=self.settings.device
-            )
-        base = self.base
-        backend = kernels.resolve_backend(self.settings.kernel_backend, base.device)
-        self.model = AdapterModel(base.model, backend=backend, recompute=self.settings.recompute)
-        self.trainer = FusedTrainer(self.model, pad_id_of(base.tokenizer))
+        self.training = TrainingSession.load(
+            self.settings,
+            base=self.base,
+            worker_id=self.id,
+            # process-wide, and this process may serve the API too: only when asked
+            tune_allocator=self.settings.cpu_malloc_tuning is True,
+        )
+        base = self.base = self.training.base
         params = list(base.model.parameters())
         base_bytes = sum(p.numel() * p.element_size() for p in params)
         self.shape = memory.ModelShape.from_config(
             base.model.config,
             dtype_bytes=params[0].element_size(),
             base_bytes=base_bytes,
-            recompute=self.model.state.recompute,
+            recompute=self.training.model.state.recompute,
         )
-        if self.options.memory_budget_gb is not None:
-            self.budget = int(self.options.memory_budget_gb * memory.GIB)
+        if self.settings.worker_memory_budget_gb is not None:
+            self.budget = int(self.settings.worker_memory_budget_gb * memory.GIB)
         elif base.device.type == "cuda":
             total = torch.cuda.get_device_properties(base.device).total_memory
             self.budget = int(0.9 * total)
@@ -218,11 +192,11 @@ class Worker:
     def tick(self) -> bool:
         """One turn of the loop; False when there was nothing to step."""
         now = time.monotonic()
-        if now - self._last_expire >= min(self.options.lease_seconds / 2, 5.0):
+        if now - self._last_expire >= min(self.settings.worker_lease_seconds / 2, 5.0):
             self._last_expire = now
             self._expire()
         self._carry_out_requests()
-        if self._wake.is_set() or now - self._last_claim >= self.options.poll_seconds:
+        if self._wake.is_set() or now - self._last_claim >= self.settings.worker_poll_seconds:
             self._wake.clear()
             self._last_claim = now
             self._claim()
@@ -243,7 +217,7 @@ class Worker:
     # -- leases ------------------------------------------------------------------------
 
     def _heartbeats(self, done: threading.Event) -> None:
-        while not done.wait(self.options.heartbeat):
+        while not done.wait(self.settings.worker_heartbeat):
             with self._lock:
                 ids = [i for i, h in self.held.items() if not h.lost]
             for job_id in ids:
@@ -257,7 +231,7 @@ class Worker:
                     session=session,
                     job_id=job_id,
                     worker_id=self.id,
-                    lease_seconds=self.options.lease_seconds,
+                    lease_seconds=self.settings.worker_lease_seconds,
                 )
         except LeaseLostError as exc:
             with self._lock:
@@ -271,7 +245,7 @@ class Worker:
         with self._lock:
             h = self.held.get(job_id)
             if h is not None:
-                h.lease_ok_until = started + self.options.lease_seconds
+                h.lease_ok_until = started + self.settings.worker_lease_seconds
                 h.requested = record.requested_action
         if record.requested_action is not None:
             self._wake.set()
@@ -280,12 +254,15 @@ class Worker:
         """Lease time a job must have left to go into a step: the step's expected length
         and then some, but at most half a lease (longer steps renew before each step, and
         the heartbeat thread keeps renewing during it)."""
-        lease = self.options.lease_seconds
+        lease = self.settings.worker_lease_seconds
         return min(0.5 * lease, 1.5 * self._last_step_seconds + 0.1 * lease)
 
     def _trainable(self, h: Held) -> bool:
         return (
-            not h.lost and h.job is not None and h.job.status.value == "running" and not h.job.done
+            not h.lost
+            and h.job is not None
+            and h.job.state == TrainingState.RUNNING
+            and not h.job.done
         )
 
     def _usable(self, h: Held) -> bool:
@@ -305,7 +282,7 @@ class Worker:
                     self._wake.set()
             except Exception:
                 log.exception("progress bus wait failed")
-                done.wait(self.options.poll_seconds)
+                done.wait(self.settings.worker_poll_seconds)
 
     def _publish(self, job_id: str, after_seq: int) -> None:
         """Send a job's new events/metrics (already committed) to live streams."""
@@ -324,25 +301,27 @@ class Worker:
             if h.lost:
                 log.warning("dropping %s: its lease was lost", h.record.id)
                 self._drop(h)
-            elif h.job is not None and h.job.status.value == "succeeded":  # a retry
-                self._finish(h, self.trainer.validation_loss(h.record.id))
-            elif h.job is not None and h.job.status.value == "failed":
+            elif h.job is None:
+                continue
+            elif h.job.state == TrainingState.SUCCEEDED:  # a retry
+                self._finish(h, h.job, self.training.validation_loss(h.record.id))
+            elif h.job.state == TrainingState.FAILED:
                 self._release(
                     h, JobStatus.FAILED, error={"message": h.job.error, "code": "training_failed"}
                 )
             elif h.requested == RequestedAction.CANCEL:
                 self._release(h, JobStatus.CANCELLED, f"Job cancelled at step {h.job.step}")
-            elif h.requested == RequestedAction.PAUSE and h.job.micro == 0:
-                self._pause(h)
+            elif h.requested == RequestedAction.PAUSE and h.job.micro_done == 0:
+                self._pause(h, h.job)
 
-    def _pause(self, h: Held) -> None:
-        step = h.job.step
-        if step > max(h.last_ckpt_step, 0) and not self._checkpoint(h):
+    def _pause(self, h: Held, job: TrainingJob) -> None:
+        step = job.step
+        if step > max(h.last_ckpt_step, 0) and not self._checkpoint(h, job):
             return
         self._release(
             h,
             JobStatus.PAUSED,
-            f"Job paused at step {step} of {h.job.total_steps}; resume continues from there",
+            f"Job paused at step {step} of {job.total_steps}; resume continues from there",
         )
 
     # -- claiming ----------------------------------------------------------------------
@@ -356,13 +335,13 @@ class Worker:
         )
 
     def _claim(self) -> None:
-        while len(self.held) < self.options.max_jobs:
+        while len(self.held) < self.settings.worker_max_jobs:
             claimed_at = time.monotonic()  # before the lease starts: a conservative clock
             with self.db.transaction() as session:
                 result = claim_next(
                     session=session,
                     worker_id=self.id,
-                    lease_seconds=self.options.lease_seconds,
+                    lease_seconds=self.settings.worker_lease_seconds,
                     model=self.model_id,
                     fits=self._fits,
                     default_max_running=self.settings.max_running_jobs,
@@ -375,12 +354,8 @@ class Worker:
             self._start(result.claimed, claimed_at)
 
     def _start(self, record: JobRecord, claimed_at: float) -> None:
-        """Load the job's data, build its trainer job, resume from its last checkpoint."""
-        from mixloom.model.specs import AdapterSpec
-        from mixloom.trainer.checkpoint import latest_checkpoint, load_checkpoint
-        from mixloom.trainer.job import Job
-        from mixloom.trainer.job import JobStatus as TrainStatus
-
+        """Load the job's data and start it in the training session (from its last
+        checkpoint, if it has one)."""
         hp = hyperparameters(record)
         self._orders += 1
         h = Held(
@@ -388,7 +363,7 @@ class Worker:
             None,
             self._orders,
             memory.job_state_bytes(self.shape, hp),
-            claimed_at + self.options.lease_seconds,
+            claimed_at + self.settings.worker_lease_seconds,
         )
         with self._lock:
             self.held[record.id] = h
@@ -400,14 +375,17 @@ class Worker:
                     if record.validation_file_id
                     else None
                 )
-            rows = self._encode(train.path, hp)
-            val_rows = self._encode(val.path, hp) if val else []
-            adapter = AdapterSpec.from_hyperparameters(record.id, hp, seed=record.seed)
-            job = Job(record.id, adapter, hp, rows, seed=record.seed, validation_rows=val_rows)
-            ckpt = latest_checkpoint(jobs_dir(self.settings) / record.id / "checkpoints")
-            self.trainer.add_job(job, resume=load_checkpoint(ckpt) if ckpt else None)
+            rows = self.training.encode(train.path, hp)
+            val_rows = self.training.encode(val.path, hp) if val else []
+            job = self.training.add(
+                record.id,
+                hp,
+                seed=record.seed,
+                rows=rows,
+                validation_rows=val_rows,
+                folder=jobs_dir(self.settings) / record.id,
+            )
         except (DataError, ValueError, OSError) as exc:
-            h.job = None
             self._release(
                 h,
                 JobStatus.FAILED,
@@ -415,10 +393,9 @@ class Worker:
             )
             return
         h.job = job
-        h.started_step = job.step
-        h.last_ckpt_step = job.step if ckpt else -1
-        params = sum(p.numel() for p in self.model.adapter_parameters(record.id))
-        where = f"resuming from the checkpoint at step {job.step}" if ckpt else "from scratch"
+        h.last_ckpt_step = job.step if job.step else -1
+        params = sum(p.numel() for p in self.training.model.adapter_parameters(record.id))
+        where = f"resuming from the checkpoint at step {job.step}" if job.step else "from scratch"
         self._event(
             h,
             f"Training on worker {self.id}: {len(rows)} rows, {job.total_steps} steps "
@@ -426,22 +403,8 @@ class Worker:
             data={"rows": len(rows), "total_steps": job.total_steps, "resumed_step": job.step},
         )
         log.info("%s: started (%s)", record.id, where)
-        if job.done:  # a worker died between the final checkpoint and the release
-            job.status = TrainStatus.SUCCEEDED
-            self._finish(h, self.trainer.validation_loss(record.id))
-
-    def _encode(self, path: str, hp: Any) -> list[Any]:
-        from mixloom.data.formats import load_jsonl
-        from mixloom.data.tokenize import encode_dataset
-
-        return list(
-            encode_dataset(
-                load_jsonl(path),
-                self.base.tokenizer,
-                max_seq_len=hp.max_seq_len,
-                train_on_inputs=hp.train_on_inputs,
-            ).rows
-        )
+        if job.state == TrainingState.SUCCEEDED:  # a worker died after the final checkpoint
+            self._finish(h, job, self.training.validation_loss(record.id))
 
     # -- stepping ----------------------------------------------------------------------
 
@@ -449,7 +412,7 @@ class Worker:
         self._renew_short_leases()
         candidates = []
         for h in self.held.values():
-            if not self._usable(h):
+            if h.job is None or not self._usable(h):
                 continue
             rows, _ = h.job.next_micro_batch()
             candidates.append(
@@ -466,7 +429,7 @@ class Worker:
             return []
 
         def activation(c: Candidate, width: int) -> int:
-            hp = self.held[c.name].job.hp
+            hp = self.training.jobs[c.name].hp
             return memory.activation_bytes(self.shape, hp, c.rows, width, targets=c.rows * width)
 
         free = self.budget - self.shape.base_bytes - self._admitted_state()
@@ -475,134 +438,63 @@ class Worker:
         )
 
     def _step(self, names: list[str]) -> None:
-        for name in names:
-            h = self.held[name]
-            if h.job.micro == 0:
-                h.replay = {
-                    "step": h.job.step,
-                    "tokens_seen": h.job.tokens_seen,
-                    "rng": self.model.generators[name].get_state(),
-                }
         try:
-            report = self.trainer.step(names)
+            result = self.training.step(names)
         except Exception as exc:
-            if not _is_oom(exc):
+            if not is_out_of_memory(exc):
                 raise
+            self.training.rollback(names)
             self._out_of_memory(names, exc)
             return
         self.steps += 1
-        self._last_step_seconds = report.seconds
-        if report.seconds > 0.5 * self.options.lease_seconds:
+        seconds = result.report.seconds
+        self._last_step_seconds = seconds
+        if seconds > 0.5 * self.settings.worker_lease_seconds:
             log.warning(
                 "a step took %.1f s, over half the %.0f s lease: a worker that dies holds its "
                 "jobs about that long, and a slow heartbeat could lose them; raise "
                 "--lease-seconds",
-                report.seconds,
-                self.options.lease_seconds,
+                seconds,
+                self.settings.worker_lease_seconds,
             )
-        for m in report.jobs:
-            h = self.held[m.name]
+        for s in result.jobs:
+            h = self.held[s.name]
             h.last_served = self.steps
             h.oom_alone = 0
-            job = h.job
-            if m.step_loss is not None:
-                h.last_loss = m.step_loss
-            if job.status.value == "failed":
+            if s.job.state == TrainingState.FAILED:
                 self._release(
                     h,
                     JobStatus.FAILED,
-                    error={"message": job.error or "failed", "code": "training_failed"},
+                    error={"message": s.job.error or "failed", "code": "training_failed"},
                 )
-                continue
-            h.step_tokens += m.tokens
-            h.step_seconds += report.seconds
-            if not m.stepped:
-                continue
-            now = time.monotonic()
-            elapsed = now - h.last_step_at
-            h.last_step_at = now
-            h.sec_per_step = (
-                elapsed if h.sec_per_step is None else 0.8 * h.sec_per_step + 0.2 * elapsed
-            )
-            every = job.hp.checkpoint_every
-            ckpt_now = bool(every) and job.step % every == 0 and not job.done
-            val = self.trainer.validation_loss(m.name) if job.done else None
-            if (
-                job.done
-                or ckpt_now
-                or now - h.last_metrics_at >= self.options.metrics_interval_seconds
-            ):
-                h.last_metrics_at = now
-                self._metrics(h, m, report, val)
-            h.step_tokens, h.step_seconds = 0, 0.0
-            if ckpt_now and not self._checkpoint(h):
-                continue
-            if job.done:
-                self._finish(h, val)
+            elif s.metrics is not None:
+                self._stepped(h, s)
 
-    def _metrics(self, h: Held, m: Any, report: Any, val: float | None) -> None:
-        import torch
+    def _stepped(self, h: Held, s: JobStep) -> None:
+        """A job's optimizer step completed: its metrics (every metrics_interval_seconds, at
+        a checkpoint and at the end), the checkpoint written at it, its result."""
+        assert s.metrics is not None
+        now = time.monotonic()
+        interval = self.settings.worker_metrics_interval_seconds
+        if s.job.done or s.checkpoint is not None or now - h.last_metrics_at >= interval:
+            h.last_metrics_at = now
+            self._metrics(h, s.step, s.metrics)
+        if s.checkpoint is not None and not self._record_checkpoint(h, s.step, s.checkpoint):
+            return
+        if s.job.done:
+            self._finish(h, s.job, s.valid_loss)
 
-        job = h.job
-        remaining = job.total_steps - job.step
-        eta = remaining * (h.sec_per_step or 0.0)
-        values: dict[str, Any] = {
-            "train_loss": m.step_loss,
-            "learning_rate": m.lr,
-            "grad_norm": m.grad_norm,
-            "epoch": job.epoch,
-            "total_steps": job.total_steps,
-            "tokens": h.step_tokens,  # of this optimizer step, all its micro-batches
-            "trained_tokens": job.tokens_seen,
-            "tokens_per_second": round(h.step_tokens / h.step_seconds, 1)
-            if h.step_seconds
-            else 0.0,
-            "step_tokens_per_second": round(report.tokens_per_s, 1),
-            "step_seconds": round(report.seconds, 4),
-            "shared_with": [n for n in report.shared_with if n != m.name],
-            "eta_seconds": round(eta, 1),
-            "estimated_finish": int(time.time() + eta),
-            "cpu_memory_bytes": _rss_bytes(),
-            "worker_id": self.id,
-        }
-        if m.aux_loss is not None:
-            values["aux_loss"] = m.aux_loss
-        if m.router_load is not None:
-            values["router_load"] = [round(x, 4) for x in m.router_load]
-        if self.model.device.type == "cuda":
-            values["gpu_memory_bytes"] = int(torch.cuda.memory_allocated(self.model.device))
-            values["gpu_peak_memory_bytes"] = int(
-                torch.cuda.max_memory_allocated(self.model.device)
-            )
-        if val is not None:
-            values["valid_loss"] = val
+    def _metrics(self, h: Held, step: int, values: dict[str, Any]) -> None:
         with self.db.transaction() as session:
-            record = jobs.add_metrics(
-                session=session, job_id=h.record.id, step=job.step, values=values
-            )
+            record = jobs.add_metrics(session=session, job_id=h.record.id, step=step, values=values)
         try:
             self.bus.publish(h.record.id, record.to_message())
         except Exception:  # the database has it; streams catch up from there
             log.exception("publishing metrics of %s failed", h.record.id)
 
     def _out_of_memory(self, names: list[str], exc: BaseException) -> None:
-        """Undo the failed step exactly (gradients, counters, RNG back to the start of each
-        job's optimizer step) and retry with half the token budget; a job that does not fit
-        even alone, OOM_RETRIES_ALONE times, fails."""
-        import torch
-
-        for name in names:
-            h = self.held[name]
-            job = h.job
-            job.optimizer.zero_grad(set_to_none=True)
-            if h.replay is not None and job.step == h.replay["step"]:
-                job.micro = 0
-                job.loss_sum = 0.0
-                job.aux_sum = 0.0
-                job.tokens_seen = h.replay["tokens_seen"]
-                self.model.generators[name].set_state(h.replay["rng"])
-        if self.model.device.type == "cuda":
-            torch.cuda.empty_cache()
+        """After the session undid the failed step: retry with half the token budget; a job
+        that does not fit even alone, OOM_RETRIES_ALONE times, fails."""
         old = self.token_budget
         self.token_budget = max(MIN_TOKEN_BUDGET, old // 2)
         log.warning("out of memory in a step of %d job(s): %s", len(names), exc)
@@ -627,40 +519,32 @@ class Worker:
                 f"with a budget of {self.token_budget} tokens (was {old})",
                 level="warning",
             )
-        time.sleep(min(1.0, self.options.poll_seconds))
+        time.sleep(min(1.0, self.settings.worker_poll_seconds))
 
     # -- checkpoints and results -------------------------------------------------------
 
-    def _save(self, h: Held, folder: Path) -> Path:
-        """Write a resumable checkpoint folder and its adapter zip; returns the zip."""
-        from mixloom.trainer.checkpoint import save_checkpoint
+    def _checkpoint(self, h: Held, job: TrainingJob) -> bool:
+        """Checkpoint the job now (between optimizer steps) and record it."""
+        return self._record_checkpoint(h, job.step, self.training.checkpoint(h.record.id))
 
-        save_checkpoint(self.trainer, h.record.id, folder, self.base.name_or_path)
-        return _zip_adapter(folder, folder.with_suffix(".zip"))
-
-    def _checkpoint(self, h: Held) -> bool:
-        job = h.job
-        root = jobs_dir(self.settings) / h.record.id / "checkpoints"
-        path = self._save(h, root / f"step-{job.step}")
-        metrics: dict[str, Any] = {"train_loss": h.last_loss}
-        val = self.trainer.validation_loss(h.record.id)
-        if val is not None:
-            metrics["valid_loss"] = val
+    def _record_checkpoint(self, h: Held, step: int, folder: Path) -> bool:
+        """Zip a written checkpoint's adapter and record it, if the lease is still ours."""
+        path = _zip_adapter(folder, folder.with_suffix(".zip"))
+        metrics = self.training.checkpoint_metrics(h.record.id)
         ok = self._leased(
             h,
             lambda s: jobs.add_checkpoint(
-                session=s, job_id=h.record.id, step=job.step, path=str(path), metrics=metrics
+                session=s, job_id=h.record.id, step=step, path=str(path), metrics=metrics
             ),
         )
         if ok:
-            h.last_ckpt_step = job.step
+            h.last_ckpt_step = step
         return ok
 
-    def _finish(self, h: Held, val: float | None = None) -> None:
-        job = h.job
-        root = jobs_dir(self.settings) / h.record.id
-        path = self._save(h, root / "checkpoints" / f"step-{job.step}")
-        final = root / "adapter.zip"
+    def _finish(self, h: Held, job: TrainingJob, val: float | None) -> None:
+        folder = self.training.finish(h.record.id)
+        path = _zip_adapter(folder, folder.with_suffix(".zip"))
+        final = jobs_dir(self.settings) / h.record.id / "adapter.zip"
         shutil.copyfile(path, final.with_suffix(".zip.tmp"))
         os.replace(final.with_suffix(".zip.tmp"), final)
         suffix = h.record.suffix or "mixloom"
@@ -708,7 +592,7 @@ class Worker:
                     session=session,
                     job_id=h.record.id,
                     worker_id=self.id,
-                    lease_seconds=self.options.lease_seconds,
+                    lease_seconds=self.settings.worker_lease_seconds,
                 )
                 seq = before.last_seq
                 write(session)
@@ -756,23 +640,24 @@ class Worker:
         """Forget the job here (its adapter weights and optimizer state are freed)."""
         with self._lock:
             self.held.pop(h.record.id, None)
-        if h.job is not None and h.record.id in self.trainer.jobs:
-            self.trainer.remove_job(h.record.id)
+        if h.record.id in self.training.jobs:
+            self.training.remove(h.record.id)
 
     def _shutdown(self) -> None:
         """Checkpoint what can be checkpointed and put every held job back in the queue."""
         for h in list(self.held.values()):
-            if h.lost or h.job is None:
+            job = h.job
+            if h.lost or job is None:
                 self._drop(h)
                 continue
             try:
-                if h.job.micro == 0 and h.job.step > max(h.last_ckpt_step, 0):
-                    self._checkpoint(h)
+                if job.micro_done == 0 and job.step > max(h.last_ckpt_step, 0):
+                    self._checkpoint(h, job)
                 if h.record.id in self.held:
                     self._release(
                         h,
                         JobStatus.QUEUED,
-                        f"Worker {self.id} shut down at step {h.job.step}; queued again, "
+                        f"Worker {self.id} shut down at step {job.step}; queued again, "
                         "it resumes from its last checkpoint",
                     )
             except Exception:

@@ -3,7 +3,6 @@ runs never share state. Used by tests/storage and tests/server (pytest-free on p
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,18 +10,16 @@ from contextlib import contextmanager
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from mixloom.config import get_settings
 from mixloom.storage.db import normalise_url
-
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def postgres_url() -> str:
-    return os.environ.get("MIXLOOM_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    return get_settings().test_postgres_url
 
 
 def redis_url() -> str:
-    return os.environ.get("MIXLOOM_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    return get_settings().test_redis_url
 
 
 def postgres_problem(url: str | None = None) -> str | None:

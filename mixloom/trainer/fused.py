@@ -21,8 +21,7 @@ from torch import Tensor
 from mixloom.data.tokenize import IGNORE_INDEX, EncodedRow, collate
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.layers import Segment, upload
-from mixloom.trainer.host import tune_cpu_allocator
-from mixloom.trainer.job import Job, JobStatus
+from mixloom.trainer.job import TrainingJob, TrainingState
 from mixloom.trainer.loss import linear_cross_entropy
 
 
@@ -32,7 +31,7 @@ class JobStepMetrics:
 
     name: str
     step: int  # optimizer steps done after this fused step
-    micro: int  # micro-batches done in the current optimizer step (0 after a step)
+    micro_done: int  # micro-batches done in the current optimizer step (0 after a step)
     stepped: bool  # an optimizer step happened
     loss: float  # mean token loss of the micro-batch
     step_loss: float | None  # mean token loss of the whole optimizer step, when stepped
@@ -41,7 +40,7 @@ class JobStepMetrics:
     tokens: int  # real tokens of the micro-batch
     grad_norm: float | None
     router_load: list[float] | None  # MixLoRA: fraction of routed pairs per expert
-    status: str
+    state: TrainingState
 
 
 @dataclass
@@ -52,7 +51,7 @@ class StepReport:
     shared_with: list[str] = field(default_factory=list)
 
     @property
-    def tokens_per_s(self) -> float:
+    def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -83,19 +82,27 @@ def _total_norm(tensors: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
+@dataclass(frozen=True)
+class _StepStart:
+    """A job's counters and dropout stream where its current optimizer step began."""
+
+    step: int
+    tokens_seen: int
+    rng: Tensor
+
+
 class FusedTrainer:
     """Holds the shared AdapterModel and the active jobs; `step()` runs one fused step."""
 
     def __init__(self, model: AdapterModel, pad_id: int) -> None:
         self.model = model
         self.pad_id = pad_id
-        self.jobs: dict[str, Job] = {}
-        if model.device.type == "cpu":
-            tune_cpu_allocator()
+        self.jobs: dict[str, TrainingJob] = {}
+        self._step_starts: dict[str, _StepStart] = {}
 
     # -- membership --------------------------------------------------------------------
 
-    def add_job(self, job: Job, *, resume: dict[str, Any] | None = None) -> None:
+    def add_job(self, job: TrainingJob, *, resume: dict[str, Any] | None = None) -> None:
         """Join between steps. `resume`: a checkpoint state from `job_state`."""
         if job.name in self.jobs:
             raise ValueError(f"job {job.name!r} is already training")
@@ -105,16 +112,17 @@ class FusedTrainer:
             self._restore(job, resume)
         self.jobs[job.name] = job
 
-    def remove_job(self, name: str, *, drop_adapter: bool = True) -> Job:
+    def remove_job(self, name: str, *, drop_adapter: bool = True) -> TrainingJob:
         """Leave between steps; frees the job's rows at once (and its weights if asked)."""
         job = self.jobs.pop(name)
+        self._step_starts.pop(name, None)
         if drop_adapter:
             self.model.remove_adapter(name)
         return job
 
     @property
-    def active(self) -> list[Job]:
-        return [j for j in self.jobs.values() if j.status == JobStatus.RUNNING and not j.done]
+    def active(self) -> list[TrainingJob]:
+        return [j for j in self.jobs.values() if j.state == TrainingState.RUNNING and not j.done]
 
     # -- one fused step ----------------------------------------------------------------
 
@@ -127,6 +135,10 @@ class FusedTrainer:
             return StepReport([], 0, 0.0)
         batches = []
         for job in jobs:
+            if job.micro_done == 0:  # where `rollback` sets the job back to
+                self._step_starts[job.name] = _StepStart(
+                    job.step, job.tokens_seen, self.model.generators[job.name].get_state()
+                )
             rows, targets = job.next_micro_batch()
             batches.append((job, rows, targets))
         input_ids, labels, mask, segments = self._collate(batches)
@@ -141,7 +153,7 @@ class FusedTrainer:
 
         # The base stays in eval mode (no base dropout); adapters train through FusedState.
         with self.model.fused(segments, attn, training=True, host_mask=host_mask):
-            hidden = self.model.model.model(input_ids=input_ids, attention_mask=attn)
+            hidden = self.model.backbone(input_ids=input_ids, attention_mask=attn)
             hidden = hidden.last_hidden_state  # (B, T, H)
             aux = self.model.aux_losses()
             load_tensors = self.model.router_load()
@@ -163,7 +175,7 @@ class FusedTrainer:
         # fused AdamW step as device scalars (grad_scale, found_inf; the latter skips the
         # update), so the host queues the whole step without waiting for the GPU. What the
         # step did is read once, at the end.
-        stepping = [job.micro + 1 >= job.micro_batches for job, _, _ in batches]
+        stepping = [job.micro_done + 1 >= job.micro_batches for job, _, _ in batches]
         for (job, _, _), steps in zip(batches, stepping, strict=True):
             if steps and not job.optimizer.state:
                 self._make_moments(job)
@@ -218,7 +230,7 @@ class FusedTrainer:
                     step_loss = job.loss_sum / max(1, targets)
                     job.advance_step()
                     if job.done:
-                        job.status = JobStatus.SUCCEEDED
+                        job.state = TrainingState.SUCCEEDED
             report.append(
                 self._metrics(
                     job,
@@ -234,8 +246,25 @@ class FusedTrainer:
         seconds = time.perf_counter() - t0
         return StepReport(report, total_tokens, seconds, [j.name for j, _, _ in batches])
 
+    def rollback(self, names: Collection[str]) -> None:
+        """Undo a fused step that raised part way (out of memory): each named job loses the
+        step's gradients, and one whose optimizer step did not complete goes back to where
+        that step began (micro-batch counter, loss sums, tokens, dropout stream), so that
+        running its micro-batches again gives what an uninterrupted run would have."""
+        for name in names:
+            job = self.jobs[name]
+            job.optimizer.zero_grad(set_to_none=True)
+            start = self._step_starts.get(name)
+            if start is None or job.step != start.step:
+                continue
+            job.micro_done = 0
+            job.loss_sum = 0.0
+            job.aux_sum = 0.0
+            job.tokens_seen = start.tokens_seen
+            self.model.generators[name].set_state(start.rng)
+
     def _collate(
-        self, batches: list[tuple[Job, list[EncodedRow], int]]
+        self, batches: list[tuple[TrainingJob, list[EncodedRow], int]]
     ) -> tuple[Tensor, Tensor, Tensor, list[Segment]]:
         """Stack every job's micro-batch as contiguous row blocks, right-padded to one width."""
         all_rows: list[EncodedRow] = []
@@ -251,10 +280,10 @@ class FusedTrainer:
         those positions alone (no (B, T, V) tensor for prompt or padding), fused with the
         cross-entropy in row chunks (trainer/loss.py)."""
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (n, H)
-        lm_head = self.model.model.lm_head
+        lm_head = self.model.lm_head
         if getattr(lm_head, "bias", None) is not None:
             raise NotImplementedError("a vocabulary projection with a bias is not supported")
-        softcap = getattr(self.model.model.config, "final_logit_softcapping", None)
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
         return linear_cross_entropy(h, lm_head.weight, targets, softcap)
 
     def _token_loss_sum(self, hidden: Tensor, labels: Tensor) -> Tensor:
@@ -263,7 +292,7 @@ class FusedTrainer:
         dev = hidden.device
         return self._token_losses(hidden, rows.to(dev), targets.to(dev)).sum()
 
-    def _clip(self, job: Job) -> Tensor:
+    def _clip(self, job: TrainingJob) -> Tensor:
         """The norm of the job's gradients, (), on the device, unread; and the job's clipping,
         handed to its optimizer as a divisor of the gradients (`grad_scale`) instead of a pass
         that scales them in place: on a GPU that pass reads and writes every gradient once more
@@ -280,7 +309,7 @@ class FusedTrainer:
             job.optimizer.grad_scale = divisor  # type: ignore[attr-defined]
         return norm
 
-    def _make_moments(self, job: Job) -> None:
+    def _make_moments(self, job: TrainingJob) -> None:
         """AdamW makes a job's moments (twice its weights) at its first step. Made here by a
         step the device skips (found_inf), before any job of this fused step updates its
         weights: running out of memory for them leaves every job as it was, so the worker can
@@ -291,7 +320,7 @@ class FusedTrainer:
         finally:
             job.optimizer.__dict__.pop("found_inf", None)
 
-    def _optimizer_step(self, job: Job) -> None:
+    def _optimizer_step(self, job: TrainingJob) -> None:
         """The job's fused AdamW step on its gradients, divided by `grad_scale` (clipping) as it
         reads them and skipped on the device where `found_inf` is set; then its gradients go."""
         try:
@@ -301,14 +330,14 @@ class FusedTrainer:
                 job.optimizer.__dict__.pop(key, None)
         job.optimizer.zero_grad(set_to_none=True)
 
-    def _fail(self, job: Job, message: str) -> None:
-        job.status = JobStatus.FAILED
+    def _fail(self, job: TrainingJob, message: str) -> None:
+        job.state = TrainingState.FAILED
         job.error = message
         job.optimizer.zero_grad(set_to_none=True)
 
     def _metrics(
         self,
-        job: Job,
+        job: TrainingJob,
         stepped: bool,
         loss: float,
         step_loss: float | None,
@@ -320,7 +349,7 @@ class FusedTrainer:
         return JobStepMetrics(
             name=job.name,
             step=job.step,
-            micro=job.micro,
+            micro_done=job.micro_done,
             stepped=stepped,
             loss=loss,
             step_loss=step_loss,
@@ -329,7 +358,7 @@ class FusedTrainer:
             tokens=tokens,
             grad_norm=grad_norm,
             router_load=loads.get(job.name),
-            status=job.status.value,
+            state=job.state,
         )
 
     # -- evaluation --------------------------------------------------------------------
@@ -347,7 +376,7 @@ class FusedTrainer:
             input_ids, labels, mask = (t.to(dev) for t in collate(rows, self.pad_id))
             segs = [Segment(name, 0, len(rows))]
             with self.model.fused(segs, mask, training=False, collect_router=False):
-                hidden = self.model.model.model(input_ids=input_ids, attention_mask=mask)
+                hidden = self.model.backbone(input_ids=input_ids, attention_mask=mask)
             total += float(self._token_loss_sum(hidden.last_hidden_state, labels))
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
         return total / max(1, count)
@@ -357,18 +386,18 @@ class FusedTrainer:
     def job_state(self, name: str) -> dict[str, Any]:
         """Everything needed to resume the job exactly (taken between optimizer steps)."""
         job = self.jobs[name]
-        if job.micro:
-            raise RuntimeError("checkpoint only between optimizer steps (micro == 0)")
+        if job.micro_done:
+            raise RuntimeError("checkpoint only between optimizer steps (micro_done == 0)")
         return {
             "adapter": self.model.adapter_state_dict(name),
             "optimizer": job.optimizer.state_dict(),
             "scheduler": job.scheduler.state_dict(),
             "rng": self.model.generators[name].get_state(),
             "counters": job.counters(),
-            "status": job.status.value,
+            "state": job.state.value,
         }
 
-    def _restore(self, job: Job, state: dict[str, Any]) -> None:
+    def _restore(self, job: TrainingJob, state: dict[str, Any]) -> None:
         self.model.load_adapter_state_dict(job.name, state["adapter"])
         job.optimizer.load_state_dict(state["optimizer"])
         job.scheduler.load_state_dict(state["scheduler"])

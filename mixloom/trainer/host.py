@@ -7,15 +7,15 @@ machine, a 4-job MixLoRA step spent ~0.2 s of 1.2 s in the kernel zeroing pages.
 freed memory in malloc's heap removes that: measured 1.19 -> 0.99 s/step (bench_e2e's CPU
 proxy, 4 jobs). The cost is that the process keeps its peak heap (RSS) until it exits.
 
-Process-wide, so it is done once, by the trainer, on CPU only; MIXLOOM_CPU_MALLOC_TUNING=0
-turns it off.
+Process-wide, so a training session does it only when asked (Settings.cpu_malloc_tuning:
+`mixloom train` on a CPU unless it is false; `mixloom worker` and `serve` only when it is
+true, since they share the process with the API and keep running).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,10 @@ _done = False
 
 def tune_cpu_allocator() -> bool:
     """Make glibc keep freed memory for reuse (no mmap for large blocks, no trimming).
-    Returns whether the settings are in effect (False off glibc or when turned off)."""
+    Returns whether the settings are in effect (False off glibc)."""
     global _done
     if _done:
         return True
-    if os.environ.get("MIXLOOM_CPU_MALLOC_TUNING", "1") == "0":
-        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
@@ -44,6 +42,6 @@ def tune_cpu_allocator() -> bool:
         and mallopt(_M_TOP_PAD, 256 * 2**20) == 1  # grow the heap in 256 MiB steps
     )
     if ok:
-        log.info("glibc malloc tuned for CPU training (MIXLOOM_CPU_MALLOC_TUNING=0 disables)")
+        log.info("glibc malloc tuned for CPU training (MIXLOOM_CPU_MALLOC_TUNING=false disables)")
     _done = ok
     return ok

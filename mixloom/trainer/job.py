@@ -15,7 +15,10 @@ from mixloom.jobspec import LoraHyperparameters
 from mixloom.model.specs import AdapterSpec
 
 
-class JobStatus(StrEnum):
+class TrainingState(StrEnum):
+    """Where a job's training stands inside a trainer. Not the stored job status
+    (storage.records.JobStatus: queued, paused, cancelled, ...), which a worker sets from it."""
+
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -40,7 +43,7 @@ def lr_lambda(kind: str, warmup: int, total: int):  # type: ignore[no-untyped-de
 
 
 @dataclass
-class Job:
+class TrainingJob:
     """A job as the trainer runs it. `rows` are tokenised training rows."""
 
     name: str
@@ -54,8 +57,8 @@ class Job:
     epoch: int = 0
     cursor: int = 0  # rows of the current epoch already consumed by finished optimizer steps
     step: int = 0  # optimizer steps done
-    micro: int = 0  # micro-batches done within the current optimizer step
-    status: JobStatus = JobStatus.RUNNING
+    micro_done: int = 0  # micro-batches done within the current optimizer step
+    state: TrainingState = TrainingState.RUNNING
     error: str | None = None
     optimizer: Any = None
     scheduler: Any = None
@@ -88,6 +91,11 @@ class Job:
     def done(self) -> bool:
         return self.step >= self.total_steps
 
+    @property
+    def status(self) -> TrainingState:
+        """Issue 13: the old name of `state`, kept with the names at the end of the module."""
+        return self.state
+
     def build_optimizer(self, params: list[torch.nn.Parameter]) -> None:
         self.optimizer = torch.optim.AdamW(
             params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay, fused=True
@@ -118,7 +126,7 @@ class Job:
 
     @property
     def micro_batches(self) -> int:
-        return math.ceil(len(self.step_rows()) / self.hp.micro)
+        return math.ceil(len(self.step_rows()) / self.hp.micro_batch_rows)
 
     def next_micro_batch(self) -> tuple[list[EncodedRow], int]:
         """(rows of the next micro-batch, target tokens of the whole optimizer step).
@@ -127,18 +135,19 @@ class Job:
         accumulation gives exactly the gradient of the full batch's mean token loss."""
         rows = self.step_rows()
         targets = sum(r.num_targets for r in rows)
-        lo = self.micro * self.hp.micro
-        return rows[lo : lo + self.hp.micro], targets
+        size = self.hp.micro_batch_rows
+        lo = self.micro_done * size
+        return rows[lo : lo + size], targets
 
     def advance_micro(self) -> bool:
         """Count one finished micro-batch; True when the optimizer step is complete."""
-        self.micro += 1
-        return self.micro >= self.micro_batches
+        self.micro_done += 1
+        return self.micro_done >= self.micro_batches
 
     def advance_step(self) -> None:
         self.cursor += len(self.step_rows())
         self.step += 1
-        self.micro = 0
+        self.micro_done = 0
         self.loss_sum = 0.0
         self.aux_sum = 0.0
         if self.cursor >= len(self.rows):
@@ -148,11 +157,11 @@ class Job:
     # -- checkpoint state --------------------------------------------------------------
 
     def counters(self) -> dict[str, Any]:
+        """Taken between optimizer steps only (no micro-batch of a step is done then)."""
         return {
             "epoch": self.epoch,
             "cursor": self.cursor,
             "step": self.step,
-            "micro": self.micro,
             "tokens_seen": self.tokens_seen,
         }
 
@@ -160,5 +169,11 @@ class Job:
         self.epoch = int(data["epoch"])
         self.cursor = int(data["cursor"])
         self.step = int(data["step"])
-        self.micro = int(data["micro"])
+        self.micro_done = 0
         self.tokens_seen = int(data.get("tokens_seen", 0))
+
+
+# issue 13: the old names, until tests/kernels/test_model_no_host_sync.py and
+# tests/trainer/test_poison.py (other engineers' files) import the new ones
+Job = TrainingJob
+JobStatus = TrainingState

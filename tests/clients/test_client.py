@@ -94,7 +94,7 @@ def test_trained_job_metrics_checkpoints_and_downloads(
     ScriptedWorker(server, steps=6, tick=0.01).run_job(job.id)
     metrics = list(client.iter_metrics(job.id, page_size=4))  # two pages
     assert [m.step for m in metrics] == [1, 2, 3, 4, 5, 6]
-    assert metrics[0].loss is not None and metrics[-1].loss < metrics[0].loss
+    assert metrics[0].train_loss is not None and metrics[-1].train_loss < metrics[0].train_loss
     (ckpt,) = client.iter_checkpoints(job.id)
     assert ckpt.step_number == 3
 

@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 from mixloom.clients import Client
 from mixloom.config import Settings
-from mixloom.scheduler.settings import WorkerSettings
 from mixloom.scheduler.worker import Worker
 from mixloom.storage import tenants
 from mixloom.storage.bus import make_bus
@@ -33,9 +32,9 @@ from mixloom.storage.db import Database
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = dict(  # worker settings for tests: short leases, every step's metrics persisted
-    lease_seconds=2.0,
-    poll_seconds=0.2,
-    metrics_interval_seconds=0.0,
+    worker_lease_seconds=2.0,
+    worker_poll_seconds=0.2,
+    worker_metrics_interval_seconds=0.0,
 )
 
 
@@ -81,10 +80,12 @@ class Stack:
         return Client(self.url, api_key=key, timeout=30)
 
     def start_worker(self, base: Any = None, **options: Any) -> Worker:
-        """A worker thread in this process (the same Worker `mixloom worker` runs)."""
-        opts = WorkerSettings(**{**FAST, "worker_id": f"thread-{len(self.workers)}", **options})
+        """A worker thread in this process (the same Worker `mixloom worker` runs);
+        `options`: Settings' worker_* fields."""
+        given = {**FAST, "worker_id": f"thread-{len(self.workers)}", **options}
+        settings = self.settings.model_copy(update=given)
         bus = make_bus(self.settings.redis_url) if self.settings.redis_url else self.bus
-        worker = Worker(self.settings, opts, db=self.db, bus=bus, base=base)
+        worker = Worker(settings, db=self.db, bus=bus, base=base)
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
         thread.start()
@@ -116,7 +117,7 @@ class Stack:
         if self.settings.redis_url:
             env["MIXLOOM_REDIS_URL"] = self.settings.redis_url
         for key, value in {**FAST, "worker_id": name, **options}.items():
-            env[f"MIXLOOM_WORKER_{key.upper()}"] = str(value)
+            env[f"MIXLOOM_{key.upper()}"] = str(value)
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "mixloom.cli", "worker", "--no-migrate"],

@@ -94,7 +94,7 @@ def test_memory_estimate_counts_recomputed_experts_once() -> None:
     # a LoRA job has no experts: the same either way
     assert memory.step_bytes_upper_bound(again, lora) == memory.step_bytes_upper_bound(kept, lora)
     # a top-2 MixLoRA job: 2 experts x gate/up/product x fp32 per token, in 1 layer, not 30
-    tokens = moe.micro * 512
+    tokens = moe.micro_batch_rows * 512
     experts = tokens * 2 * 3 * 1536 * 4
     saved = memory.step_bytes_upper_bound(kept, moe) - memory.step_bytes_upper_bound(again, moe)
     assert abs(saved - memory.SAFETY * 29 * experts) <= 1

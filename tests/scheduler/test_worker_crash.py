@@ -137,8 +137,8 @@ def test_two_workers_share_the_queue_and_never_train_one_job_together(
         clients = [s.client(f"share-{i}") for i in range(2)]
         files = [c.upload_file(data) for c in clients]
         model = clients[0].list_models()[0].id
-        s.start_worker(worker_id="left", max_jobs=3)
-        s.start_worker(worker_id="right", max_jobs=3)
+        s.start_worker(worker_id="left", worker_max_jobs=3)
+        s.start_worker(worker_id="right", worker_max_jobs=3)
         ids = [
             (c, c.create_job(training_file=f.id, model=model, method=method).id)
             for c, f in zip(clients, files, strict=True)

@@ -47,7 +47,7 @@ def test_one_tenants_many_jobs_do_not_starve_another(tmp_path: Path, tiny_base: 
         ]
         one = quiet.create_job(training_file=fq.id, model=model, method=_method(max_steps=3)).id
         assert quiet.get_job(one).queue_position == 5  # FIFO position, before fair share
-        s.start_worker(max_jobs=2)
+        s.start_worker(worker_max_jobs=2)
         for job_id in [*many, one]:
             wait_status(busy if job_id in many else quiet, job_id, "succeeded")
         # the quiet tenant's job took the second slot, ahead of the busy tenant's 2nd-4th
@@ -72,7 +72,7 @@ def test_each_step_gives_every_tenant_a_turn_within_the_token_budget(
             training_file=fq.id, model=model, method=_method(batch_size=2, max_steps=6)
         ).id
         # about 28 tokens a row: two jobs of 2 rows fit in 140 padded tokens, three do not
-        s.start_worker(step_token_budget=140)
+        s.start_worker(worker_step_token_budget=140)
         wait_status(quiet, one, "succeeded")
         shared = [m.metrics["shared_with"] for m in metrics(quiet, one)]
         assert len(shared) == 6 and all(len(x) == 1 for x in shared), shared
@@ -104,7 +104,7 @@ def test_memory_admission_queues_what_does_not_fit_and_refuses_what_never_will(
         huge = client.create_job(
             training_file=f.id, model=model, method=_method(max_seq_len=256, batch_size=64)
         ).id
-        s.start_worker(memory_budget_gb=budget / memory.GIB)
+        s.start_worker(worker_memory_budget_gb=budget / memory.GIB)
         failed = wait_status(client, huge, "failed")
         assert failed.error.code == "job_too_large"
         assert "memory budget" in failed.error.message
@@ -134,7 +134,7 @@ def test_out_of_memory_backs_off_and_retries_without_losing_a_job(
     ]
     with stack(tmp_path, tiny_base) as s:
         worker = s.start_worker()
-        real_step = worker.trainer.step
+        real_step = worker.training.trainer.step
         calls = {"n": 0}
 
         def flaky_step(names: Any = None) -> Any:
@@ -143,7 +143,7 @@ def test_out_of_memory_backs_off_and_retries_without_losing_a_job(
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return real_step(names)
 
-        worker.trainer.step = flaky_step  # type: ignore[method-assign]
+        worker.training.trainer.step = flaky_step  # type: ignore[method-assign]
         client = s.client("oom")
         f = client.upload_file(data)
         model = client.list_models()[0].id
@@ -158,7 +158,7 @@ def test_out_of_memory_backs_off_and_retries_without_losing_a_job(
         assert calls["n"] >= 5
         events = [e.message for e in client.iter_events(ids["x"], page_size=100)]
         assert any("Out of memory" in e and "retrying" in e for e in events), events
-        wait_for(lambda: worker.token_budget < worker.options.step_token_budget)
+        wait_for(lambda: worker.token_budget < worker.settings.worker_step_token_budget)
         reference = train_reference(tmp_path, tiny_base, data, specs)
         for name, job_id in ids.items():
             archive = client.download_adapter(job_id, tmp_path / f"{name}.zip")

@@ -56,7 +56,9 @@ def _metrics(api: Api, job_id: str, steps: range, publish: bool = True) -> list[
     seqs = []
     for step in steps:
         with api.ctx.db.transaction() as s:
-            rec = jobs.add_metrics(session=s, job_id=job_id, step=step, values={"loss": 1.0 / step})
+            rec = jobs.add_metrics(
+                session=s, job_id=job_id, step=step, values={"train_loss": 1.0 / step}
+            )
         if publish:
             api.ctx.bus.publish(job_id, rec.to_message())
         seqs.append(rec.seq)
@@ -91,8 +93,8 @@ def test_live_stream_resume_and_end(live: tuple[Api, str]) -> None:
             replay = [int(next(frames)["id"]) for _ in missed]
             assert replay == missed
             with api.ctx.db.transaction() as s:
-                a = jobs.add_metrics(session=s, job_id=jid, step=6, values={"loss": 0.1})
-                b = jobs.add_metrics(session=s, job_id=jid, step=7, values={"loss": 0.1})
+                a = jobs.add_metrics(session=s, job_id=jid, step=6, values={"train_loss": 0.1})
+                b = jobs.add_metrics(session=s, job_id=jid, step=7, values={"train_loss": 0.1})
             api.ctx.bus.publish(jid, b.to_message())  # a gap: the stream fetches a from the DB
             assert [int(next(frames)["id"]) for _ in range(2)] == [a.seq, b.seq]
             with api.ctx.db.transaction() as s:

@@ -8,19 +8,19 @@ from tiny import tiny_llama
 from trainer_helpers import lora_hp, make_job, mixlora_hp, trainer_for
 
 from mixloom.trainer.fused import FusedTrainer
-from mixloom.trainer.job import Job
+from mixloom.trainer.job import TrainingJob
 
 
 class _ClipInPlace(FusedTrainer):
     """The oracle: torch's clip_grad_norm_ scales the gradients, then a plain step."""
 
-    def _clip(self, job: Job) -> torch.Tensor:
+    def _clip(self, job: TrainingJob) -> torch.Tensor:
         params = [p for group in job.optimizer.param_groups for p in group["params"]]
         max_norm = job.hp.max_grad_norm or float("inf")
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
-def _jobs(max_grad_norm: float | None) -> list[Job]:
+def _jobs(max_grad_norm: float | None) -> list[TrainingJob]:
     return [
         make_job("lo", lora_hp(learning_rate=2e-2, max_grad_norm=max_grad_norm), seed=1),
         make_job(

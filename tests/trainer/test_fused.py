@@ -9,7 +9,7 @@ import torch
 from tiny import tiny_llama
 from trainer_helpers import lora_hp, make_job, mixlora_hp, trainer_for
 
-from mixloom.trainer.job import JobStatus
+from mixloom.trainer.job import TrainingState
 
 
 def _weights(trainer, name):  # type: ignore[no-untyped-def]
@@ -78,7 +78,7 @@ def test_fused_equals_separate_with_accumulation_and_a_late_joiner(
         assert {m.name for m in reports.jobs} <= {"lora-a", "moe-b", "moe-c"}
         for job in list(fused.active):
             if job.step >= steps:
-                job.status = JobStatus.SUCCEEDED
+                job.state = TrainingState.SUCCEEDED
     assert a.step == b.step == c.step == steps
     changed = _weights(fused, "lora-a")
     assert any(float(v.abs().sum()) > 0 for k, v in changed.items() if "lora_B" in k)
@@ -97,7 +97,7 @@ def test_poisoned_job_fails_alone() -> None:
         next(iter(fused.model.adapter_parameters("bad"))).view(-1)[0] = float("nan")
     while fused.active and good.step < steps:
         fused.step()
-    assert bad.status == JobStatus.FAILED
+    assert bad.state == TrainingState.FAILED
     assert "nan" in (bad.error or "").lower()
     _assert_same(_weights(fused, "good"), _alone(make_job("good", mixlora_hp(), seed=4), steps))
 
@@ -116,7 +116,7 @@ def test_a_job_whose_gradients_blow_up_keeps_its_weights_and_fails_alone() -> No
     first.register_hook(lambda g: g + float("inf"))
     while fused.active and good.step < steps:
         report = fused.step()
-    assert bad.status == JobStatus.FAILED
+    assert bad.state == TrainingState.FAILED
     assert "gradient norm became" in (bad.error or "")
     state = bad.optimizer.state[first]  # made at the step, then left as it was made
     assert bad.step == 0 and float(state["step"]) == 0 and not state["exp_avg"].any()

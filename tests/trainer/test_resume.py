@@ -58,7 +58,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(
     while len(saved) < len(jobs):  # stop each job at its 3rd step (mid second epoch for "lo")
         first.step()
         for job in jobs:
-            if job.step == 3 and job.micro == 0 and job.name not in saved:
+            if job.step == 3 and job.micro_done == 0 and job.name not in saved:
                 saved[job.name] = save_checkpoint(
                     first, job.name, tmp_path / job.name / "step-3", "tiny"
                 )

@@ -48,12 +48,14 @@ def test_train_two_jobs_writes_adapters_and_metrics(tmp_path: Path) -> None:
         lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         lines = [x for x in lines if x["step"] > 0]
         assert [x["step"] for x in lines] == [1, 2, 3, 4]
-        assert all(x["loss"] > 0 for x in lines)
-        assert {"lo", "mx"} - {name} <= set(lines[0]["shared_with"])  # trained in the same steps
+        assert all(x["metrics"]["train_loss"] > 0 for x in lines)
+        shared = set(lines[0]["metrics"]["shared_with"])
+        assert {"lo", "mx"} - {name} <= shared  # trained in the same steps
         assert (folder / "checkpoints" / "step-4").is_dir()
     mx_lines = (tmp_path / "out" / "mx" / "metrics.jsonl").read_text().splitlines()
-    last = json.loads(mx_lines[-1])
-    assert last["val_loss"] > 0 and len(last["router_load"]) == 3
+    first, last = json.loads(mx_lines[0]), json.loads(mx_lines[-1])
+    assert first["step"] == 0 and set(first["metrics"]) == {"valid_loss"}  # the starting point
+    assert last["metrics"]["valid_loss"] > 0 and len(last["metrics"]["router_load"]) == 3
 
 
 def test_config_errors_name_every_problem_and_where(

@@ -9,7 +9,7 @@ from mixloom.jobspec import LoraHyperparameters, MixLoraHyperparameters
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.specs import AdapterSpec
 from mixloom.trainer.fused import FusedTrainer
-from mixloom.trainer.job import Job
+from mixloom.trainer.job import TrainingJob
 
 
 def synthetic_rows(
@@ -27,9 +27,9 @@ def synthetic_rows(
     return rows
 
 
-def make_job(name: str, hp: LoraHyperparameters, *, seed: int = 7, n_rows: int = 12) -> Job:
+def make_job(name: str, hp: LoraHyperparameters, *, seed: int = 7, n_rows: int = 12) -> TrainingJob:
     adapter = AdapterSpec.from_hyperparameters(name, hp, seed=seed)
-    return Job(name, adapter, hp, synthetic_rows(n_rows, seed=seed * 31 + 1), seed=seed)
+    return TrainingJob(name, adapter, hp, synthetic_rows(n_rows, seed=seed * 31 + 1), seed=seed)
 
 
 def lora_hp(**kw: object) -> LoraHyperparameters:
@@ -56,7 +56,7 @@ def mixlora_hp(**kw: object) -> MixLoraHyperparameters:
     return MixLoraHyperparameters(**base)  # type: ignore[arg-type]
 
 
-def three_kinds(lora_dropout: float = 0.0) -> list[Job]:
+def three_kinds(lora_dropout: float = 0.0) -> list[TrainingJob]:
     """A LoRA job, a top-2 MixLoRA job with dropout and a switch MixLoRA job with another
     expert rank, 4 rows each (rows of random length: padded batches)."""
     return [

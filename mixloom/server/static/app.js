@@ -93,24 +93,22 @@ function hyper(job) {
   return (body && body.hyperparameters) || {};
 }
 
-// Metric names as the worker writes them, with the alternatives other writers use.
+// The metric names of mixloom/trainer/session.py (OpenAI's where it has one): a number, or
+// undefined where the record has none.
 function pick(m, names) {
   for (const n of names) if (typeof m[n] === 'number') return m[n];
   return undefined;
 }
-const trainLoss = (m) => pick(m, ['loss', 'train_loss']);
-const valLoss = (m) => pick(m, ['val_loss', 'valid_loss', 'validation_loss', 'eval_loss']);
-const learningRate = (m) => pick(m, ['lr', 'learning_rate']);
-const tokensPerS = (m) => pick(m, ['tokens_per_s', 'tokens_per_second']);
+const trainLoss = (m) => pick(m, ['train_loss']);
+const valLoss = (m) => pick(m, ['valid_loss']);
+const learningRate = (m) => pick(m, ['learning_rate']);
+const tokensPerS = (m) => pick(m, ['tokens_per_second']);
 // Peak GPU memory when the worker has a GPU, else the worker process's resident memory.
 function memory(m) {
   const gpu = pick(m, ['gpu_peak_memory_bytes', 'gpu_memory_bytes']);
   if (gpu !== undefined) return fmtBytes(gpu);
   const cpu = pick(m, ['cpu_memory_bytes']);
   if (cpu !== undefined) return `${fmtBytes(cpu)} (CPU)`;
-  for (const [k, v] of Object.entries(m)) {
-    if (/mem/i.test(k) && typeof v === 'number') return fmtBytes(v);
-  }
   return '—';
 }
 

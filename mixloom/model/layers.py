@@ -726,9 +726,9 @@ class MultiAdapterMLP(nn.Module):
         self, xf: Tensor, segs: list[Segment], per_seq: int
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[int], int]:
         """_choose_per_job's result for jobs that route alike, in a fixed number of ops
-        whatever the number of jobs (on a GPU, each op is a launch): one router matmul over
-        the batch against every job's router, each token's own job's logits picked out,
-        then one softmax and one expert choice."""
+        whatever the number of jobs (on a GPU, each op is a launch): one batched router
+        matmul, each job's tokens against its own router only (_RouterLogitsByJob), then one
+        softmax and one expert choice."""
         st = self.state
         spec = self.specs[segs[0].name or ""]
         E, dev = spec.num_experts, xf.device
@@ -743,18 +743,13 @@ class MultiAdapterMLP(nn.Module):
         counts = st.cached(
             key + ("counts",), lambda: torch.bincount(job_h, minlength=len(segs)).tolist()
         )
-        every_row = rows_h.shape[0] == xf.shape[0]  # the jobs' real tokens are the whole batch
-        idx = None if every_row else st.cached(key + ("rows",), lambda: upload(rows_h, dev))
         job = st.cached(key + ("job",), lambda: upload(job_h, dev))
+        blocks = st.cached(key + ("blocks",), lambda: JobBlocks.build(rows_h, counts, dev))
         routers: list[Tensor] = [self.moe[seg.name or ""].router for seg in segs]  # type: ignore[misc]
         router = joined(routers, stacked=False)  # (J*E, H), a view when packed in this order
         if router is None:
             router = torch.cat(routers)
-        logits = _RouterLogits.apply(xf, router)  # (n, J*E): E columns a job are nothing
-        if idx is not None:
-            logits = logits.index_select(0, idx)  # (n_real, J*E)
-        pick = job[:, None, None].expand(-1, 1, E)
-        logits = logits.view(-1, len(segs), E).gather(1, pick).squeeze(1)  # (n_real, E)
+        logits = _RouterLogitsByJob.apply(xf, router, blocks)  # (n_real, E)
         probs = logits.softmax(-1)
         top_w, top_e, chosen = route(probs, spec)  # (n_real, S) each
         slots = top_e.shape[1]
@@ -769,7 +764,7 @@ class MultiAdapterMLP(nn.Module):
                     counts,
                 )
             )
-        rows = (idx if idx is not None else torch.arange(xf.shape[0], device=dev))[:, None]
+        rows = blocks.rows[:, None]
         group = top_e + (job * E)[:, None]
         if spec.routing == Routing.TOP_P:  # unused slots (weight 0) join no group
             group = torch.where(top_w > 0, group, -1)
@@ -1053,6 +1048,90 @@ class _RouterLogits(torch.autograd.Function):
         dx = (dlogits @ router.float()).to(x.dtype) if need_x else None
         drouter = (dlogits.t() @ x.float()).to(router.dtype) if need_router else None
         return dx, drouter
+
+
+@dataclass(frozen=True)
+class JobBlocks:
+    """Where each job's routed tokens lie, as J blocks of M slots (M: the most tokens any job
+    has; a shorter job's last slots are padding), built on the host once a batch."""
+
+    rows: Tensor  # (n_real,) int64: each routed token's row in the batch, job-major
+    index: Tensor  # (J, M) int64: the row of each slot (padding slots: any row)
+    valid: Tensor | None  # (J, M) bool: real slots; None when no slot is padding
+    where: Tensor  # (n_real,) int64: each routed token's slot in the flattened (J * M)
+
+    @staticmethod
+    def build(rows: Tensor, counts: list[int], device: torch.device) -> JobBlocks:
+        """rows: (n_real,) host int64, job-major; counts: (J,) tokens of each job."""
+        slots = max(counts)
+        job = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        first = torch.tensor([0, *counts[:-1]]).cumsum(0)  # (J,) first token of each job
+        local = torch.arange(rows.shape[0]) - first[job]  # (n_real,) index within its job
+        where = job * slots + local
+        index = torch.zeros(len(counts) * slots, dtype=torch.int64).index_copy_(0, where, rows)
+        valid = None
+        if any(c != slots for c in counts):
+            flat = torch.zeros(len(counts) * slots, dtype=torch.bool)
+            valid = upload(flat.index_fill_(0, where, True).view(len(counts), slots), device)
+        return JobBlocks(
+            upload(rows, device),
+            upload(index.view(len(counts), slots), device),
+            valid,
+            upload(where, device),
+        )
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(J, M, H) fp32: each job's rows of x (n, H), zeros in padding slots."""
+        J, M = self.index.shape
+        xs = x.index_select(0, self.index.view(-1)).float().view(J, M, -1)
+        if self.valid is not None:  # a select, not a product: a NaN row times 0 is NaN
+            xs = torch.where(self.valid[:, :, None], xs, 0.0)
+        return xs
+
+
+class _RouterLogitsByJob(torch.autograd.Function):
+    """Each job's router logits over its own routed tokens, x_j @ router_j.T in fp32, for J
+    jobs of E experts in one batched matmul (a fixed number of ops, whatever J).
+
+    Every product reads one job's rows and one job's router, forward and backward: a NaN or
+    inf in one job's activations, gradients or router never reaches another job's gradients.
+    (One matmul of every row against every router, each row's own columns picked after,
+    computes the same logits, but its router gradient sums 0 x the other jobs' rows, and
+    0 x NaN = NaN.) x is kept in its own dtype, not as an fp32 copy."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,  # (n, H)
+        router: Tensor,  # (J * E, H)
+        blocks: JobBlocks,
+    ) -> Tensor:
+        J = blocks.index.shape[0]
+        w = router.float().view(J, -1, router.shape[1])  # (J, E, H)
+        logits = torch.bmm(blocks.gather(x), w.transpose(1, 2))  # (J, M, E)
+        ctx.save_for_backward(x, router)
+        ctx.blocks = blocks  # type: ignore[attr-defined]
+        return logits.view(-1, w.shape[1]).index_select(0, blocks.where)  # (n_real, E)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dlogits: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        x, router = ctx.saved_tensors  # type: ignore[attr-defined]
+        blocks: JobBlocks = ctx.blocks  # type: ignore[attr-defined]
+        need_x, need_router, _ = ctx.needs_input_grad  # type: ignore[attr-defined]
+        J, M = blocks.index.shape
+        E = dlogits.shape[1]
+        dpad = dlogits.new_zeros(J * M, E).index_copy_(0, blocks.where, dlogits).view(J, M, E)
+        dx = drouter = None
+        if need_x:
+            dxs = torch.bmm(dpad, router.float().view(J, E, -1))  # (J, M, H)
+            real = dxs.view(J * M, -1).index_select(0, blocks.where).to(x.dtype)  # (n_real, H)
+            dx = x.new_zeros(x.shape).index_copy_(0, blocks.rows, real)
+        if need_router:
+            drouter = torch.bmm(dpad.transpose(1, 2), blocks.gather(x))  # (J, E, H)
+            drouter = drouter.view(J * E, -1).to(router.dtype)
+        return dx, drouter, None
 
 
 class _Recompute(torch.autograd.Function):

@@ -142,14 +142,19 @@ class TrainingSession:
 
     @classmethod
     def load(
-        cls, settings: ModelSettings, *, base: BaseModel | None = None, **kw: Any
+        cls,
+        settings: ModelSettings,
+        *,
+        base: BaseModel | None = None,
+        worker_id: str | None = None,
+        tune_allocator: bool = False,
     ) -> TrainingSession:
         """A session on `settings.base_model`, loaded here unless `base` is given."""
         if base is None:
             base = load_base_model(
                 settings.base_model, dtype=settings.dtype, device=settings.device
             )
-        return cls(base, settings, **kw)
+        return cls(base, settings, worker_id=worker_id, tune_allocator=tune_allocator)
 
     @property
     def jobs(self) -> dict[str, TrainingJob]:

@@ -128,7 +128,8 @@ def test_a_job_whose_gradients_blow_up_keeps_its_weights_and_fails_alone() -> No
 def test_running_out_of_memory_for_the_moments_updates_no_job() -> None:
     """Jobs step one after another inside a fused step; the first step of each also makes
     its AdamW moments. An out-of-memory there must find no job updated yet, so that the
-    worker can undo the whole step (scheduler/worker.py _out_of_memory) and retry."""
+    whole step can be undone (FusedTrainer.rollback, tests/trainer/test_rollback.py) and
+    retried."""
     fused = trainer_for(tiny_llama())
     first, second = make_job("first", lora_hp(), seed=1), make_job("second", lora_hp(), seed=2)
     fused.add_job(first)

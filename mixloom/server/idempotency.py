@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from mixloom.errors import StateConflictError
 from mixloom.storage import idempotency
 from mixloom.storage.db import Database
+from mixloom.storage.idempotency import IdempotencyRecordView
 
 REPLAY_HEADER = "Idempotent-Replayed"
 Public = TypeVar("Public", bound=BaseModel)
@@ -41,17 +42,12 @@ def create_once(
     for attempt in range(2):
         try:
             with db.transaction() as session:
-                if key:
-                    replay = stored_response(
-                        session=session,
-                        tenant_id=tenant_id,
-                        key=key,
-                        method="POST",
-                        path=path,
-                        digest=digest,
+                if key and (
+                    stored := idempotency.get_idempotency(
+                        session=session, tenant_id=tenant_id, key=key
                     )
-                    if replay is not None:
-                        return replay
+                ):
+                    return _replay(stored, path, digest)
                 public = create(session)
                 if key:
                     idempotency.save_idempotency(
@@ -79,17 +75,10 @@ def request_hash(payload: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def stored_response(
-    *, session: Session, tenant_id: str, key: str, method: str, path: str, digest: str
-) -> JSONResponse | None:
-    """The stored response for this key, or None if the key is new.
-
-    StateConflictError if the key was used for a different request.
-    """
-    record = idempotency.get_idempotency(session=session, tenant_id=tenant_id, key=key)
-    if record is None:
-        return None
-    if (record.request_method, record.request_path, record.request_hash) != (method, path, digest):
+def _replay(record: IdempotencyRecordView, path: str, digest: str) -> JSONResponse:
+    """The response stored for this key; StateConflictError if the key was used for a
+    different request."""
+    if (record.request_method, record.request_path, record.request_hash) != ("POST", path, digest):
         raise StateConflictError(
             "this Idempotency-Key was already used with a different request; "
             "use a new key for a new request",

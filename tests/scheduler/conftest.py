@@ -1,36 +1,11 @@
-"""Worker fixtures: a tiny base model folder, real Postgres (a fresh database per session)
-and Redis. Without the services these tests skip locally and FAIL in CI (CI=true)."""
+"""Worker fixtures: a tiny base model folder (Postgres and Redis: tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from needs import need
 from tiny import save_tiny_base
-
-from mixloom.storage import migrate
-from mixloom.storage.testing import (
-    fresh_postgres_database,
-    postgres_problem,
-    redis_problem,
-    redis_url,
-)
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    need(postgres_problem())
-    with fresh_postgres_database() as url:
-        migrate.upgrade(url)
-        yield url
-
-
-@pytest.fixture(scope="session")
-def redis() -> str:
-    need(redis_problem())
-    return redis_url()
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from claims import claim
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from mixloom.config import Settings
-from mixloom.scheduler.memory import Admission
-from mixloom.scheduler.queue import claim_next
 from mixloom.server.app import create_app
 from mixloom.server.deps import ServerContext
 from mixloom.storage import jobs, tenants
@@ -77,15 +76,7 @@ class Api:
         try:
             while True:
                 with self.ctx.db.transaction() as s:
-                    got = claim_next(
-                        session=s,
-                        worker_id=worker,
-                        lease_seconds=60,
-                        model=MODEL,
-                        fits=lambda *_: Admission(ok=True),
-                        default_max_running=None,
-                        notified=set(),
-                    ).claimed
+                    got = claim(s, model=MODEL, worker=worker, lease_seconds=60)
                 assert got is not None, f"job {job_id} was not claimable"
                 if got.id == job_id:
                     return got

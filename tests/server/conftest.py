@@ -9,30 +9,6 @@ from pathlib import Path
 
 import pytest
 from api_support import Api, make_api
-from needs import need
-
-from mixloom.storage import migrate
-from mixloom.storage.testing import (
-    fresh_postgres_database,
-    postgres_problem,
-    redis_problem,
-    redis_url,
-)
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    need(postgres_problem())
-    with fresh_postgres_database() as url:
-        migrate.upgrade(url)
-        yield url
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sqlite-template") / "mixloom.db"
-    migrate.upgrade(f"sqlite:///{path}")
-    return path
 
 
 @pytest.fixture(params=["sqlite+inprocess", "postgres+redis"])
@@ -43,8 +19,7 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
         yield from make_api(tmp_path, f"sqlite:///{path}", None)
     else:
         url = request.getfixturevalue("pg_url")
-        need(redis_problem())
-        yield from make_api(tmp_path, url, redis_url())
+        yield from make_api(tmp_path, url, request.getfixturevalue("redis"))
 
 
 @pytest.fixture

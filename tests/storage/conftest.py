@@ -1,8 +1,5 @@
-"""Storage fixtures: a fresh Postgres database per test session and SQLite files in tmp_path.
-
-Postgres and Redis are real servers (scripts/services.sh starts them). Without them these
-tests skip locally and FAIL in CI (CI=true).
-"""
+"""Storage fixtures: each test on SQLite (a file in tmp_path) and on Postgres (the session's
+database, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,32 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from needs import need
 
-from mixloom.storage import migrate
 from mixloom.storage.db import Database
-from mixloom.storage.testing import (
-    fresh_postgres_database,
-    postgres_problem,
-    redis_problem,
-    redis_url,
-)
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A migrated database of its own for this test session."""
-    need(postgres_problem())
-    with fresh_postgres_database() as url:
-        migrate.upgrade(url)
-        yield url
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sqlite-template") / "mixloom.db"
-    migrate.upgrade(f"sqlite:///{path}")
-    return path
 
 
 @pytest.fixture
@@ -57,9 +30,3 @@ def db(request: pytest.FixtureRequest) -> Iterator[Database]:
     database = Database.connect(url)
     yield database
     database.dispose()
-
-
-@pytest.fixture
-def redis_test_url() -> str:
-    need(redis_problem())
-    return redis_url()

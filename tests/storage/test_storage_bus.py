@@ -14,7 +14,7 @@ from mixloom.storage.ids import new_id
 def bus(request: pytest.FixtureRequest) -> ProgressBus:
     if request.param == "inprocess":
         return InProcessBus()
-    return RedisBus(request.getfixturevalue("redis_test_url"))
+    return RedisBus(request.getfixturevalue("redis"))
 
 
 def _msg(seq: int) -> dict[str, object]:

@@ -7,10 +7,9 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from claims import claim
 
 from mixloom.errors import ObjectNotFoundError, StateConflictError
-from mixloom.scheduler.memory import Admission
-from mixloom.scheduler.queue import claim_next
 from mixloom.storage import files, jobs, tenants
 from mixloom.storage.db import Database
 from mixloom.storage.ids import new_id
@@ -62,18 +61,9 @@ def _claim(
     """Up to `limit` jobs, claimed as a worker claims them (every job fits)."""
     claimed: list[JobRecord] = []
     with db.transaction() as s:
-        while len(claimed) < limit:
-            got = claim_next(
-                session=s,
-                worker_id=worker,
-                lease_seconds=30,
-                model=model,
-                fits=lambda *_: Admission(ok=True),
-                default_max_running=default_max_running,
-                notified=set(),
-            ).claimed
-            if got is None:
-                break
+        while len(claimed) < limit and (
+            got := claim(s, model=model, worker=worker, default_max_running=default_max_running)
+        ):
             claimed.append(got)
     return claimed
 

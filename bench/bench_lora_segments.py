@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mixloom import kernels  # noqa: E402
-from mixloom.kernels import reference  # noqa: E402
+from mixloom.kernels import LoraStack, reference  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -194,26 +194,32 @@ def measure(fn, leaves, ref: list[torch.Tensor], cfg: Config, device: torch.devi
 def run(cfg: Config, device: torch.device, use_triton: bool, only: list[str]) -> list[dict]:
     inp = make_inputs(cfg, device)
     G, T = inp["G"], cfg.tokens
-    routing = kernels.build_routing(inp["groups"], G, with_tiles=use_triton)
-    rows, offsets = routing.rows, routing.offsets
-    P = rows.numel()
-    w = inp["weights"].reshape(-1)[routing.order].contiguous()  # (P,)
+    pairs = kernels.group_pairs(inp["groups"], G, weights=inp["weights"], with_tiles=use_triton)
+    rows, offsets = pairs.rows, pairs.offsets
+    P = pairs.num_pairs
+    w = pairs.weights.contiguous()  # (P,)
     offs32 = offsets[1:].to(torch.int32)
     pair_group = torch.searchsorted(offsets[1:], torch.arange(P, device=device), right=True)
     pair_scale = inp["scale"][pair_group]  # (P,)
     scale = inp["scale"]
 
+    def lora(A, B):
+        return LoraStack(A, B, scale)
+
+    def with_weights(w):  # the routing weights are a leaf of the timed graph
+        return replace(pairs, weights=w)
+
     seg = {
-        "loop": lambda x, A, B: reference.lora_segments(x, A, B, scale, offsets, rows),
+        "loop": lambda x, A, B: reference.lora_segments(x, lora(A, B), pairs, rows),
         "grouped_mm": lambda x, A, B: gmm_segments(x, A, B, pair_scale, offs32, rows),
     }
     comb = {
-        "loop": lambda z, A, B, w: reference.lora_combine(z, A, B, scale, offsets, w, rows, T),
+        "loop": lambda z, A, B, w: reference.lora_combine(z, lora(A, B), with_weights(w), T),
         "grouped_mm": lambda z, A, B, w: gmm_combine(z, A, B, pair_scale, w, offs32, rows, T),
     }
     glu = {
         "loop": lambda x, gate, up, Ag, Bg, Au, Bu, w: reference.expert_glu(
-            x, x, gate, up, Ag, Bg, Au, Bu, scale, scale, offsets, rows, w, rows
+            x, x, gate, up, lora(Ag, Bg), lora(Au, Bu), with_weights(w), rows
         ),
         "grouped_mm": lambda x, gate, up, Ag, Bg, Au, Bu, w: glu_glue(
             gmm_segments(x, Ag, Bg, pair_scale, offs32, rows),
@@ -225,51 +231,42 @@ def run(cfg: Config, device: torch.device, use_triton: bool, only: list[str]) ->
             T,
         ),  # fmt: skip
     }
-    # mixloom's own torch backend (kernels/grouped.py: the CPU path), as the model calls it
-    seg["mixloom_torch"] = lambda x, A, B: kernels.lora_segments(x, A, B, scale, offsets, rows)
-    comb["mixloom_torch"] = lambda z, A, B, w: kernels.lora_combine(
-        z, A, B, scale, offsets, w, rows, T
-    )
-    glu["mixloom_torch"] = lambda x, gate, up, Ag, Bg, Au, Bu, w: kernels.expert_glu(
-        x, x, gate, up, Ag, Bg, Au, Bu, scale, scale, offsets, rows, w, rows
-    )
+
+    def ours(backend: str) -> tuple:
+        """mixloom's kernels as the model calls them, on `backend`."""
+
+        def segments(x, A, B):
+            return kernels.lora_segments(x, lora(A, B), pairs, backend=backend)
+
+        def combine(z, A, B, w):
+            p = with_weights(w)
+            return kernels.lora_combine(z, lora(A, B), p, T, per_pair=True, backend=backend)
+
+        def expert_glu(x, gate, up, Ag, Bg, Au, Bu, w):
+            p = with_weights(w)
+            return kernels.expert_glu(
+                x, x, gate, up, lora(Ag, Bg), lora(Au, Bu), p, backend=backend
+            )
+
+        return segments, combine, expert_glu
+
+    # mixloom's own torch backend (kernels/grouped.py: the CPU path)
+    seg["mixloom_torch"], comb["mixloom_torch"], glu["mixloom_torch"] = ours("torch")
     if use_triton:
+        seg["triton"], comb["triton"], glu["triton_expert_glu"] = ours("triton")
 
         def tri_glu_unfused(x, gate, up, Ag, Bg, Au, Bu, w):
-            kw = dict(backend="triton", tiles=routing.tiles)
-            lg = kernels.lora_segments(x, Ag, Bg, scale, offsets, rows, **kw)
-            lu = kernels.lora_segments(x, Au, Bu, scale, offsets, rows, **kw)
+            lg = kernels.lora_segments(x, lora(Ag, Bg), pairs, backend="triton")
+            lu = kernels.lora_segments(x, lora(Au, Bu), pairs, backend="triton")
             return glu_glue(lg, lu, gate, up, w, rows, T)
-
-        def tri_glu(x, gate, up, Ag, Bg, Au, Bu, w):
-            return kernels.expert_glu(
-                x, x, gate, up, Ag, Bg, Au, Bu, scale, scale, offsets, rows, w, rows,
-                backend="triton", tiles=routing.tiles,
-            )  # fmt: skip
-
-        glu["triton_segments+torch_epilogue"] = tri_glu_unfused
-        glu["triton_expert_glu"] = tri_glu
-
-        def tri_seg(x, A, B):
-            return kernels.lora_segments(
-                x, A, B, scale, offsets, rows, backend="triton", tiles=routing.tiles
-            )
-
-        def tri_comb(z, A, B, w):
-            return kernels.lora_combine(
-                z, A, B, scale, offsets, w, rows, T, backend="triton", tiles=routing.tiles
-            )
 
         def tri_seg_then_add(z, A, B, w):
             # The unfused alternative to lora_combine: pairs out, then weight and scatter.
-            y = kernels.lora_segments(
-                z, A, B, scale, offsets, backend="triton", tiles=routing.tiles
-            )
+            y = kernels.lora_segments(z, lora(A, B), pairs, per_pair=True, backend="triton")
             y = y * w[:, None].to(y.dtype)
             return torch.zeros(T, y.shape[1], device=device, dtype=y.dtype).index_add(0, rows, y)
 
-        seg["triton"] = tri_seg
-        comb["triton"] = tri_comb
+        glu["triton_segments+torch_epilogue"] = tri_glu_unfused
         comb["triton_segments+index_add"] = tri_seg_then_add
 
     results = []
@@ -296,10 +293,12 @@ def run(cfg: Config, device: torch.device, use_triton: bool, only: list[str]) ->
             results.append(dict(op=op, method=name, **row))
     results.append(
         dict(
-            op="build_routing",
+            op="group_pairs",
             method="torch (device, no sync)",
             fwd_ms=timed(
-                lambda: kernels.build_routing(inp["groups"], G, with_tiles=use_triton),
+                lambda: kernels.group_pairs(
+                    inp["groups"], G, weights=inp["weights"], with_tiles=use_triton
+                ),
                 cfg.reps,
                 cfg.warmup,
                 device,

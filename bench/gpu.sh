@@ -5,7 +5,7 @@
 #      gradient of both backends vs the reference, fp32/fp16/bf16; the layer chain and a whole
 #      model forward+backward under sync-debug "error")
 #   2. the kernel-level comparison at the DESIGN.md shape (bench_lora_segments.py --config design)
-#   3. a small tile-size sweep of the triton kernels (MIXLOOM_* knobs in kernels/segmented.py)
+#   3. a small tile-size sweep of the triton kernels (MIXLOOM_KERNEL_* settings, kernels/common.py)
 #   4. end to end (bench_e2e.py --config gpu), when mixloom.trainer.fused exists, with one
 #      profiled step a row: its busiest kernels (profile_*.md) and how busy the GPU was
 # Logs and JSON go to $OUT (the device tool's folder) or bench/out.
@@ -34,13 +34,13 @@ timeout 70 python3 bench/bench_lora_segments.py --config design --json "$out/ker
     2>&1 | tee "$out/kernels_design.md"
 
 echo "== 3. tile sweep (triton rows only)"
-# Register-lighter tiles (mixloom.kernels.cubin_check, sm_90, bf16): BLOCK_M=32 takes the glu
-# kernels from 188/146 to 76/78 registers; the glu defaults hold one 8-warp block per SM
-# (188 x 256 threads), N=64/32 three (82 and 66 registers). GLU_WARPS=4 GLU_BLOCK_N_BWD=128
-# spilled 1.3 KB a thread there, so it is not swept.
+# Register-lighter tiles (bench/cubin_check.py, sm_90, bf16): BLOCK_M=32 takes the glu
+# kernel's forward/backward from 179/146 to 87/78 registers; the glu defaults hold one 8-warp
+# block per SM (179 x 256 threads), N=64/32 three (80 and 76 registers). GLU_WARPS=4
+# GLU_BLOCK_N_BWD=128 spilled 1.3 KB a thread there, so it is not swept.
 for knobs in "BLOCK_M=32" "GLU_BLOCK_N_FWD=64 GLU_BLOCK_N_BWD=32"; do
     echo "-- $knobs"
-    env $(for k in $knobs; do printf 'MIXLOOM_%s ' "$k"; done) timeout 25 \
+    env $(for k in $knobs; do printf 'MIXLOOM_KERNEL_%s ' "$k"; done) timeout 25 \
         python3 bench/bench_lora_segments.py --config design --methods triton triton_expert_glu \
         2>&1 | grep '^| [scg]'
 done | tee "$out/kernels_sweep.md"

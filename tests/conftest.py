@@ -14,6 +14,7 @@ import pytest
 from needs import need
 from tiny import tiny_llama
 
+from mixloom import kernels
 from mixloom.storage import migrate
 from mixloom.storage.testing import (
     fresh_postgres_database,
@@ -26,6 +27,13 @@ from mixloom.storage.testing import (
 @pytest.fixture
 def tiny_model():  # type: ignore[no-untyped-def]
     return tiny_llama()
+
+
+@pytest.fixture(autouse=True)
+def _kernel_settings_read_afresh() -> None:
+    """The kernels read their settings once (kernels.settings); a test may set a MIXLOOM_
+    variable (monkeypatch.setenv) before its first kernel call."""
+    kernels.settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,27 @@
 """Grouped (multi-job, multi-expert) LoRA matmuls. The only package that imports triton.
 
 Backends: "torch" (stock torch, any device: grouped.py, one grouped_mm per product; the CPU
-path), "triton" (CUDA, or CPU with TRITON_INTERPRET=1), "auto" (triton on CUDA when importable,
-else torch). Env MIXLOOM_KERNEL_BACKEND overrides "auto". "reference" (reference.py, a plain
-loop over groups) is the test oracle both are checked against; slow, not offered to users.
+path), "triton" (CUDA, or CPU with TRITON_INTERPRET=1: segmented.py, glu.py), "auto" (triton on
+CUDA when importable, else torch; Settings.kernel_backend, MIXLOOM_KERNEL_BACKEND, overrides
+"auto"). "reference" (reference.py, a plain loop over groups) is the test oracle both are
+checked against; slow, not offered to users.
 
-Typical MixLoRA layer call (routing built once, shared by gate/up/down of every expert):
+Every kernel takes its activations, one LoraStack (A, B, scale) per projection, and the
+batch's GroupedPairs: pairs sorted by group, built once per layer call and shared by every
+projection of it (as vLLM's LoRA ops share one metadata object per batch). A MixLoRA layer:
 
-    r = build_routing(groups, G, with_tiles=backend == "triton")  # groups: (T, k), -1 = none
-    w = topk_weights.reshape(-1)[r.order]                         # (P,) routing weights
-    kw = dict(backend=backend, tiles=r.tiles)
-    gate, up = base_gate(x), base_up(x)                           # (T, I) frozen, per token
-    z, zsum = expert_glu(x, x, gate, up, Ag, Bg, Au, Bu, s, s, r.offsets, r.rows, w, r.rows,
-                         **kw)                                    # (P, I), (T, I)
-    out = base_down(zsum)                                         # down-projection identity
-    out = out + lora_combine(z, Ad, Bd, s, r.offsets, w, r.rows, T, **kw)  # (T, H)
+    pairs = group_pairs(groups, G, weights=topk_weights,  # groups: (T, k), -1 = none
+                        with_tiles=backend == "triton")
+    gate, up = base_gate(x), base_up(x)                   # (T, I) frozen, per token
+    z, zsum = expert_glu(x, x, gate, up, lora_gate, lora_up, pairs, backend=backend)
+    out = base_down(zsum)                                 # (T, H) down-projection identity
+    out = out + lora_combine(z, lora_down, pairs, T, per_pair=True, backend=backend)
 
-or, unfused, lora_segments(x, Ag, Bg, s, r.offsets, r.rows, **kw) -> (P, I) per projection.
+or, unfused, lora_segments(x, lora, pairs) -> (P, N) per projection. Plain LoRA over a fused
+batch (job g owns rows [offsets[g], offsets[g+1])): pairs = row_blocks(offsets, device).
+
+x is per token and gathered through pairs.rows, or, with per_pair=True, holds one row per
+pair already (dropout masks drawn per pair; the down projection's z).
 
 Dropout masks of every job of a batch in one launch (dropout.py, on CUDA): dropout_keep(seeds,
 job, local, thresholds, cols), seeds one per job; counter_dropout(device) says where it is used.
@@ -24,35 +29,50 @@ job, local, thresholds, cols), seeds one per job; counter_dropout(device) says w
 
 from __future__ import annotations
 
-import os
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from mixloom.config import Settings
 from mixloom.kernels import grouped, reference
-from mixloom.kernels.routing import Routing, build_routing, tile_table
+from mixloom.kernels.batch import GroupedPairs, LoraStack, group_pairs, row_blocks, tile_table
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
 __all__ = [
     "BACKENDS",
-    "Routing",
-    "build_routing",
+    "GroupedPairs",
+    "LoraStack",
     "counter_dropout",
     "dropout_keep",
     "expert_glu",
+    "group_pairs",
     "lora_combine",
     "lora_segments",
     "resolve_backend",
+    "row_blocks",
+    "settings",
     "tile_table",
 ]
+
+
+@functools.cache
+def settings() -> Settings:
+    """The settings the kernels read (backend, dropout RNG, tile sizes), read once, when first
+    asked: Settings() parses the environment (~1 ms on 2 CPU cores) and counter_dropout is asked
+    for every projection. A test that sets a MIXLOOM_ variable calls settings.cache_clear()."""
+    return Settings()
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
     """Turn "auto" into a concrete backend for tensors on `device` (every kernel function
     accepts "auto" and resolves it so)."""
     if name == "auto":
-        name = os.environ.get("MIXLOOM_KERNEL_BACKEND", "auto")
+        name = settings().kernel_backend
     if name not in BACKENDS:
         raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
@@ -71,11 +91,9 @@ def _triton_available() -> bool:
 def counter_dropout(device: torch.device) -> bool:
     """Whether dropout masks on `device` come from dropout.py's counter-based kernel (one
     launch for every job of a batch) rather than from each job's generator (one draw per
-    job): on CUDA when triton is there. Env MIXLOOM_DROPOUT_RNG ("counter" / "stream")
-    overrides; "counter" on CPU needs TRITON_INTERPRET=1 (the tests run it so)."""
-    forced = os.environ.get("MIXLOOM_DROPOUT_RNG", "auto")
-    if forced not in ("auto", "counter", "stream"):
-        raise ValueError(f"MIXLOOM_DROPOUT_RNG must be auto, counter or stream, got {forced!r}")
+    job): on CUDA when triton is there. Settings.dropout_rng (MIXLOOM_DROPOUT_RNG, "counter" /
+    "stream") overrides; "counter" on CPU needs TRITON_INTERPRET=1 (the tests run it so)."""
+    forced = settings().dropout_rng
     if forced != "auto":
         return forced == "counter"
     return device.type == "cuda" and _triton_available()
@@ -95,66 +113,46 @@ def dropout_keep(
 
 def lora_segments(
     x: Tensor,
-    A: Tensor,
-    B: Tensor,
-    scale: Tensor,
-    offsets: Tensor,
-    rows: Tensor | None = None,
+    lora: LoraStack,
+    pairs: GroupedPairs,
     *,
+    per_pair: bool = False,
     backend: str = "torch",
-    tiles: Tensor | None = None,
 ) -> Tensor:
     """Grouped LoRA: y[p] = scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T. See reference.py.
 
     Args:
-        x: (T, H). A: (G, R, H). B: (G, N, R). scale: (G,) fp32. offsets: (G+1,) int64;
-        pairs before offsets[0] or from offsets[G] on belong to no group and give 0.
-        rows: (P,) int64 or None (P == T).
-        tiles: the triton tile table (Routing.tiles); built from offsets when None.
+        x: (T, H) gathered through pairs.rows; (P, H) when per_pair or pairs.rows is None.
+        lora: A (G, R, H), B (G, N, R), scale (G,) fp32.
+        pairs: pairs before offsets[0] or from offsets[G] on belong to no group and give 0.
     Returns: (P, N) in x's dtype.
     """
-    backend = resolve_backend(backend, x.device)
-    if backend == "triton":
-        from mixloom.kernels import segmented
-
-        return segmented.lora_segments(x, A, B, scale, offsets, rows, tiles)
-    if backend == "reference":
-        return reference.lora_segments(x, A, B, scale, offsets, rows)
-    return grouped.lora_segments(x, A, B, scale, offsets, rows)
+    x_rows = _x_rows(x, pairs, per_pair)
+    return _op("lora_segments", backend, x.device)(x, lora, pairs, x_rows)
 
 
 def lora_combine(
     x: Tensor,
-    A: Tensor,
-    B: Tensor,
-    scale: Tensor,
-    offsets: Tensor,
-    weights: Tensor,
-    dst: Tensor,
+    lora: LoraStack,
+    pairs: GroupedPairs,
     num_rows: int,
-    rows: Tensor | None = None,
     *,
+    per_pair: bool = False,
     backend: str = "torch",
-    tiles: Tensor | None = None,
 ) -> Tensor:
     """Grouped LoRA, weighted and summed per output row (MixLoRA's expert combine):
-    out[dst[p]] += weights[p] * scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T.
+    out[rows[p]] += weights[p] * scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T.
 
     Args:
-        x: (T_in, H); per pair (T_in == P) when rows is None. A, B, scale, offsets: as in
-        lora_segments; pairs outside every group add nothing.
-        weights: (P,) routing weight of each pair (differentiable). dst: (P,) int64 output row.
+        x: (T_in, H) gathered through pairs.rows, or (P, H) when per_pair.
+        lora, pairs: as in lora_segments; pairs needs rows (the output row of each pair) and
+            weights (differentiable); pairs outside every group add nothing.
         num_rows: T_out.
     Returns: (T_out, N) in x's dtype.
     """
-    backend = resolve_backend(backend, x.device)
-    if backend == "triton":
-        from mixloom.kernels import segmented
-
-        return segmented.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows, tiles)
-    if backend == "reference":
-        return reference.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows)
-    return grouped.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows)
+    _need_rows_and_weights(pairs, "lora_combine")
+    x_rows = _x_rows(x, pairs, per_pair)
+    return _op("lora_combine", backend, x.device)(x, lora, pairs, num_rows, x_rows)
 
 
 def expert_glu(
@@ -162,19 +160,12 @@ def expert_glu(
     x_up: Tensor,
     gate: Tensor,
     up: Tensor,
-    A_gate: Tensor,
-    B_gate: Tensor,
-    A_up: Tensor,
-    B_up: Tensor,
-    scale_gate: Tensor,
-    scale_up: Tensor,
-    offsets: Tensor,
-    rows: Tensor,
-    weights: Tensor,
-    x_rows: Tensor | None = None,
+    lora_gate: LoraStack,
+    lora_up: LoraStack,
+    pairs: GroupedPairs,
     *,
+    per_pair: bool = False,
     backend: str = "torch",
-    tiles: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """MixLoRA expert gate/up, fused: LoRA deltas on the frozen gate/up of each pair's token,
     SiLU(gate) * up, and the routing-weighted sum per token (the frozen down's input).
@@ -184,19 +175,41 @@ def expert_glu(
         zsum[t] = sum over the token's pairs of weights[p] * z[p]
 
     Args:
-        x_gate, x_up: (T_in, H) LoRA inputs (the same tensor without dropout); gathered with
-            x_rows (P,), or one row per pair when x_rows is None (dropout masks per pair).
-        gate, up: (T, I) frozen projections of every token. A_*: (G, R, H). B_*: (G, I, R).
-        scale_*: (G,) fp32. offsets: (G+1,). rows: (P,) token of each pair. weights: (P,).
+        x_gate, x_up: (T, H) LoRA inputs (the same tensor without dropout), gathered through
+            pairs.rows; (P, H) when per_pair (dropout masks per pair).
+        gate, up: (T, I) frozen projections of every token. lora_gate, lora_up: B (G, I, R).
+        pairs: with rows (the token of each pair) and weights.
     Returns: z (P, I) (input of the experts' down LoRA), zsum (T, I) (input of the frozen
     down projection, by the down-projection identity); both in gate's dtype.
     """
-    args = (x_gate, x_up, gate, up, A_gate, B_gate, A_up, B_up, scale_gate, scale_up, offsets)
-    backend = resolve_backend(backend, gate.device)
-    if backend == "triton":
-        from mixloom.kernels import glu
+    _need_rows_and_weights(pairs, "expert_glu")
+    x_rows = _x_rows(x_gate, pairs, per_pair)
+    run = _op("expert_glu", backend, gate.device)
+    return run(x_gate, x_up, gate, up, lora_gate, lora_up, pairs, x_rows)  # type: ignore[no-any-return]
 
-        return glu.expert_glu(*args, rows, weights, x_rows, tiles)
-    if backend == "reference":
-        return reference.expert_glu(*args, rows, weights, x_rows)
-    return grouped.expert_glu(*args, rows, weights, x_rows)
+
+def _op(name: str, backend: str, device: torch.device) -> Callable[..., Any]:
+    """Kernel function `name` of the backend that runs on `device`."""
+    backend = resolve_backend(backend, device)
+    if backend == "triton":
+        module = "glu" if name == "expert_glu" else "segmented"
+        return getattr(importlib.import_module(f"mixloom.kernels.{module}"), name)  # type: ignore[no-any-return]
+    return getattr(reference if backend == "reference" else grouped, name)  # type: ignore[no-any-return]
+
+
+def _x_rows(x: Tensor, pairs: GroupedPairs, per_pair: bool) -> Tensor | None:
+    """The row of x each pair reads: pairs.rows, or None where x holds a row per pair."""
+    if not per_pair and pairs.rows is not None:
+        return pairs.rows
+    if x.shape[0] != pairs.num_pairs:
+        raise ValueError(
+            f"a per-pair input has one row per pair ({pairs.num_pairs}), got {x.shape[0]}"
+        )
+    return None
+
+
+def _need_rows_and_weights(pairs: GroupedPairs, op: str) -> None:
+    if pairs.rows is None or pairs.weights is None:
+        raise ValueError(
+            f"{op} needs pairs with rows and routing weights: group_pairs(..., weights=...)"
+        )

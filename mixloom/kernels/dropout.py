@@ -26,11 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixloom.kernels.routing import interpret
+from mixloom.kernels import common
 
-INTERPRET = interpret()
-BLOCK_M = 256 if INTERPRET else 32  # rows per program (the interpreter pays per program)
-BLOCK_G = 16 if INTERPRET else 32  # 8-column groups per program (256 columns on a GPU)
+# Rows and 8-column groups per program: few programs under the interpreter (it pays per
+# program); 256 columns a program on a GPU.
+BLOCK_M, BLOCK_G = (256, 16) if common.INTERPRETED else (32, 32)
 
 # Philox key (fixed: the job's seed is in the counter). "mixl", "oom!" in ASCII.
 KEY = (0x6D69786C, 0x6F6F6D21)
@@ -92,15 +92,6 @@ def _keep_kernel(
         )
 
 
-def _check_device(*ts: Tensor) -> None:
-    t = ts[0]
-    if t.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(
-            f"counter-based dropout runs in triton: needs CUDA tensors (got {t.device}), or "
-            "TRITON_INTERPRET=1 set before importing mixloom.kernels"
-        )
-
-
 def keep_mask(
     seeds: Tensor,  # (J,) int64
     job: Tensor,  # (rows,) int32
@@ -110,7 +101,7 @@ def keep_mask(
 ) -> Tensor:
     """(rows, cols) bool keep-decisions; see the module docstring."""
     dev = seeds.device
-    _check_device(seeds)
+    common.check_device(seeds)
     for name, t in (("job", job), ("local", local), ("thresholds", thresholds)):
         if t.device != dev or t.shape != job.shape:
             raise ValueError(f"keep_mask: {name} must be ({job.shape[0]},) on {dev}")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixloom.kernels import reference
+from mixloom.kernels.batch import GroupedPairs, LoraStack
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -71,14 +72,10 @@ def _pad(W: Tensor, rank_dim: int, edges: bool) -> Tensor:
 
 
 def _shrink_expand(
-    xs: Tensor,
-    A: Tensor,
-    B: Tensor,
-    scale: Tensor,
-    groups: tuple[Tensor, bool],
-    weights: Tensor | None,
+    xs: Tensor, lora: LoraStack, groups: tuple[Tensor, bool], weights: Tensor | None
 ) -> Tensor:
     """(P, H) pairs sorted by group -> (P, N): scale[g] * w[p] * (xs[p] @ A[g].T) @ B[g].T."""
+    A, B, scale = lora
     dt = _compute_dtype(xs)
     ends, edges = groups
     As = _pad(A.to(dt) * scale.to(dt)[:, None, None], 1, edges)  # (G', R', H)
@@ -88,76 +85,51 @@ def _shrink_expand(
     return F.grouped_mm(h, _pad(B.to(dt), 2, edges).transpose(1, 2), offs=ends)  # (P, N)
 
 
+def _gathered(x: Tensor, x_rows: Tensor | None) -> Tensor:
+    return x if x_rows is None else x.index_select(0, x_rows)  # (P, H)
+
+
 def lora_segments(
-    x: Tensor,
-    A: Tensor,
-    B: Tensor,
-    scale: Tensor,
-    offsets: Tensor,
-    rows: Tensor | None = None,
+    x: Tensor, lora: LoraStack, pairs: GroupedPairs, x_rows: Tensor | None = None
 ) -> Tensor:
     """See reference.lora_segments."""
-    if not usable(x, A.shape[2], B.shape[1]):
-        return reference.lora_segments(x, A, B, scale, offsets, rows)
-    xs = x if rows is None else x.index_select(0, rows)  # (P, H)
-    y = _shrink_expand(xs, A, B, scale, _groups(offsets, xs.shape[0]), None)
-    return y.to(x.dtype)
+    if not usable(x, lora.A.shape[2], lora.B.shape[1]):
+        return reference.lora_segments(x, lora, pairs, x_rows)
+    groups = _groups(pairs.offsets, pairs.num_pairs)
+    return _shrink_expand(_gathered(x, x_rows), lora, groups, None).to(x.dtype)
 
 
 def lora_combine(
-    x: Tensor,
-    A: Tensor,
-    B: Tensor,
-    scale: Tensor,
-    offsets: Tensor,
-    weights: Tensor,
-    dst: Tensor,
-    num_rows: int,
-    rows: Tensor | None = None,
+    x: Tensor, lora: LoraStack, pairs: GroupedPairs, num_rows: int, x_rows: Tensor | None = None
 ) -> Tensor:
     """See reference.lora_combine."""
-    if not usable(x, A.shape[2], B.shape[1]):
-        return reference.lora_combine(x, A, B, scale, offsets, weights, dst, num_rows, rows)
-    xs = x if rows is None else x.index_select(0, rows)  # (P, H)
-    y = _shrink_expand(xs, A, B, scale, _groups(offsets, xs.shape[0]), weights)  # (P, N)
+    if not usable(x, lora.A.shape[2], lora.B.shape[1]):
+        return reference.lora_combine(x, lora, pairs, num_rows, x_rows)
+    groups = _groups(pairs.offsets, pairs.num_pairs)
+    y = _shrink_expand(_gathered(x, x_rows), lora, groups, pairs.weights)  # (P, N)
     out = y.new_zeros(num_rows, y.shape[1])
-    return out.index_add_(0, dst, y).to(x.dtype)
+    return out.index_add_(0, pairs.rows, y).to(x.dtype)
 
 
 def expert_glu(
-    x_gate: Tensor,
-    x_up: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    A_gate: Tensor,
-    B_gate: Tensor,
-    A_up: Tensor,
-    B_up: Tensor,
-    scale_gate: Tensor,
-    scale_up: Tensor,
-    offsets: Tensor,
-    rows: Tensor,
-    weights: Tensor,
-    x_rows: Tensor | None = None,
+    x_gate, x_up, gate, up, lora_gate, lora_up, pairs, x_rows=None
 ) -> tuple[Tensor, Tensor]:
-    """See reference.expert_glu."""
-    if not usable(gate, A_gate.shape[2], B_gate.shape[1]):
-        return reference.expert_glu(
-            x_gate, x_up, gate, up, A_gate, B_gate, A_up, B_up, scale_gate, scale_up,
-            offsets, rows, weights, x_rows,
-        )  # fmt: skip
-    P = rows.shape[0]
+    """See reference.expert_glu (its argument types too)."""
+    if not usable(gate, lora_gate.A.shape[2], lora_gate.B.shape[1]):
+        return reference.expert_glu(x_gate, x_up, gate, up, lora_gate, lora_up, pairs, x_rows)
+    offsets, P = pairs.offsets, pairs.num_pairs
     groups = _groups(offsets, P)
-    xg = x_gate if x_rows is None else x_gate.index_select(0, x_rows)
-    xu = x_up if x_rows is None else x_up.index_select(0, x_rows)
-    lg = _shrink_expand(xg, A_gate, B_gate, scale_gate, groups, None)  # (P, I)
-    lu = _shrink_expand(xu, A_up, B_up, scale_up, groups, None)  # (P, I)
+    lg = _shrink_expand(_gathered(x_gate, x_rows), lora_gate, groups, None)  # (P, I)
+    lu = _shrink_expand(_gathered(x_up, x_rows), lora_up, groups, None)  # (P, I)
     dt = lg.dtype
     inside = None
     if groups[1]:  # pairs outside every group get z = 0
-        pair = torch.arange(P, device=rows.device)
+        pair = torch.arange(P, device=offsets.device)
         inside = ((pair >= offsets[0]) & (pair < offsets[-1])).to(dt)  # (P,)
-    z, zsum = _GluEpilogue.apply(gate.to(dt), up.to(dt), lg, lu, rows, weights.to(dt), inside)
+    assert pairs.rows is not None and pairs.weights is not None
+    z, zsum = _GluEpilogue.apply(
+        gate.to(dt), up.to(dt), lg, lu, pairs.rows, pairs.weights.to(dt), inside
+    )
     return z.to(gate.dtype), zsum.to(gate.dtype)
 
 

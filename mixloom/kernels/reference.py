@@ -2,10 +2,12 @@
 
 Vocabulary (shared with the Triton kernels):
 - T rows of input x (tokens of every job in the fused batch), H features.
-- P (row, slot) pairs, sorted by group; a group is one (job) for attention LoRA or one
-  (job, expert) for MixLoRA experts. Pair p reads row `rows[p]` of x (identity if None).
+- P (row, slot) pairs, sorted by group (batch.GroupedPairs); a group is one (job) for
+  attention LoRA or one (job, expert) for MixLoRA experts. Pair p reads row `x_rows[p]` of x,
+  or row p of a per-pair x when x_rows is None.
 - G groups; group g owns pairs [offsets[g], offsets[g+1]), rank ranks[g] <= R, scale scale[g].
-- Stacked weights A: (G, R, H) and B: (G, N, R), zero beyond each group's rank.
+- Stacked weights (batch.LoraStack) A: (G, R, H) and B: (G, N, R), zero beyond each group's
+  rank.
 """
 
 from __future__ import annotations
@@ -14,22 +16,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mixloom.kernels.batch import GroupedPairs, LoraStack
+
 
 def lora_segments(
-    x: Tensor,  # (T, H)
-    A: Tensor,  # (G, R, H)
-    B: Tensor,  # (G, N, R)
-    scale: Tensor,  # (G,) fp32
-    offsets: Tensor,  # (G+1,) int64, on x.device
-    rows: Tensor | None = None,  # (P,) int64 or None (P == T, identity)
+    x: Tensor,  # (T, H), or (P, H) when x_rows is None
+    lora: LoraStack,  # A (G, R, H), B (G, N, R), scale (G,) fp32
+    pairs: GroupedPairs,
+    x_rows: Tensor | None = None,  # (P,) int64 row of x of each pair, or None (x per pair)
 ) -> Tensor:
-    """y[p] = scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T for every pair p of group g; 0 for
-    pairs outside every group (before offsets[0] or from offsets[G] on: build_routing's -1).
+    """y[p] = scale[g] * (x[x_rows[p]] @ A[g].T) @ B[g].T for every pair p of group g; 0 for
+    pairs outside every group (before offsets[0] or from offsets[G] on: group_pairs' -1).
 
     Returns: (P, N) in x's dtype; accumulation in fp32. Differentiable through autograd.
     """
-    xs = x if rows is None else x.index_select(0, rows)  # (P, H)
-    bounds = offsets.tolist()  # note: host sync; the Triton path avoids it
+    A, B, scale = lora
+    xs = x if x_rows is None else x.index_select(0, x_rows)  # (P, H)
+    bounds = pairs.offsets.tolist()  # note: host sync; the Triton path avoids it
     P, N = xs.shape[0], B.shape[1]
     outs = [x.new_zeros(bounds[0], N, dtype=torch.float32)]  # pairs of group -1, if any
     for g in range(A.shape[0]):
@@ -44,23 +47,22 @@ def lora_segments(
 
 
 def lora_combine(
-    x: Tensor,  # (T_in, H)
-    A: Tensor,  # (G, R, H)
-    B: Tensor,  # (G, N, R)
-    scale: Tensor,  # (G,) fp32
-    offsets: Tensor,  # (G+1,) int64
-    weights: Tensor,  # (P,) per-pair weight
-    dst: Tensor,  # (P,) int64 output row of each pair
+    x: Tensor,  # (T_in, H), or (P, H) when x_rows is None
+    lora: LoraStack,
+    pairs: GroupedPairs,  # with rows (output row of each pair) and weights
     num_rows: int,  # T_out
-    rows: Tensor | None = None,  # (P,) int64 input row of each pair, or None (x is per pair)
+    x_rows: Tensor | None = None,  # (P,) int64 row of x of each pair, or None (x per pair)
 ) -> Tensor:
-    """out[dst[p]] += weights[p] * scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T.
+    """out[rows[p]] += weights[p] * scale[g] * (x[x_rows[p]] @ A[g].T) @ B[g].T.
 
     Pairs outside every group (before offsets[0] or from offsets[G] on) add nothing.
     Returns: (T_out, N) in x's dtype; accumulation in fp32. Differentiable through autograd.
     """
-    xs = x if rows is None else x.index_select(0, rows)  # (P, H)
-    bounds = offsets.tolist()  # note: host sync; the Triton path avoids it
+    A, B, scale = lora
+    dst, weights = pairs.rows, pairs.weights
+    assert dst is not None and weights is not None
+    xs = x if x_rows is None else x.index_select(0, x_rows)  # (P, H)
+    bounds = pairs.offsets.tolist()  # note: host sync; the Triton path avoids it
     out = torch.zeros(num_rows, B.shape[1], device=x.device, dtype=torch.float32)
     for g in range(A.shape[0]):
         lo, hi = bounds[g], bounds[g + 1]
@@ -73,20 +75,14 @@ def lora_combine(
 
 
 def expert_glu(
-    x_gate: Tensor,  # (T_in, H)
-    x_up: Tensor,  # (T_in, H)
+    x_gate: Tensor,  # (T_in, H), or (P, H) when x_rows is None
+    x_up: Tensor,  # likewise
     gate: Tensor,  # (T, I) frozen gate projection of every token
     up: Tensor,  # (T, I) frozen up projection of every token
-    A_gate: Tensor,  # (G, R, H)
-    B_gate: Tensor,  # (G, I, R)
-    A_up: Tensor,  # (G, R, H)
-    B_up: Tensor,  # (G, I, R)
-    scale_gate: Tensor,  # (G,) fp32
-    scale_up: Tensor,  # (G,) fp32
-    offsets: Tensor,  # (G+1,) int64
-    rows: Tensor,  # (P,) int64 token of each pair
-    weights: Tensor,  # (P,) routing weight of each pair
-    x_rows: Tensor | None = None,  # (P,) int64 row of x_gate/x_up per pair; None: per pair
+    lora_gate: LoraStack,  # B: (G, I, R)
+    lora_up: LoraStack,
+    pairs: GroupedPairs,  # with rows (token of each pair) and weights
+    x_rows: Tensor | None = None,  # (P,) int64 row of x_gate/x_up of each pair; None: per pair
 ) -> tuple[Tensor, Tensor]:
     """MixLoRA expert gate/up with the SiLU*up epilogue, per pair p of group g, t = rows[p]:
     z[p] = silu(gate[t] + LoRA_g(x_gate)[p]) * (up[t] + LoRA_u(x_up)[p]);
@@ -95,12 +91,13 @@ def expert_glu(
     Pairs outside every group get z = 0 and add nothing.
     Returns: z (P, I) and zsum (T, I), in gate's dtype; math in fp32.
     """
-    lg = lora_segments(x_gate.float(), A_gate, B_gate, scale_gate, offsets, x_rows)  # (P, I)
-    lu = lora_segments(x_up.float(), A_up, B_up, scale_up, offsets, x_rows)  # (P, I)
+    rows, weights, offsets = pairs.rows, pairs.weights, pairs.offsets
+    assert rows is not None and weights is not None
+    lg = lora_segments(x_gate.float(), lora_gate, pairs, x_rows)  # (P, I)
+    lu = lora_segments(x_up.float(), lora_up, pairs, x_rows)  # (P, I)
     g = gate.float().index_select(0, rows) + lg.float()
     u = up.float().index_select(0, rows) + lu.float()
-    P = rows.numel()
-    pair = torch.arange(P, device=rows.device)
+    pair = torch.arange(pairs.num_pairs, device=rows.device)
     inside = (pair >= offsets[0]) & (pair < offsets[-1])  # (P,)
     z = torch.nn.functional.silu(g) * u * inside[:, None]  # (P, I)
     zsum = torch.zeros(gate.shape, device=gate.device, dtype=torch.float32)

@@ -6,7 +6,7 @@ Three kernels cover the forward and backward of every grouped LoRA product:
 - `_seg_outer_kernel`: out[g] = s[g] * sum_{p in g} a[ra[p]].T @ b[rb[p]]   per-group weight
   gradients; one program owns one output tile of one group and loops over that group's pairs,
   so no atomics and a deterministic result.
-- `_zero_outside_kernel`: zeroes rows of pairs that belong to no group (build_routing's -1).
+- `_zero_outside_kernel`: zeroes rows of pairs that belong to no group (group_pairs' -1).
 
 H200, DESIGN.md shape (G=64, top-2, r=16, 4096 tokens, 4096 -> 11008, bf16), fwd+bwd of the
 gathered expert LoRA: 0.83-0.91 ms vs 1.14 ms for torch's grouped_mm on gathered rows and
@@ -23,71 +23,19 @@ Under TRITON_INTERPRET=1 every tile is cast to fp32 first (the interpreter's bf1
 silently wrong), so the CPU tests check the kernels' indexing and math, not GPU rounding.
 
 Layers: kernel + launcher (check, allocate, launch) -> autograd Function -> public function.
+Every launcher takes the batch's GroupedPairs (offsets, tile table, pair count) as one object.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixloom.kernels.routing import block_m, interpret, tile_table
-
-# Read once, as triton.jit reads TRITON_INTERPRET when it decorates the kernels below.
-INTERPRET = interpret()
-BLOCK_M = block_m()
-
-
-def _knob(name: str, interpreted: int, gpu: int) -> int:
-    """Tile sizes: small under the interpreter (fast CPU tests), tuned ones on a GPU.
-    MIXLOOM_<NAME> overrides, for bench/gpu.sh's sweep."""
-    return int(os.environ.get(f"MIXLOOM_{name}", interpreted if INTERPRET else gpu))
-
-
-_BLOCK_K = _knob("BLOCK_K", 32, 128)  # shrink's reduction step over the input features
-# Expand's output columns per program. H200, DESIGN shape, 128 -> 256 columns everywhere:
-# lora_segments (stored expands) fwd+bwd 0.913 -> 0.826 ms, but lora_combine (its expands
-# scatter-add) 1.458 -> 1.902 ms; hence one width per mode.
-_BLOCK_N = _knob("BLOCK_N", 32, 256)  # expand that stores
-_BLOCK_N_ADD = _knob("BLOCK_N_ADD", 32, 128)  # expand that scatter-adds
-_BLOCK_P = _knob("BLOCK_P", 16, 64)  # weight-grad reduction step over the pairs of a group
-_BLOCK_F = _knob("BLOCK_F", 32, 128)  # weight-grad tile over the wide (feature) dimension
-_WARPS = _knob("WARPS", 4, 4)
-_STAGES = _knob("STAGES", 1, 3)
-
-
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _block_r(R: int) -> int:
-    # tl.dot needs every block dim >= 16 on a GPU (8x8 passes the interpreter, not the GPU).
-    return max(16, triton.next_power_of_2(R))
-
-
-def _check_device(*ts: Tensor) -> None:
-    dev = ts[0].device
-    if dev.type != "cuda" and not INTERPRET:
-        raise RuntimeError(
-            f"the triton kernel backend needs CUDA tensors (got {dev}); "
-            "use backend='torch' on CPU, or set TRITON_INTERPRET=1 before importing mixloom.kernels"
-        )
-    for t in ts:
-        if t.device != dev:
-            raise ValueError(f"all kernel inputs must be on one device: {t.device} vs {dev}")
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_FP32: tl.constexpr, DOT: tl.constexpr):
-    """acc += a @ b in fp32: both tiles cast to fp32 (ieee) if DOT_FP32, else to DOT (the
-    activations' fp16/bf16, for the tensor cores: fp32 adapter weights over a bf16 base are
-    rounded there, as under autocast)."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a.to(DOT), b.to(DOT), acc)
-
+from mixloom.kernels import common
+from mixloom.kernels.batch import GroupedPairs, LoraStack
+from mixloom.kernels.common import mma, tile_pairs
 
 # --------------------------------------------------------------------------------------------
 # Shrink: (P, K) -> (P, R)
@@ -121,14 +69,9 @@ def _shrink_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    g = tl.load(tiles_ptr + t)
+    g, offs_m, mask_m = tile_pairs(tiles_ptr, offsets_ptr, n_tiles, BLOCK_M)
     if g < 0:
         return
-    start = tl.load(tiles_ptr + n_tiles + t)
-    end = tl.load(offsets_ptr + g + 1)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
     if HAS_ROWS:
         src_rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     else:
@@ -149,7 +92,7 @@ def _shrink_kernel(
             mask=(offs_r[None, :] < R) & (kk[:, None] < K),
             other=0.0,
         )  # (BLOCK_K, BLOCK_R)
-        acc = _mma(xt, wt, acc, DOT_FP32, DOT)
+        acc = mma(xt, wt, acc, DOT_FP32, DOT)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + g)
     tl.store(
@@ -160,31 +103,33 @@ def _shrink_kernel(
 
 
 def shrink(
-    src: Tensor,  # (T, K)
-    rows: Tensor | None,  # (P,) int64, or None: pair p reads src[p]
+    src: Tensor,  # (T, K), or (P, K) when rows is None
     w: Tensor,  # (G, R, K), any strides (a transposed view is fine)
-    scale: Tensor | None,  # (G,) fp32
-    offsets: Tensor,  # (G+1,) int64
-    tiles: Tensor,  # (2, n_tiles) int32 from tile_table
-    num_pairs: int,
+    pairs: GroupedPairs,  # with its tile table
+    *,
+    rows: Tensor | None = None,  # (P,) int64: pair p reads src[rows[p]]; None: src[p]
+    scale: Tensor | None = None,  # (G,) fp32
 ) -> Tensor:
     """h[p] = scale[g] * src[rows[p]] @ w[g].T -> (P, R) fp32; 0 for pairs outside every group."""
     G, R, K = w.shape
     if src.shape[1] != K:
         raise ValueError(f"shrink: src has {src.shape[1]} features, weight expects {K}")
     # zeros, not empty: pairs outside every group must read back as 0 (their weight grads).
-    out = torch.zeros(num_pairs, R, device=src.device, dtype=torch.float32)
-    if num_pairs == 0 or G == 0:
+    out = torch.zeros(pairs.num_pairs, R, device=src.device, dtype=torch.float32)
+    if pairs.num_pairs == 0 or G == 0:
         return out
-    n_tiles = tiles.shape[1]
+    t = common.tiles()
+    tile_table = pairs.tiles
+    assert tile_table is not None
+    n_tiles = tile_table.shape[1]
     _shrink_kernel[(n_tiles,)](
         src,
-        rows if rows is not None else offsets,
+        rows if rows is not None else pairs.offsets,
         w,
-        scale if scale is not None else offsets,
+        scale if scale is not None else pairs.offsets,
         out,
-        tiles,
-        offsets,
+        tile_table,
+        pairs.offsets,
         K,
         R,
         n_tiles,
@@ -197,13 +142,12 @@ def shrink(
         out.stride(1),
         HAS_ROWS=rows is not None,
         HAS_SCALE=scale is not None,
-        DOT_FP32=INTERPRET or src.dtype == torch.float32,
-        DOT=_TL_DTYPE[src.dtype],
-        BLOCK_M=BLOCK_M,
-        BLOCK_R=_block_r(R),
-        BLOCK_K=_BLOCK_K,
-        num_warps=_WARPS,
-        num_stages=_STAGES,
+        **common.dot_options(src.dtype),
+        BLOCK_M=t.block_m,
+        BLOCK_R=common.block_r(R),
+        BLOCK_K=t.block_k,
+        num_warps=t.warps,
+        num_stages=t.stages,
     )
     return out
 
@@ -242,17 +186,11 @@ def _expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = tl.load(tiles_ptr + t)
+    g, offs_m, mask_m = tile_pairs(tiles_ptr, offsets_ptr, n_tiles, BLOCK_M)
     if g < 0:
         return
-    start = tl.load(tiles_ptr + n_tiles + t)
-    end = tl.load(offsets_ptr + g + 1)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
     offs_r = tl.arange(0, BLOCK_R)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     h = tl.load(
         h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr,
@@ -267,7 +205,7 @@ def _expand_kernel(
         mask=(offs_r[:, None] < R) & mask_n[None, :],
         other=0.0,
     )  # (BLOCK_R, BLOCK_N)
-    acc = _mma(h, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, DOT)
+    acc = mma(h, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, DOT)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + g)
     if HAS_PW:
@@ -291,11 +229,10 @@ def _expand_kernel(
 def expand(
     h: Tensor,  # (P, R) fp32
     w: Tensor,  # (G, N, R), any strides
-    scale: Tensor | None,  # (G,) fp32
-    offsets: Tensor,  # (G+1,) int64
-    tiles: Tensor,  # (2, n_tiles) int32
+    pairs: GroupedPairs,  # with its tile table
     *,
     out_dtype: torch.dtype,
+    scale: Tensor | None = None,  # (G,) fp32
     pair_weight: Tensor | None = None,  # (P,) fp32
     dst: Tensor | None = None,  # (P,) int64: scatter-add pair p into row dst[p]
     num_dst: int = 0,  # T, rows of the scattered output
@@ -313,18 +250,20 @@ def expand(
         out = torch.empty(P, N, device=h.device, dtype=out_dtype)
     if P == 0 or G == 0 or N == 0:
         return out
-    n_tiles = tiles.shape[1]
-    block_n = _BLOCK_N_ADD if dst is not None else _BLOCK_N
-    grid = (n_tiles, triton.cdiv(N, block_n))
-    _expand_kernel[grid](
+    t = common.tiles()
+    tile_table = pairs.tiles
+    assert tile_table is not None
+    n_tiles = tile_table.shape[1]
+    block_n = t.block_n_add if dst is not None else t.block_n
+    _expand_kernel[(n_tiles, triton.cdiv(N, block_n))](
         h,
         w,
-        scale if scale is not None else offsets,
-        pair_weight if pair_weight is not None else offsets,
-        dst if dst is not None else offsets,
+        scale if scale is not None else pairs.offsets,
+        pair_weight if pair_weight is not None else pairs.offsets,
+        dst if dst is not None else pairs.offsets,
         out,
-        tiles,
-        offsets,
+        tile_table,
+        pairs.offsets,
         N,
         R,
         n_tiles,
@@ -338,13 +277,12 @@ def expand(
         HAS_SCALE=scale is not None,
         HAS_PW=pair_weight is not None,
         SCATTER=dst is not None,
-        DOT_FP32=INTERPRET or out_dtype == torch.float32,
-        DOT=_TL_DTYPE[out_dtype],
-        BLOCK_M=BLOCK_M,
+        **common.dot_options(out_dtype),
+        BLOCK_M=t.block_m,
         BLOCK_N=block_n,
-        BLOCK_R=_block_r(R),
-        num_warps=_WARPS,
-        num_stages=_STAGES,
+        BLOCK_R=common.block_r(R),
+        num_warps=t.warps,
+        num_stages=t.stages,
     )
     return out
 
@@ -378,7 +316,7 @@ def _zero_outside_kernel(
         )
 
 
-def zero_outside(out: Tensor, offsets: Tensor) -> Tensor:
+def zero_outside(out: Tensor, pairs: GroupedPairs) -> Tensor:
     """Zero the rows of `out` (P, N) that lie outside every group, in place, without a sync.
 
     Returns `out`. Nearly free when every pair has a group: each block exits on two loads.
@@ -386,17 +324,18 @@ def zero_outside(out: Tensor, offsets: Tensor) -> Tensor:
     P, N = out.shape
     if P == 0 or N == 0:
         return out
-    _zero_outside_kernel[(triton.cdiv(P, BLOCK_M),)](
+    t = common.tiles()
+    _zero_outside_kernel[(triton.cdiv(P, t.block_m),)](
         out,
-        offsets,
-        offsets.numel() - 1,
+        pairs.offsets,
+        pairs.num_groups,
         P,
         N,
         out.stride(0),
         out.stride(1),
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=_BLOCK_N,
-        num_warps=_WARPS,
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        num_warps=t.warps,
     )
     return out
 
@@ -461,7 +400,7 @@ def _seg_outer_kernel(
             mask=mask_p[:, None] & (offs_2[None, :] < M2),
             other=0.0,
         )  # (BLOCK_P, BLOCK_2)
-        acc = _mma(at, bt, acc, DOT_FP32, DOT)
+        acc = mma(at, bt, acc, DOT_FP32, DOT)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + g)
     tl.store(
@@ -476,28 +415,30 @@ def _seg_outer_kernel(
 
 def seg_outer(
     a: Tensor,  # (., M1)
-    a_rows: Tensor | None,  # (P,) int64 or None
     b: Tensor,  # (., M2)
-    b_rows: Tensor | None,  # (P,) int64 or None
-    scale: Tensor | None,  # (G,) fp32
-    offsets: Tensor,  # (G+1,) int64
+    pairs: GroupedPairs,
+    *,
     out_dtype: torch.dtype,
     compute: torch.dtype,  # the activations' dtype: the dot runs in it
+    a_rows: Tensor | None = None,  # (P,) int64: pair p reads a[a_rows[p]]; None: a[p]
+    b_rows: Tensor | None = None,  # (P,) int64, likewise for b
+    scale: Tensor | None = None,  # (G,) fp32
 ) -> Tensor:
     """out[g] = scale[g] * sum over pairs p of group g of a[a_rows[p]].T @ b[b_rows[p]].
 
     Returns: (G, M1, M2) in out_dtype; empty groups give zeros. No atomics.
     """
-    G = offsets.numel() - 1
+    G = pairs.num_groups
     M1, M2 = a.shape[1], b.shape[1]
     out = torch.empty(G, M1, M2, device=a.device, dtype=out_dtype)
     if G == 0 or M1 == 0 or M2 == 0:
         return out
+    t = common.tiles()
     # The narrow side (the rank) is one whole block; the wide side (features) is tiled.
-    b1 = _block_r(M1) if M1 <= 64 else _BLOCK_F
-    b2 = _block_r(M2) if M2 <= 64 else _BLOCK_F
-    grid = (G, triton.cdiv(M1, b1), triton.cdiv(M2, b2))
-    _seg_outer_kernel[grid](
+    b1 = common.block_r(M1) if M1 <= 64 else t.block_f
+    b2 = common.block_r(M2) if M2 <= 64 else t.block_f
+    offsets = pairs.offsets
+    _seg_outer_kernel[(G, triton.cdiv(M1, b1), triton.cdiv(M2, b2))](
         a,
         a_rows if a_rows is not None else offsets,
         b,
@@ -517,13 +458,12 @@ def seg_outer(
         A_ROWS=a_rows is not None,
         B_ROWS=b_rows is not None,
         HAS_SCALE=scale is not None,
-        DOT_FP32=INTERPRET or compute == torch.float32,
-        DOT=_TL_DTYPE[compute],
-        BLOCK_P=_BLOCK_P,
+        **common.dot_options(compute),
+        BLOCK_P=t.block_p,
         BLOCK_1=b1,
         BLOCK_2=b2,
-        num_warps=_WARPS,
-        num_stages=_STAGES,
+        num_warps=t.warps,
+        num_stages=t.stages,
     )
     return out
 
@@ -538,145 +478,143 @@ def _t(w: Tensor) -> Tensor:
     return w.transpose(1, 2)
 
 
+def lora_backward(
+    d: Tensor,  # (P, N) gradient of each pair's LoRA output (its routing weight applied)
+    h: Tensor,  # (P, R) fp32 the forward's shrink, x[rows[p]] @ A[g].T
+    x: Tensor,  # the forward's input
+    A: Tensor,  # (G, R, H)
+    B: Tensor,  # (G, N, R)
+    scale: Tensor,  # (G,) fp32
+    pairs: GroupedPairs,
+    x_rows: Tensor | None,  # (P,) rows of x the forward gathered, or None (x per pair)
+    needs: tuple[bool, bool, bool],  # dx, dA, dB wanted
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """dx, dA, dB of y[p] = scale[g] * h[p] @ B[g].T, given dL/dy = d (the shared backward of
+    lora_segments and of each projection of expert_glu)."""
+    need_x, need_a, need_b = needs
+    dx = dA = dB = None
+    if need_b:
+        dB = seg_outer(d, h, pairs, out_dtype=B.dtype, compute=x.dtype, scale=scale)  # (G, N, R)
+    if need_x or need_a:
+        dh = shrink(d, _t(B), pairs, scale=scale)  # (P, R) = s * d @ B[g]
+        if need_a:
+            dA = seg_outer(dh, x, pairs, out_dtype=A.dtype, compute=x.dtype, b_rows=x_rows)
+        if need_x:
+            dx = scatter_rows(dh, A, pairs, x_rows, x)
+    return dx, dA, dB
+
+
+def scatter_rows(
+    dh: Tensor, A: Tensor, pairs: GroupedPairs, rows: Tensor | None, x: Tensor
+) -> Tensor:
+    """dx[rows[p]] += dh[p] @ A[g] -> (T, H) in x's dtype; rows None: dx[p] = dh[p] @ A[g]
+    (0 for pairs outside every group)."""
+    if rows is None:
+        return zero_outside(expand(dh, _t(A), pairs, out_dtype=x.dtype), pairs)  # (P, H)
+    dx = expand(dh, _t(A), pairs, out_dtype=x.dtype, dst=rows, num_dst=x.shape[0])
+    return dx.to(x.dtype)
+
+
 class LoraSegmentsFn(torch.autograd.Function):
     """y[p] = scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T; grads for x, A, B."""
 
     @staticmethod
-    def forward(ctx, x, A, B, scale, offsets, rows, tiles):  # type: ignore[override]
-        P = rows.numel() if rows is not None else x.shape[0]
-        h = shrink(x, rows, A, None, offsets, tiles, P)  # (P, R) fp32
-        y = expand(h, B, scale, offsets, tiles, out_dtype=x.dtype)  # (P, N)
-        zero_outside(y, offsets)  # pairs outside every group (group -1) read 0
-        ctx.save_for_backward(x, A, B, scale, offsets, rows, tiles, h)
+    def forward(ctx, x, A, B, scale, pairs, x_rows):  # type: ignore[override]
+        h = shrink(x, A, pairs, rows=x_rows)  # (P, R) fp32
+        y = expand(h, B, pairs, out_dtype=x.dtype, scale=scale)  # (P, N)
+        zero_outside(y, pairs)  # pairs outside every group (group -1) read 0
+        ctx.save_for_backward(x, A, B, scale, h)
+        ctx.pairs, ctx.x_rows = pairs, x_rows
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, A, B, scale, offsets, rows, tiles, h = ctx.saved_tensors
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        P = h.shape[0]
-        dx = dA = dB = None
-        if need_b:
-            dB = seg_outer(dy, None, h, None, scale, offsets, B.dtype, x.dtype)  # (G, N, R)
-        if need_x or need_a:
-            dh = shrink(dy, None, _t(B), scale, offsets, tiles, P)  # (P, R) = s * dy @ B[g]
-            if need_a:
-                dA = seg_outer(dh, None, x, rows, None, offsets, A.dtype, x.dtype)  # (G, R, H)
-            if need_x:
-                dx = _scatter_rows(dh, A, offsets, tiles, rows, x)
-        return dx, dA, dB, None, None, None, None
-
-
-def _scatter_rows(dh: Tensor, A: Tensor, offsets: Tensor, tiles: Tensor, rows, x: Tensor):
-    """dx[rows[p]] += dh[p] @ A[g] -> (T, H) in x's dtype; rows None: dx[p] = dh[p] @ A[g]
-    (0 for pairs outside every group)."""
-    if rows is None:
-        dx = expand(dh, _t(A), None, offsets, tiles, out_dtype=x.dtype)  # (T, H)
-        return zero_outside(dx, offsets)
-    dx = expand(dh, _t(A), None, offsets, tiles, out_dtype=x.dtype, dst=rows, num_dst=x.shape[0])
-    return dx.to(x.dtype)
+        x, A, B, scale, h = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        return (
+            *lora_backward(dy, h, x, A, B, scale, ctx.pairs, ctx.x_rows, needs),
+            None,
+            None,
+            None,
+        )
 
 
 class LoraCombineFn(torch.autograd.Function):
-    """out[dst[p]] += weights[p] * scale[g] * (x[rows[p]] @ A[g].T) @ B[g].T; grads for x, A,
-    B and weights."""
+    """out[rows[p]] += weights[p] * scale[g] * (x[x_rows[p]] @ A[g].T) @ B[g].T; grads for x,
+    A, B and weights."""
 
     @staticmethod
-    def forward(ctx, x, A, B, scale, offsets, weights, dst, num_rows, rows, tiles):  # type: ignore[override]
-        P = dst.numel()
+    def forward(ctx, x, A, B, scale, weights, pairs, x_rows, num_rows):  # type: ignore[override]
         w = weights.float()
-        h = shrink(x, rows, A, None, offsets, tiles, P)  # (P, R) fp32
+        h = shrink(x, A, pairs, rows=x_rows)  # (P, R) fp32
         out = expand(
-            h, B, scale, offsets, tiles, out_dtype=x.dtype, pair_weight=w, dst=dst, num_dst=num_rows
-        )  # (T_out, N) fp32
-        ctx.save_for_backward(x, A, B, scale, offsets, w, dst, rows, tiles, h)
+            h, B, pairs, out_dtype=x.dtype, scale=scale, pair_weight=w, dst=pairs.rows,
+            num_dst=num_rows,
+        )  # fmt: skip  # (T_out, N) fp32
+        ctx.save_for_backward(x, A, B, scale, w, h)
+        ctx.pairs, ctx.x_rows = pairs, x_rows
         ctx.weights_dtype = weights.dtype
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        x, A, B, scale, offsets, w, dst, rows, tiles, h = ctx.saved_tensors
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        need_w = ctx.needs_input_grad[5]
-        P = h.shape[0]
+        x, A, B, scale, w, h = ctx.saved_tensors
+        pairs = ctx.pairs
+        need_x, need_a, need_b, _, need_w = ctx.needs_input_grad[:5]
         dx = dA = dB = dw = None
         if need_b:
             hw = h * w[:, None]  # (P, R)
-            dB = seg_outer(dout, dst, hw, None, scale, offsets, B.dtype, x.dtype)  # (G, N, R)
+            dB = seg_outer(
+                dout, hw, pairs, out_dtype=B.dtype, compute=x.dtype, a_rows=pairs.rows,
+                scale=scale,
+            )  # fmt: skip  # (G, N, R)
         if need_x or need_a or need_w:
-            dhu = shrink(dout, dst, _t(B), scale, offsets, tiles, P)  # (P, R) s*dout[dst]@B[g]
+            dhu = shrink(dout, _t(B), pairs, rows=pairs.rows, scale=scale)  # s*dout[dst]@B[g]
             if need_w:
                 dw = (dhu * h).sum(1).to(ctx.weights_dtype)  # (P,)
             dh = dhu * w[:, None]  # (P, R)
             if need_a:
-                dA = seg_outer(dh, None, x, rows, None, offsets, A.dtype, x.dtype)  # (G, R, H)
+                dA = seg_outer(dh, x, pairs, out_dtype=A.dtype, compute=x.dtype, b_rows=ctx.x_rows)
             if need_x:
-                dx = _scatter_rows(dh, A, offsets, tiles, rows, x)
-        return dx, dA, dB, None, None, dw, None, None, None, None
+                dx = scatter_rows(dh, A, pairs, ctx.x_rows, x)
+        return dx, dA, dB, None, dw, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
-# Public functions (called through mixloom.kernels)
+# Public functions (called through mixloom.kernels, which checks the pairs)
 # --------------------------------------------------------------------------------------------
 
 
-def _check_tiles(tiles: Tensor, num_pairs: int, G: int) -> None:
-    if tiles.shape != (2, triton.cdiv(num_pairs, BLOCK_M) + G):
-        raise ValueError(
-            f"tile table of shape {tuple(tiles.shape)} was not built for {num_pairs} pairs, "
-            f"{G} groups and {BLOCK_M}-pair tiles: build it with build_routing(..., "
-            "with_tiles=True) or tile_table() after TRITON_INTERPRET is settled"
-        )
-
-
-def _check(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, offsets: Tensor) -> None:
-    _check_device(x, A, B, scale, offsets)
+def check(x: Tensor, lora: LoraStack, pairs: GroupedPairs) -> GroupedPairs:
+    """Devices and shapes of one projection's inputs; returns `pairs` with a tile table."""
+    A, B, scale = lora
+    common.check_device(x, A, B, scale, pairs.offsets)
     G, R, H = A.shape
     if x.shape[1] != H or B.shape[0] != G or B.shape[2] != R:
         raise ValueError(
             f"shape mismatch: x {tuple(x.shape)}, A {tuple(A.shape)} (G, R, H), "
             f"B {tuple(B.shape)} (G, N, R)"
         )
-    if scale.shape != (G,) or offsets.shape != (G + 1,):
+    if scale.shape != (G,) or pairs.num_groups != G:
         raise ValueError(
-            f"scale must be ({G},) and offsets ({G + 1},); got "
-            f"{tuple(scale.shape)} and {tuple(offsets.shape)}"
+            f"scale must be ({G},) and the pairs in {G} groups; got {tuple(scale.shape)} and "
+            f"{pairs.num_groups} groups"
         )
+    return common.with_tiles(pairs)
 
 
 def lora_segments(
-    x: Tensor,  # (T, H)
-    A: Tensor,  # (G, R, H)
-    B: Tensor,  # (G, N, R)
-    scale: Tensor,  # (G,) fp32
-    offsets: Tensor,  # (G+1,) int64, on x.device
-    rows: Tensor | None = None,  # (P,) int64 or None (P == T)
-    tiles: Tensor | None = None,  # (2, n_tiles) int32 from routing.tile_table, or None
+    x: Tensor, lora: LoraStack, pairs: GroupedPairs, x_rows: Tensor | None = None
 ) -> Tensor:
     """Triton path of mixloom.kernels.lora_segments -> (P, N) in x's dtype."""
-    _check(x, A, B, scale, offsets)
-    P = rows.numel() if rows is not None else x.shape[0]
-    if tiles is None:
-        tiles = tile_table(offsets, P, BLOCK_M)
-    _check_tiles(tiles, P, A.shape[0])
-    return LoraSegmentsFn.apply(x, A, B, scale.float(), offsets, rows, tiles)
+    pairs = check(x, lora, pairs)
+    return LoraSegmentsFn.apply(x, lora.A, lora.B, lora.scale.float(), pairs, x_rows)
 
 
 def lora_combine(
-    x: Tensor,  # (T_in, H)
-    A: Tensor,  # (G, R, H)
-    B: Tensor,  # (G, N, R)
-    scale: Tensor,  # (G,) fp32
-    offsets: Tensor,  # (G+1,) int64
-    weights: Tensor,  # (P,) per-pair weight (routing weight)
-    dst: Tensor,  # (P,) int64 output row of each pair
-    num_rows: int,  # T_out
-    rows: Tensor | None = None,  # (P,) int64 input row of each pair, or None (x is per pair)
-    tiles: Tensor | None = None,
+    x: Tensor, lora: LoraStack, pairs: GroupedPairs, num_rows: int, x_rows: Tensor | None = None
 ) -> Tensor:
-    """Triton path of mixloom.kernels.lora_combine -> (T_out, N) in x's dtype."""
-    _check(x, A, B, scale, offsets)
-    if tiles is None:
-        tiles = tile_table(offsets, dst.numel(), BLOCK_M)
-    _check_tiles(tiles, dst.numel(), A.shape[0])
-    return LoraCombineFn.apply(x, A, B, scale.float(), offsets, weights, dst, num_rows, rows, tiles)
+    """Triton path of mixloom.kernels.lora_combine -> (num_rows, N) in x's dtype."""
+    pairs = check(x, lora, pairs)
+    A, B, scale = lora
+    return LoraCombineFn.apply(x, A, B, scale.float(), pairs.weights, pairs, x_rows, num_rows)

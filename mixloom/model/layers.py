@@ -516,20 +516,18 @@ def _lora_rows(
     scale = [w.spec.scale * state.dropout_factor(w.spec.dropout) for _, w in active]
     key = ("lora", tuple((s.start, s.end) for s, _ in active), tuple(scale), per_seq)
     scales = state.cached(key + ("scale",), lambda: upload(scale, x.device))
-    offs = state.cached(key + ("offsets",), lambda: upload(offsets, x.device))
-    tiles = None
-    if state.backend == "triton":  # the groups are known here: build the table on the host
-        tiles = state.cached(
-            key + ("tiles",),
-            lambda: upload(kernels.tile_table(torch.tensor(offsets), offsets[-1]), x.device),
-        )
+    pairs = state.cached(  # the groups are known here: offsets and tile table from the host
+        key + ("pairs",),
+        lambda: kernels.row_blocks(offsets, x.device, with_tiles=state.backend == "triton"),
+    )
 
     def run(xin: Tensor) -> Tensor:  # (P, N)
         keep = state.dropout_keep(drops, x.shape[1], x.device)  # one mask over the batch
         if keep is not None:
             xin = torch.where(keep, xin, 0.0)  # no float copy of the mask, forward or backward
         A, B = _stack([w for _, w in active])
-        return kernels.lora_segments(xin, A, B, scales, offs, backend=state.backend, tiles=tiles)
+        lora = kernels.LoraStack(A, B, scales)
+        return kernels.lora_segments(xin, lora, pairs, backend=state.backend)
 
     # with dropout, keep x, not its masked copy and the mask
     delta = state.recomputed(dropping, run, xin) if dropping else run(xin)
@@ -589,29 +587,23 @@ class MultiLoraLinear(nn.Module):
 # FFN: plain LoRA on gate/up/down, or a MixLoRA mixture of LoRA experts
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Routed:
-    """(token, expert) pairs of the MixLoRA segments of one FFN call, sorted by group, built
-    on the device without a host sync. Pairs that belong to no group (top-p's unused slots)
-    sort first: [0, offsets[0])."""
+    """The MixLoRA jobs of one FFN call and their (token, expert) pairs, as the kernels take
+    them: sorted by group (job's base group + expert), built on the device without a host
+    sync; pairs that belong to no group (top-p's unused slots) sort first."""
 
-    rows: Tensor  # (P,) int64 token row in the flattened batch
-    weights: Tensor  # (P,) fp32 routing weight
-    groups: Tensor  # (P,) int64 group = job's base group + expert; -1: no group
-    offsets: Tensor  # (G+1,) int64
-    order: Tensor  # (P,) position of each sorted pair in the unsorted (job, token, slot) list
-    pairs: list[int]  # host: unsorted pairs of each job (job-local draws, e.g. dropout)
+    pairs: kernels.GroupedPairs
+    counts: list[int]  # host: unsorted pairs of each job (job-local draws, e.g. dropout)
     jobs: list[tuple[Segment, MixLoraWeights, AdapterSpec]]
-    tiles: Tensor | None  # the triton backend's tile table
 
     def per_job(self, values: list[Tensor]) -> Tensor:
         """Concatenate per-job tensors (one row per unsorted pair) into sorted pair order."""
-        return _in_order(values, self.order)
+        return _joined(values).index_select(0, self.pairs.order)
 
 
-def _in_order(values: list[Tensor], order: Tensor) -> Tensor:
-    flat = values[0] if len(values) == 1 else torch.cat(values)
-    return flat.index_select(0, order)
+def _joined(values: list[Tensor]) -> Tensor:
+    return values[0] if len(values) == 1 else torch.cat(values)
 
 
 class MultiAdapterMLP(nn.Module):
@@ -692,23 +684,15 @@ class MultiAdapterMLP(nn.Module):
             rows, weights, groups, pairs, gbase = self._choose_together(xf, segs, per_seq)
         else:
             rows, weights, groups, pairs, gbase = self._choose_per_job(xf, segs, per_seq)
-        st = self.state
         jobs = [(seg, self.moe[seg.name], self.specs[seg.name or ""]) for seg in segs]
-        flat = groups[0] if len(groups) == 1 else torch.cat(groups)
-        sorted_groups, order = torch.sort(flat, stable=True)  # job-major, then expert
-        bounds = torch.arange(gbase + 1, device=xf.device)
-        offsets = torch.searchsorted(sorted_groups, bounds)  # (G+1,) first pair of each group
-        tiles = kernels.tile_table(offsets, flat.shape[0]) if st.backend == "triton" else None
-        return _Routed(
-            rows=_in_order(rows, order),
-            weights=_in_order(weights, order),
-            groups=sorted_groups,
-            offsets=offsets,
-            order=order,
-            pairs=pairs,
-            jobs=jobs,  # type: ignore[arg-type]
-            tiles=tiles,
+        grouped = kernels.group_pairs(  # job-major, then expert
+            _joined(groups),
+            gbase,
+            rows=_joined(rows),
+            weights=_joined(weights),
+            with_tiles=self.state.backend == "triton",
         )
+        return _Routed(grouped, pairs, jobs)  # type: ignore[arg-type]
 
     def _routes_alike(self, segs: list[Segment]) -> bool:
         """Whether the jobs' expert choice can run as one batch: more than one job, the same
@@ -824,34 +808,35 @@ class MultiAdapterMLP(nn.Module):
 
     def _expert_input(
         self, x: Tensor, routed: _Routed, pair_space: bool, memo: list[Tensor] | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """The LoRA input of every pair: (x, rows) to gather inside the kernel, or a gathered
-        (P, d) tensor when some job applies dropout (its own mask for every expert LoRA,
-        drawn in the job's own (token, slot) order, so independent of the other jobs).
+    ) -> tuple[Tensor, bool]:
+        """The LoRA input of every pair, and whether it is per pair: x to gather inside the
+        kernel, or a gathered (P, d) tensor when some job applies dropout (its own mask for
+        every expert LoRA, drawn in the job's own (token, slot) order, so independent of the
+        other jobs).
         `pair_space`: x is already (P, d), one row per sorted pair (the down projection's).
         `memo`: shares one gather of x between calls (gate and up read the same x)."""
         st = self.state
         d = x.shape[1]
         parts = [
             (seg.name or "", n, spec.expert.dropout, None)
-            for (seg, _, spec), n in zip(routed.jobs, routed.pairs, strict=True)
+            for (seg, _, spec), n in zip(routed.jobs, routed.counts, strict=True)
         ]
         keep = st.dropout_keep(parts, d, x.device)  # (P, d) in each job's (token, slot) order
         if keep is None:
-            return x, None if pair_space else routed.rows
-        keep = keep.index_select(0, routed.order)
+            return x, pair_space
+        keep = routed.per_job([keep])
         if pair_space:
             xs = x
         elif memo:
             xs = memo[0]
         else:
-            xs = x.index_select(0, routed.rows)
+            xs = x.index_select(0, routed.pairs.rows)
             if memo is not None:
                 memo.append(xs)
         # the dropout factor is in the experts' scale (_stacked)
-        return torch.where(keep, xs, 0.0), None
+        return torch.where(keep, xs, 0.0), True
 
-    def _stacked(self, routed: _Routed, proj: str) -> tuple[Tensor, Tensor, Tensor]:
+    def _stacked(self, routed: _Routed, proj: str) -> kernels.LoraStack:
         """(G, R, in) A, (G, out, R) B and (G,) scales of every job's experts for `proj`;
         jobs that skip `proj` get zero weights and scale 0, keeping the group layout."""
         weights = [w.experts[proj] if proj in w.experts else None for _, w, _ in routed.jobs]
@@ -869,7 +854,7 @@ class MultiAdapterMLP(nn.Module):
         scale = st.cached(("experts", tuple(scales)), lambda: upload(scales, device))
         if len(present) == len(weights):
             A, B = _stack(present)  # type: ignore[arg-type]
-            return A, B, scale
+            return kernels.LoraStack(A, B, scale)
         out_f, in_f = getattr(self.base, proj).weight.shape
         rmax = max((lw.spec.r for lw in present), default=1)
         parts_a, parts_b = [], []
@@ -881,13 +866,13 @@ class MultiAdapterMLP(nn.Module):
                 pad = rmax - lw.spec.r
                 parts_a.append(F.pad(lw.lora_A, (0, 0, 0, pad)))
                 parts_b.append(F.pad(lw.lora_B, (0, pad)))
-        return torch.cat(parts_a), torch.cat(parts_b), scale
+        return kernels.LoraStack(torch.cat(parts_a), torch.cat(parts_b), scale)
 
-    def _grouped(self, x: Tensor, rows: Tensor | None, routed: _Routed, proj: str) -> Tensor:
+    def _grouped(self, x: Tensor, per_pair: bool, routed: _Routed, proj: str) -> Tensor:
         """LoRA delta of `proj` for every pair (P, N); jobs that skip `proj` give zeros."""
-        A, B, scale = self._stacked(routed, proj)
+        lora = self._stacked(routed, proj)
         return kernels.lora_segments(
-            x, A, B, scale, routed.offsets, rows, backend=self.state.backend, tiles=routed.tiles
+            x, lora, routed.pairs, per_pair=per_pair, backend=self.state.backend
         )
 
     def _fused_ok(self, routed: _Routed) -> bool:
@@ -907,7 +892,7 @@ class MultiAdapterMLP(nn.Module):
         per-pair activations inside are recomputed in the backward (_Recompute)."""
 
         def run(xf: Tensor, gate: Tensor, up: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-            r = replace(routed, weights=weights)
+            r = replace(routed, pairs=replace(routed.pairs, weights=weights))
             zp, zsum = self._expert_glu(xf, gate, up, r)
             return zsum, self._expert_down(zp, r, xf.shape[0])
 
@@ -915,53 +900,34 @@ class MultiAdapterMLP(nn.Module):
         dropping = [
             seg.name or "" for seg, _, spec in routed.jobs if st.dropping(spec.expert.dropout)
         ]
-        return st.recomputed(dropping, run, xf, gate, up, routed.weights)  # type: ignore[no-any-return]
+        return st.recomputed(dropping, run, xf, gate, up, routed.pairs.weights)  # type: ignore[no-any-return]
 
     def _expert_glu(
         self, xf: Tensor, gate: Tensor, up: Tensor, routed: _Routed
     ) -> tuple[Tensor, Tensor]:
         """(z per pair (P, I), weighted z per token (n, I)) from the fused gate/up kernel."""
         memo: list[Tensor] = []
-        xg, rg = self._expert_input(xf, routed, pair_space=False, memo=memo)
-        xu, ru = self._expert_input(xf, routed, pair_space=False, memo=memo)
-        Ag, Bg, sg = self._stacked(routed, "gate_proj")
-        Au, Bu, su = self._stacked(routed, "up_proj")
+        xg, per_pair = self._expert_input(xf, routed, pair_space=False, memo=memo)
+        xu, _ = self._expert_input(xf, routed, pair_space=False, memo=memo)
         return kernels.expert_glu(
             xg,
             xu,
             gate,
             up,
-            Ag,
-            Bg,
-            Au,
-            Bu,
-            sg,
-            su,
-            routed.offsets,
-            routed.rows,
-            routed.weights,
-            rg,
+            self._stacked(routed, "gate_proj"),
+            self._stacked(routed, "up_proj"),
+            routed.pairs,
+            per_pair=per_pair,
             backend=self.state.backend,
-            tiles=routed.tiles,
         )
 
     def _expert_down(self, zp: Tensor, routed: _Routed, num_rows: int) -> Tensor:
         """sum_k w_k * (down LoRA of z_k) per token (num_rows, H), weighted and scattered in
         one kernel."""
-        xd, rd = self._expert_input(zp, routed, pair_space=True)
-        A, B, scale = self._stacked(routed, "down_proj")
+        xd, _ = self._expert_input(zp, routed, pair_space=True)
+        lora = self._stacked(routed, "down_proj")
         return kernels.lora_combine(
-            xd,
-            A,
-            B,
-            scale,
-            routed.offsets,
-            routed.weights,
-            routed.rows,
-            num_rows,
-            rd,
-            backend=self.state.backend,
-            tiles=routed.tiles,
+            xd, lora, routed.pairs, num_rows, per_pair=True, backend=self.state.backend
         )
 
     def _dora_pair_scale(self, routed: _Routed, proj: str) -> Tensor | None:
@@ -980,7 +946,7 @@ class MultiAdapterMLP(nn.Module):
                     torch.ones(spec.num_experts, weight.shape[0], device=weight.device)
                 )
         # pairs outside every group carry weight 0: any group's scale will do for them
-        return torch.cat(per_group).index_select(0, routed.groups.clamp(min=0))
+        return torch.cat(per_group).index_select(0, routed.pairs.groups.clamp(min=0))
 
     def _experts_gate_up(
         self, xf: Tensor, gate: Tensor, up: Tensor, routed: _Routed
@@ -988,12 +954,12 @@ class MultiAdapterMLP(nn.Module):
         """Per-pair z_p = act(gate_e) * up_e (P, I); the weighted sum of z over each token's
         experts (n, I); and a mask (P,) of pairs whose frozen down must run per pair (DoRA on
         down scales each expert's columns, so the identity does not hold for them)."""
-        xg, rg = self._expert_input(xf, routed, pair_space=False)
-        g = gate.index_select(0, routed.rows)
-        g = g + self._grouped(xg, rg, routed, "gate_proj").to(g.dtype)  # (P, I)
-        xu, ru = self._expert_input(xf, routed, pair_space=False)
-        u = up.index_select(0, routed.rows)
-        u = u + self._grouped(xu, ru, routed, "up_proj").to(u.dtype)  # (P, I)
+        xg, per_pair = self._expert_input(xf, routed, pair_space=False)
+        g = gate.index_select(0, routed.pairs.rows)
+        g = g + self._grouped(xg, per_pair, routed, "gate_proj").to(g.dtype)  # (P, I)
+        xu, per_pair = self._expert_input(xf, routed, pair_space=False)
+        u = up.index_select(0, routed.pairs.rows)
+        u = u + self._grouped(xu, per_pair, routed, "up_proj").to(u.dtype)  # (P, I)
         c = self._dora_pair_scale(routed, "gate_proj")
         if c is not None:
             g = (c * g.float()).to(gate.dtype)
@@ -1001,31 +967,31 @@ class MultiAdapterMLP(nn.Module):
         if c is not None:
             u = (c * u.float()).to(up.dtype)
         zp = self.act(g) * u  # (P, I)
-        weighted = zp * routed.weights[:, None].to(zp.dtype)
+        weighted = zp * routed.pairs.weights[:, None].to(zp.dtype)
         per_pair_down = None
         if self._dora_pair_scale(routed, "down_proj") is not None:
             flags = [
                 torch.full((n,), spec.expert.dora and "down_proj" in w.experts, device=zp.device)
-                for (_, w, spec), n in zip(routed.jobs, routed.pairs, strict=True)
+                for (_, w, spec), n in zip(routed.jobs, routed.counts, strict=True)
             ]
             per_pair_down = routed.per_job(flags)
             weighted = weighted * (~per_pair_down)[:, None].to(zp.dtype)
-        zsum = torch.zeros_like(gate).index_add(0, routed.rows, weighted)  # (n, I)
+        zsum = torch.zeros_like(gate).index_add(0, routed.pairs.rows, weighted)  # (n, I)
         return zp, zsum, per_pair_down
 
     def _experts_down(
         self, out: Tensor, zp: Tensor, routed: _Routed, per_pair_down: Tensor | None
     ) -> Tensor:
         """Add sum_k w_k * (expert down LoRA of z_k) to every routed token's output."""
-        xd, rd = self._expert_input(zp, routed, pair_space=True)
-        pair_out = self._grouped(xd, rd, routed, "down_proj").to(out.dtype)  # (P, H)
+        xd, _ = self._expert_input(zp, routed, pair_space=True)
+        pair_out = self._grouped(xd, True, routed, "down_proj").to(out.dtype)  # (P, H)
         if per_pair_down is not None:
             frozen = self.base.down_proj(zp) * per_pair_down[:, None].to(zp.dtype)
             c = self._dora_pair_scale(routed, "down_proj")
             assert c is not None
             pair_out = (c * (pair_out + frozen).float()).to(out.dtype)
-        pair_out = pair_out * routed.weights[:, None].to(out.dtype)
-        return out.index_add(0, routed.rows, pair_out)
+        pair_out = pair_out * routed.pairs.weights[:, None].to(out.dtype)
+        return out.index_add(0, routed.pairs.rows, pair_out)
 
 
 class _RouterLogits(torch.autograd.Function):

@@ -1,6 +1,6 @@
 """Every triton kernel specialization a training step launches compiles for an H100/H200
 (sm_90) through ptxas, on this CPU machine, and fits its shared memory and registers
-(mixloom.kernels.cubin_check). The interpreter tests cannot see a kernel the GPU compiler
+(bench/cubin_check.py). The interpreter tests cannot see a kernel the GPU compiler
 rejects; this can. It runs in a subprocess: the kernels must be imported uninterpreted."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+CUBIN_CHECK = Path(__file__).resolve().parents[2] / "bench" / "cubin_check.py"
 KERNELS = {
     "_shrink_kernel",
     "_expand_kernel",
     "_zero_outside_kernel",
     "_seg_outer_kernel",
-    "_glu_fwd_kernel",
-    "_glu_bwd_kernel",
+    "_glu_kernel",
     "_keep_kernel",
 }
 
@@ -26,7 +26,7 @@ def _check(tmp_path: Path, *args: str, **env: str) -> tuple[int, list[dict], str
     out = tmp_path / "cubin.json"
     environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
     p = subprocess.run(
-        [sys.executable, "-m", "mixloom.kernels.cubin_check", "--json", str(out), *args],
+        [sys.executable, str(CUBIN_CHECK), "--json", str(out), *args],
         env=environ,
         capture_output=True,
         text=True,
@@ -53,7 +53,7 @@ def test_every_kernel_compiles_and_fits_sm90(tmp_path: Path) -> None:
 def test_a_tile_too_big_for_the_sm_is_reported(tmp_path: Path) -> None:
     # A 64 x 512 bf16 input tile, three pipeline stages: 240 KiB of shared memory, more than
     # the 227 KiB an sm_90 block may have. Only the shrink kernel uses BLOCK_K.
-    rc, results, log = _check(tmp_path, "--dtypes", "bf16", MIXLOOM_BLOCK_K="512")
+    rc, results, log = _check(tmp_path, "--dtypes", "bf16", MIXLOOM_KERNEL_BLOCK_K="512")
     assert rc == 1, log
     bad = [r for r in results if not r["ok"]]
     assert bad and {r["kernel"] for r in bad} == {"_shrink_kernel"}, log

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from needs import need_module
@@ -19,7 +21,7 @@ from test_segmented import (
 )
 
 from mixloom import kernels
-from mixloom.kernels import reference
+from mixloom.kernels import LoraStack, reference
 
 need_module("triton", "pip install -e '.[dev]' (scripts/setup.sh does)")
 
@@ -36,21 +38,18 @@ PARAMS = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    ("case", "per_pair_input", "dtype"),
+    ("case", "per_pair", "dtype"),
     PARAMS,
     ids=lambda v: getattr(v, "name", None) or str(v),
 )
-def test_expert_glu_matches_reference(
-    case: Case, dtype: torch.dtype, per_pair_input: bool, backend: str
-):
-    """per_pair_input: x_gate/x_up one row per pair with different values (dropout masks),
+def test_expert_glu_matches_reference(case: Case, dtype: torch.dtype, per_pair: bool, backend: str):
+    """per_pair: x_gate/x_up one row per pair with different values (dropout masks),
     else one shared x per token gathered by rows."""
     x, A, B, scale, groups, weights, G = _make(case, dtype)
-    if not per_pair_input:  # (the per-pair cases keep every pair in a group)
+    if not per_pair:  # (the per-pair cases keep every pair in a group)
         groups[2, 0] = -1  # a pair outside every group: z = 0, adds nothing
-    r = kernels.build_routing(groups, G, with_tiles=True)
-    w = weights.reshape(-1)[r.order]
-    P, N = r.rows.numel(), case.N
+    pairs = kernels.group_pairs(groups, G, weights=weights, with_tiles=True)
+    P, N = pairs.num_pairs, case.N
     g = torch.Generator().manual_seed(7)
 
     def rnd(*shape, std=1.0):
@@ -58,42 +57,22 @@ def test_expert_glu_matches_reference(
 
     gate, up = rnd(case.T, N), rnd(case.T, N)
     A_up, B_up = rnd(*A.shape, std=case.H**-0.5), rnd(*B.shape)
-    if per_pair_input:
-        xg, xu, x_rows = rnd(P, case.H), rnd(P, case.H), None
-    else:
-        xg, xu, x_rows = x, x, r.rows
+    xg, xu = (rnd(P, case.H), rnd(P, case.H)) if per_pair else (x, x)
+    x_rows = None if per_pair else pairs.rows
     scale_up = scale.flip(0)
 
     def tri(xg, xu, gate, up, Ag, Bg, Au, Bu, w):
-        return torch.cat(
-            kernels.expert_glu(
-                xg,
-                xu,
-                gate,
-                up,
-                Ag,
-                Bg,
-                Au,
-                Bu,
-                scale,
-                scale_up,
-                r.offsets,
-                r.rows,
-                w,
-                x_rows,
-                backend=backend,
-                tiles=r.tiles,
-            )  # fmt: skip
+        lg, lu, p = LoraStack(Ag, Bg, scale), LoraStack(Au, Bu, scale_up), replace(pairs, weights=w)
+        z, zsum = kernels.expert_glu(
+            xg, xu, gate, up, lg, lu, p, per_pair=per_pair, backend=backend
         )
+        return torch.cat([z, zsum])
 
     def ref(xg, xu, gate, up, Ag, Bg, Au, Bu, w):
-        return torch.cat(
-            reference.expert_glu(
-                xg, xu, gate, up, Ag, Bg, Au, Bu, scale, scale_up, r.offsets, r.rows, w, x_rows
-            )
-        )
+        lg, lu, p = LoraStack(Ag, Bg, scale), LoraStack(Au, Bu, scale_up), replace(pairs, weights=w)
+        return torch.cat(reference.expert_glu(xg, xu, gate, up, lg, lu, p, x_rows))
 
-    inputs = [xg, xu, gate, up, A, B, A_up, B_up, w]
+    inputs = [xg, xu, gate, up, A, B, A_up, B_up, pairs.weights]
     if ON_GPU and backend == "triton":  # forward and backward queue work without a host copy
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

@@ -7,15 +7,16 @@ math), or on a GPU with TRITON_INTERPRET=0 (bench/gpu.sh), where bf16 is checked
 
 from __future__ import annotations
 
+import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 from needs import need_module
 
 from mixloom import kernels
-from mixloom.kernels import reference
+from mixloom.kernels import LoraStack, reference
 
 need_module("triton", "pip install -e '.[dev]' (scripts/setup.sh does)")
 
@@ -110,16 +111,16 @@ def test_lora_segments_matches_reference(case: Case, dtype: torch.dtype, backend
     x, A, B, scale, groups, _, G = _make(case, dtype)
     if case.experts:
         groups[1, 0] = -1  # a pair outside every group: output 0, no gradient
-    routing = kernels.build_routing(groups, G, with_tiles=True)
-    rows = routing.rows if case.experts else None  # attention LoRA: rows already in job order
+        pairs = kernels.group_pairs(groups, G, with_tiles=True)
+    else:  # attention LoRA: each job's rows laid out together (_make sorts the rows by job)
+        sizes = torch.bincount(groups[:, 0].cpu(), minlength=G).tolist()
+        pairs = kernels.row_blocks([0, *itertools.accumulate(sizes)], x.device, with_tiles=True)
 
     def tri(x, A, B):
-        return kernels.lora_segments(
-            x, A, B, scale, routing.offsets, rows, backend=backend, tiles=routing.tiles
-        )
+        return kernels.lora_segments(x, LoraStack(A, B, scale), pairs, backend=backend)
 
     def ref(x, A, B):
-        return reference.lora_segments(x, A, B, scale, routing.offsets, rows)
+        return reference.lora_segments(x, LoraStack(A, B, scale), pairs, pairs.rows)
 
     y, grads = _grads(tri, [x, A, B], seed=1)
     y_ref, grads_ref = _grads(ref, [x.float(), A.float(), B.float()], seed=1)
@@ -132,37 +133,33 @@ def test_lora_segments_matches_reference(case: Case, dtype: torch.dtype, backend
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("per_pair_input", [False, True], ids=["gather", "per_pair"])
+@pytest.mark.parametrize("per_pair", [False, True], ids=["gather", "per_pair"])
 @pytest.mark.parametrize("case", [c for c in CASES if c.experts], ids=lambda c: c.name)
 def test_lora_combine_matches_reference(
-    case: Case, dtype: torch.dtype, per_pair_input: bool, backend: str
+    case: Case, dtype: torch.dtype, per_pair: bool, backend: str
 ):
     """Weighted scatter-add per token, gradients through x, A, B and the routing weights.
 
-    per_pair_input: x holds one row per pair (the down projection's z), else x is per token.
+    per_pair: x holds one row per pair (the down projection's z), else x is per token.
     """
     x, A, B, scale, groups, weights, G = _make(case, dtype)
     groups[0, 0] = -1  # a pair that belongs to no group adds nothing
-    routing = kernels.build_routing(groups, G, with_tiles=True)
-    w = weights.reshape(-1)[routing.order]  # (P,)
-    P = routing.rows.numel()
-    if per_pair_input:
+    pairs = kernels.group_pairs(groups, G, weights=weights, with_tiles=True)
+    P = pairs.num_pairs
+    if per_pair:
         x = torch.randn(P, case.H, generator=torch.Generator().manual_seed(3)).to(x)
-    rows = None if per_pair_input else routing.rows
+    x_rows = None if per_pair else pairs.rows
 
     def tri(x, A, B, w):
-        return kernels.lora_combine(
-            x, A, B, scale, routing.offsets, w, routing.rows, case.T, rows,
-            backend=backend, tiles=routing.tiles,
-        )  # fmt: skip
+        lora, p = LoraStack(A, B, scale), replace(pairs, weights=w)
+        return kernels.lora_combine(x, lora, p, case.T, per_pair=per_pair, backend=backend)
 
     def ref(x, A, B, w):
-        return reference.lora_combine(
-            x, A, B, scale, routing.offsets, w, routing.rows, case.T, rows
-        )
+        lora, p = LoraStack(A, B, scale), replace(pairs, weights=w)
+        return reference.lora_combine(x, lora, p, case.T, x_rows)
 
-    out, grads = _grads(tri, [x, A, B, w], seed=2)
-    out_ref, grads_ref = _grads(ref, [x.float(), A.float(), B.float(), w], seed=2)
+    out, grads = _grads(tri, [x, A, B, pairs.weights], seed=2)
+    out_ref, grads_ref = _grads(ref, [x.float(), A.float(), B.float(), pairs.weights], seed=2)
     assert out.dtype == dtype and out.shape == (case.T, case.N)
     assert _rel(out, out_ref) < TOL[dtype]
     for name, got, want in zip(("dx", "dA", "dB", "dweights"), grads, grads_ref, strict=True):
@@ -173,35 +170,37 @@ def test_lora_combine_matches_reference(
 def test_empty_batch_and_all_pairs_outside_groups(backend: str):
     case = CASES[2]
     x, A, B, scale, groups, weights, G = _make(case, torch.float32)
-    routing = kernels.build_routing(torch.full_like(groups, -1), G, with_tiles=True)
-    w = weights.reshape(-1).requires_grad_(True)
-    out = kernels.lora_combine(
-        x, A, B, scale, routing.offsets, w, routing.rows, case.T, routing.rows,
-        backend=backend, tiles=routing.tiles,
-    )  # fmt: skip
+    w = weights.requires_grad_(True)
+    pairs = kernels.group_pairs(torch.full_like(groups, -1), G, weights=w, with_tiles=True)
+    lora = LoraStack(A, B, scale)
+    out = kernels.lora_combine(x, lora, pairs, case.T, backend=backend)
     assert out.abs().max() == 0
     (dw,) = torch.autograd.grad(out.sum(), [w])
     assert dw.abs().max() == 0
-    empty = kernels.build_routing(groups[:0], G, with_tiles=True)
-    y = kernels.lora_segments(
-        x[:0], A, B, scale, empty.offsets, empty.rows, backend=backend, tiles=empty.tiles
-    )
+    empty = kernels.group_pairs(groups[:0], G, with_tiles=True)
+    y = kernels.lora_segments(x[:0], lora, empty, backend=backend)
     assert y.shape == (0, case.N)
 
 
 def test_wrong_tile_table_is_refused():
     case = CASES[2]
     x, A, B, scale, groups, _, G = _make(case, torch.float32)
-    routing = kernels.build_routing(groups, G)
-    bad = kernels.tile_table(routing.offsets, routing.rows.numel(), tile_m=1024)
+    pairs = kernels.group_pairs(groups, G)
+    bad = replace(pairs, tiles=kernels.tile_table(pairs.offsets, pairs.num_pairs, tile_m=1024))
     with pytest.raises(ValueError, match="tile table"):
-        kernels.lora_segments(
-            x, A, B, scale, routing.offsets, routing.rows, backend="triton", tiles=bad
-        )
+        kernels.lora_segments(x, LoraStack(A, B, scale), bad, backend="triton")
+
+
+def test_per_pair_input_of_another_length_is_refused():
+    case = CASES[2]
+    x, A, B, scale, groups, _, G = _make(case, torch.float32)
+    pairs = kernels.group_pairs(groups, G)
+    with pytest.raises(ValueError, match="one row per pair"):
+        kernels.lora_segments(x, LoraStack(A, B, scale), pairs, per_pair=True)
 
 
 def test_layer_chain_transposed_weights_no_host_sync():
-    """A MixLoRA-like chain: routing, gathered up (lora_segments), then down (lora_combine) with
+    """A MixLoRA-like chain: pairs, gathered up (lora_segments), then down (lora_combine) with
     transposed weight views, forward and backward vs the reference; on a GPU, also with
     torch's sync debug mode set to error: not one device->host copy on the triton path."""
     case = CASES[2]
@@ -209,15 +208,13 @@ def test_layer_chain_transposed_weights_no_host_sync():
     x, A, B, scale, groups, weights, G = _make(case, dtype)
 
     def chain(backend, x, A, B, w):
-        r = kernels.build_routing(groups, G, with_tiles=backend == "triton")
-        wp = w.reshape(-1)[r.order]  # (P,)
-        At, Bt = B.transpose(1, 2), A.transpose(1, 2)
+        p = kernels.group_pairs(groups, G, weights=w, with_tiles=backend == "triton")
+        up, down = LoraStack(A, B, scale), LoraStack(B.transpose(1, 2), A.transpose(1, 2), scale)
         if backend == "reference":
-            y = reference.lora_segments(x, A, B, scale, r.offsets, r.rows)
-            return reference.lora_combine(y, At, Bt, scale, r.offsets, wp, r.rows, case.T)
-        kw = dict(backend=backend, tiles=r.tiles)
-        y = kernels.lora_segments(x, A, B, scale, r.offsets, r.rows, **kw)  # (P, N)
-        return kernels.lora_combine(y, At, Bt, scale, r.offsets, wp, r.rows, case.T, **kw)
+            y = reference.lora_segments(x, up, p, p.rows)
+            return reference.lora_combine(y, down, p, case.T)
+        y = kernels.lora_segments(x, up, p, backend=backend)  # (P, N)
+        return kernels.lora_combine(y, down, p, case.T, per_pair=True, backend=backend)
 
     leaves = [t.detach().requires_grad_(True) for t in (x, A, B, weights)]
     dout = torch.randn(case.T, case.H, generator=torch.Generator().manual_seed(5)).to(x)
@@ -245,26 +242,31 @@ def test_fp32_adapter_weights_over_half_activations(dtype: torch.dtype):
     case = CASES[2]
     x, A, B, scale, groups, weights, G = _make(case, dtype)
     A, B = A.float(), B.float()
-    r = kernels.build_routing(groups, G, with_tiles=True)
-    w = weights.reshape(-1)[r.order]
+    pairs = kernels.group_pairs(groups, G, weights=weights, with_tiles=True)
 
-    def tri(x, A, B, w):
-        y = kernels.lora_segments(
-            x, A, B, scale, r.offsets, r.rows, backend="triton", tiles=r.tiles
-        )
-        return kernels.lora_combine(
-            y, B.transpose(1, 2), A.transpose(1, 2), scale, r.offsets, w, r.rows, case.T,
-            backend="triton", tiles=r.tiles,
-        )  # fmt: skip
+    def chain(run_segments, run_combine, x, A, B, w):
+        p = replace(pairs, weights=w)
+        up, down = LoraStack(A, B, scale), LoraStack(B.transpose(1, 2), A.transpose(1, 2), scale)
+        return run_combine(run_segments(x, up, p), down, p)
 
-    def ref(x, A, B, w):
-        y = reference.lora_segments(x, A, B, scale, r.offsets, r.rows)
-        return reference.lora_combine(
-            y, B.transpose(1, 2), A.transpose(1, 2), scale, r.offsets, w, r.rows, case.T
+    def tri(*leaves):
+        return chain(
+            lambda x, lora, p: kernels.lora_segments(x, lora, p, backend="triton"),
+            lambda y, lora, p: kernels.lora_combine(
+                y, lora, p, case.T, per_pair=True, backend="triton"
+            ),
+            *leaves,
         )
 
-    out, grads = _grads(tri, [x, A, B, w], seed=4)
-    out_ref, grads_ref = _grads(ref, [x.float(), A, B, w], seed=4)
+    def ref(*leaves):
+        return chain(
+            lambda x, lora, p: reference.lora_segments(x, lora, p, p.rows),
+            lambda y, lora, p: reference.lora_combine(y, lora, p, case.T),
+            *leaves,
+        )
+
+    out, grads = _grads(tri, [x, A, B, pairs.weights], seed=4)
+    out_ref, grads_ref = _grads(ref, [x.float(), A, B, pairs.weights], seed=4)
     assert out.dtype == dtype
     assert [g.dtype for g in grads] == [dtype, torch.float32, torch.float32, torch.float32]
     assert _rel(out, out_ref) < 2 * TOL[dtype]

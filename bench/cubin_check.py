@@ -7,12 +7,12 @@ exceeds the SM's, or a kernel that spills registers shows only on the GPU. This 
 launchers (lora_segments, lora_combine, expert_glu; forward and backward) on CPU tensors with a
 stand-in driver whose target is the GPU; each launch is compiled through ptxas to a cubin and
 not run (the outputs stay zero). So the specializations compiled are exactly those a training
-step on that GPU would compile, with the GPU tile sizes (MIXLOOM_* knobs apply).
+step on that GPU would compile, with the GPU tile sizes (Settings' kernel_* fields, MIXLOOM_KERNEL_BLOCK_M ..., apply).
 
-    python -m mixloom.kernels.cubin_check [--arch 90] [--dtypes bf16 fp16 fp32] [--json F]
+    python bench/cubin_check.py [--arch 90] [--dtypes bf16 fp16 fp32] [--json F]
 
 Exit status 1 when a kernel fails to compile or does not fit the SM. Needs TRITON_INTERPRET
-unset (the module refuses otherwise: the kernels must be the compiled ones).
+unset (it refuses otherwise: the kernels must be the compiled ones).
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Shared memory a block may opt in to, per compute capability (CUDA programming guide, table
 # "technical specifications per compute capability"); registers per SM are 64K 32-bit on all.
@@ -115,9 +118,10 @@ def _cases(dtype_names: list[str]) -> list[tuple[str, Any]]:
     import torch
 
     from mixloom.kernels import (
-        build_routing,
+        LoraStack,
         dropout_keep,
         expert_glu,
+        group_pairs,
         lora_combine,
         lora_segments,
     )
@@ -133,40 +137,29 @@ def _cases(dtype_names: list[str]) -> list[tuple[str, Any]]:
             top = torch.stack(
                 [torch.randperm(E, generator=g)[:2] for _ in range(T)]
             )  # (T, 2) two experts a token, as MixLoRA top-2
-            r = build_routing(top, E, with_tiles=True)
-            P = r.rows.numel()
-            w = torch.rand(P, generator=g, requires_grad=True)
+            w = torch.rand(T, 2, generator=g, requires_grad=True)
+            pairs = group_pairs(top, E, weights=w, with_tiles=True)
+            P = pairs.num_pairs
             scale = torch.full((E,), 2.0)
-            kw: dict[str, Any] = dict(backend="triton", tiles=r.tiles)
 
-            def lora(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+            def lora(n_in: int, n_out: int) -> LoraStack:
                 A = torch.randn(E, R, n_in, generator=g).to(dt).requires_grad_()
                 B = torch.randn(E, n_out, R, generator=g).to(dt).requires_grad_()
-                return A, B
+                return LoraStack(A, B, scale)
 
-            x = torch.randn(T, H, generator=g).to(dt).requires_grad_()
-            if kind == "segments":
-                A, B = lora(H, I)
-                y = lora_segments(x, A, B, scale, r.offsets, r.rows, **kw)
-            elif kind == "segments_per_pair":  # dropout: one input row per pair
-                A, B = lora(H, I)
-                xp = torch.randn(P, H, generator=g).to(dt).requires_grad_()
-                y = lora_segments(xp, A, B, scale, r.offsets, None, **kw)
+            def rnd(*shape: int) -> torch.Tensor:
+                return torch.randn(*shape, generator=g).to(dt).requires_grad_()
+
+            per_pair = kind.endswith("_per_pair")  # dropout: one input row per pair
+            x = rnd(P, H) if per_pair else rnd(T, H)
+            kw: dict[str, Any] = dict(per_pair=per_pair, backend="triton")
+            if kind.startswith("segments"):
+                y = lora_segments(x, lora(H, I), pairs, **kw)
             elif kind == "combine":
-                A, B = lora(I, H)
-                z = torch.randn(P, I, generator=g).to(dt).requires_grad_()
-                y = lora_combine(z, A, B, scale, r.offsets, w, r.rows, T, **kw)
+                y = lora_combine(rnd(P, I), lora(I, H), pairs, T, per_pair=True, backend="triton")
             else:  # glu
-                Ag, Bg = lora(H, I)
-                Au, Bu = lora(H, I)
-                gate = torch.randn(T, I, generator=g).to(dt).requires_grad_()
-                up = torch.randn(T, I, generator=g).to(dt).requires_grad_()
-                x_rows = r.rows if kind == "glu" else None
-                xi = x if x_rows is not None else torch.randn(P, H, generator=g).to(dt)
-                z, zsum = expert_glu(
-                    xi, xi, gate, up, Ag, Bg, Au, Bu, scale, scale, r.offsets, r.rows, w,
-                    x_rows, **kw,
-                )  # fmt: skip
+                gate, up = rnd(T, I), rnd(T, I)
+                z, zsum = expert_glu(x, x, gate, up, lora(H, I), lora(H, I), pairs, **kw)
                 y = torch.cat([z.flatten(), zsum.flatten()])
             y.float().sum().backward()
 
@@ -186,15 +179,16 @@ def _cases(dtype_names: list[str]) -> list[tuple[str, Any]]:
 def check(arch: int = 90, dtype_names: list[str] | None = None) -> list[Compiled]:
     """Compile what the launchers launch, for sm_<arch>; one Compiled per distinct kernel
     specialization (first case that asked for it)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("cubin_check compiles for the GPU: run it with TRITON_INTERPRET unset")
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime import driver
 
-    from mixloom.kernels import dropout, glu, segmented
+    from mixloom.kernels import common
+
+    if common.INTERPRETED:
+        raise RuntimeError("cubin_check compiles for the GPU: run it with TRITON_INTERPRET unset")
 
     target = GPUTarget("cuda", arch, 32)
     seen: dict[Any, Compiled] = {}
@@ -226,18 +220,18 @@ def check(arch: int = 90, dtype_names: list[str] | None = None) -> list[Compiled
         return None
 
     saved_hook = knobs.runtime.jit_cache_hook
-    saved_checks = segmented._check_device, glu._check_device, dropout._check_device
+    saved_check = common.check_device
     saved_driver = driver._active  # None until first asked: reset_active() would need a GPU
     driver.set_active(_TargetDriver(target))
     knobs.runtime.jit_cache_hook = compile_instead_of_launch
-    segmented._check_device = glu._check_device = dropout._check_device = on_any_device
+    common.check_device = on_any_device
     try:
         for name, thunk in _cases(list(dtype_names or _DTYPES)):
             current["case"] = name
             thunk()
     finally:
         knobs.runtime.jit_cache_hook = saved_hook
-        segmented._check_device, glu._check_device, dropout._check_device = saved_checks
+        common.check_device = saved_check
         driver._active = saved_driver
     return list(seen.values())
 

@@ -1,4 +1,5 @@
-"""Routing metadata: sorted (row, slot) pairs, group offsets and the tile table, vs loops."""
+"""The kernels' batch metadata: pairs sorted by group, group offsets and the tile table, vs
+loops; built on device with no host sync."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mixloom.kernels import build_routing, tile_table
+from mixloom.kernels import group_pairs, row_blocks, tile_table
 
 
 class _NoHostSync(TorchDispatchMode):
@@ -17,25 +18,46 @@ class _NoHostSync(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__
         if any(s in name for s in self.SYNCING):
-            raise AssertionError(f"host sync in the routing path: {name}")
+            raise AssertionError(f"host sync in the pair grouping: {name}")
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("G", [1, 5, 24])
-def test_routing_sorts_pairs_by_group(k: int, G: int):
+def test_pairs_sorted_by_group(k: int, G: int):
     g = torch.Generator().manual_seed(G * 10 + k)
     T = 57
     groups = torch.randint(-1, G, (T, k), generator=g)
+    weights = torch.rand(T, k, generator=g)
     with _NoHostSync():
-        r = build_routing(groups, G, with_tiles=True)
+        p = group_pairs(groups, G, weights=weights, with_tiles=True)
     pairs = [(int(groups[t, s]), t, s) for t in range(T) for s in range(k)]
-    want = sorted(pairs, key=lambda p: p[0])  # stable: row-major order within a group
-    assert [(t, s) for _, t, s in want] == list(zip(r.rows.tolist(), r.slots.tolist(), strict=True))
-    assert (r.order == r.rows * k + r.slots).all()
+    want = sorted(pairs, key=lambda q: q[0])  # stable: row-major order within a group
+    assert p.num_pairs == T * k and p.order is not None and p.rows is not None
+    assert [t * k + s for _, t, s in want] == p.order.tolist()
+    assert [t for _, t, _ in want] == p.rows.tolist()
+    assert [gg for gg, _, _ in want] == p.groups.tolist()  # type: ignore[union-attr]
+    assert torch.equal(p.weights, weights.reshape(-1)[p.order])  # type: ignore[arg-type]
     counts = [sum(1 for gg, _, _ in pairs if gg == i) for i in range(G)]
     first = sum(1 for gg, _, _ in pairs if gg < 0)
-    assert r.offsets.tolist() == [first + sum(counts[:i]) for i in range(G + 1)]
+    assert p.offsets.tolist() == [first + sum(counts[:i]) for i in range(G + 1)]
+    assert p.tiles is not None and torch.equal(p.tiles, tile_table(p.offsets, T * k))
+
+
+def test_pairs_of_given_rows():
+    """Pairs listed one by one (a layer's jobs' real tokens): rows follow their pairs."""
+    groups = torch.tensor([2, 0, -1, 0, 1])
+    rows = torch.tensor([10, 11, 12, 13, 14])
+    p = group_pairs(groups, 3, rows=rows)
+    assert p.rows.tolist() == [12, 11, 13, 14, 10]  # type: ignore[union-attr]
+    assert p.offsets.tolist() == [1, 3, 4, 5]
+
+
+def test_row_blocks():
+    p = row_blocks([0, 3, 3, 8], torch.device("cpu"), with_tiles=True)
+    assert (p.num_pairs, p.num_groups, p.rows) == (8, 3, None)
+    assert p.offsets.tolist() == [0, 3, 3, 8]
+    assert p.tiles is not None and torch.equal(p.tiles, tile_table(p.offsets, 8))
 
 
 @pytest.mark.parametrize("tile_m", [16, 64])

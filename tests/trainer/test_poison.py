@@ -18,31 +18,31 @@ from tiny import tiny_llama
 from trainer_helpers import lora_hp, make_job, mixlora_hp, trainer_for
 
 from mixloom.trainer.fused import FusedTrainer
-from mixloom.trainer.job import Job, JobStatus
+from mixloom.trainer.job import TrainingJob, TrainingState
 
 STEPS = 2
 BAD = "bad"
 
 
-def _cases() -> dict[str, Callable[[dict[str, object]], list[Job]]]:
+def _cases() -> dict[str, Callable[[dict[str, object]], list[TrainingJob]]]:
     """Each case: the jobs that survive, then the poisoned one (`bad_hp` extends its
     hyperparameters)."""
 
-    def alike(bad_hp: dict[str, object]) -> list[Job]:  # the defaults: one batched router
+    def alike(bad_hp: dict[str, object]) -> list[TrainingJob]:  # the defaults: one batched router
         return [
             make_job("m1", mixlora_hp(batch_size=2), seed=1, n_rows=6),
             make_job("m2", mixlora_hp(batch_size=2, lora_dropout=0.2), seed=2, n_rows=6),
             make_job(BAD, mixlora_hp(batch_size=2, **bad_hp), seed=3, n_rows=6),  # type: ignore[arg-type]
         ]
 
-    def alike_lora_bad(bad_hp: dict[str, object]) -> list[Job]:  # the reported case
+    def alike_lora_bad(bad_hp: dict[str, object]) -> list[TrainingJob]:  # the reported case
         return [
             make_job("m1", mixlora_hp(batch_size=2), seed=1, n_rows=6),
             make_job("m2", mixlora_hp(batch_size=2), seed=2, n_rows=6),
             make_job(BAD, lora_hp(batch_size=2, **bad_hp), seed=3, n_rows=6),  # type: ignore[arg-type]
         ]
 
-    def differ(bad_hp: dict[str, object]) -> list[Job]:  # every job routes by itself
+    def differ(bad_hp: dict[str, object]) -> list[TrainingJob]:  # every job routes by itself
         return [
             make_job("m1", mixlora_hp(num_experts=4, batch_size=2), seed=1, n_rows=6),
             make_job(
@@ -56,7 +56,7 @@ def _cases() -> dict[str, Callable[[dict[str, object]], list[Job]]]:
             ),
         ]
 
-    def mixed(bad_hp: dict[str, object]) -> list[Job]:  # LoRA and MixLoRA, both alike pairs
+    def mixed(bad_hp: dict[str, object]) -> list[TrainingJob]:  # LoRA and MixLoRA, both alike pairs
         return [
             make_job("lo", lora_hp(batch_size=2), seed=1, n_rows=6),
             make_job("m1", mixlora_hp(batch_size=2), seed=2, n_rows=6),
@@ -125,10 +125,10 @@ def _train(
         trainer.step(names=[j.name for j in trainer.active if j.step < STEPS])
     if poison is not None:
         bad = next(j for j in jobs if j.name == BAD)
-        assert bad.status == JobStatus.FAILED, f"{bad.name}: {bad.status}"
+        assert bad.status == TrainingState.FAILED, f"{bad.name}: {bad.status}"
         assert any(w in (bad.error or "") for w in ("nan", "inf")), bad.error
     for job in survivors:
-        assert job.step == STEPS and job.status != JobStatus.FAILED, (job.name, job.error)
+        assert job.step == STEPS and job.status != TrainingState.FAILED, (job.name, job.error)
     return {j.name: trainer.model.adapter_state_dict(j.name) for j in survivors}
 
 

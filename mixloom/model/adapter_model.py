@@ -10,17 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mixloom.model.layers import (
-    FusedState,
-    LoraWeights,
-    MixLoraWeights,
-    MultiAdapterMLP,
-    MultiLoraLinear,
-    Segment,
-    aux_loss,
-    router_totals,
-)
+from mixloom.model.batch import FusedState, Segment
+from mixloom.model.lora import LoraWeights, MultiLoraLinear
+from mixloom.model.moe import MixLoraWeights, MultiAdapterMLP
 from mixloom.model.packing import repack
+from mixloom.model.routing import aux_loss, router_totals
 from mixloom.model.specs import AdapterSpec
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

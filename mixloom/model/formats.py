@@ -264,7 +264,7 @@ class InferenceModel(nn.Module):
         return self.inner.config
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw: Any) -> Any:
-        from mixloom.model.layers import Segment
+        from mixloom.model.batch import Segment
 
         segs = [Segment(self.adapter, 0, input_ids.shape[0])]
         with self.inner.fused(segs, attention_mask, training=False, collect_router=False):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mixloom.data.tokenize import IGNORE_INDEX, EncodedRow, collate
 from mixloom.model.adapter_model import AdapterModel
-from mixloom.model.layers import Segment, upload
+from mixloom.model.batch import Segment, upload
 from mixloom.trainer.job import TrainingJob, TrainingState
 from mixloom.trainer.loss import linear_cross_entropy
 

@@ -16,7 +16,7 @@ from tiny import tiny_llama
 from mixloom.data.tokenize import EncodedRow
 from mixloom.jobspec import LoraHyperparameters, MixLoraHyperparameters
 from mixloom.model.adapter_model import AdapterModel
-from mixloom.model.layers import Segment
+from mixloom.model.batch import Segment
 from mixloom.model.specs import AdapterSpec, LoraSpec
 from mixloom.trainer.fused import FusedTrainer
 from mixloom.trainer.job import Job

@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from mixloom.model.layers import FusedState, Segment, keep_mask
+from mixloom.model.batch import FusedState, Segment
+from mixloom.model.dropout import keep_mask
 
 
 @pytest.fixture(params=["stream", "counter"], autouse=True)

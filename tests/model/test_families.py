@@ -8,7 +8,7 @@ import torch
 
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.base import prepare_base
-from mixloom.model.layers import Segment
+from mixloom.model.batch import Segment
 from mixloom.model.specs import AdapterSpec, LoraSpec
 
 SMALL = dict(

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from tiny import tiny_llama
 
 from mixloom.model.adapter_model import AdapterModel
-from mixloom.model.layers import Segment, route
+from mixloom.model.batch import Segment
+from mixloom.model.routing import route
 from mixloom.model.specs import AdapterSpec, LoraSpec
 
 

@@ -12,7 +12,7 @@ from tiny import tiny_llama
 from torch import nn
 
 from mixloom.model.adapter_model import AdapterModel
-from mixloom.model.layers import _stack
+from mixloom.model.lora import stack_weights
 from mixloom.model.packing import joined, repack
 from mixloom.model.specs import AdapterSpec, LoraSpec
 
@@ -97,14 +97,14 @@ def test_joins_and_leaves_keep_every_value_and_repack_the_rest() -> None:
             torch.testing.assert_close(v, states[n][k], rtol=0, atol=0, msg=k)
     mlp = model.model.model.layers[1].mlp
     experts = [mlp.moe[n].experts["up_proj"] for n in "ac"]
-    A, B = _stack(experts)  # type: ignore[arg-type]
+    A, B = stack_weights(experts)  # type: ignore[arg-type]
     assert A.data_ptr() == experts[0].lora_A.data_ptr()
     assert B.data_ptr() == experts[0].lora_B.data_ptr()
     q = model.model.model.layers[0].self_attn.q_proj
     both = [q.adapters["a"], q.adapters["c"]]
-    assert _stack(both)[0].data_ptr() == both[0].lora_A.data_ptr()
+    assert stack_weights(both)[0].data_ptr() == both[0].lora_A.data_ptr()
     with_d = [q.adapters["a"], q.adapters["d"]]  # ranks 4 and 8: zero-padded copy
-    assert _stack(with_d)[0].shape == (2, 8, 64)
+    assert stack_weights(with_d)[0].shape == (2, 8, 64)
 
 
 def test_what_a_job_saves_holds_its_own_weights_only() -> None:

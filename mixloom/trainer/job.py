@@ -93,7 +93,8 @@ class TrainingJob:
 
     @property
     def status(self) -> TrainingState:
-        """Issue 13: the old name of `state`, kept with the names at the end of the module."""
+        """Issue 13: the old name of `state`, until tests/trainer/test_poison.py (another
+        engineer's file) reads `state`."""
         return self.state
 
     def build_optimizer(self, params: list[torch.nn.Parameter]) -> None:
@@ -173,7 +174,6 @@ class TrainingJob:
         self.tokens_seen = int(data.get("tokens_seen", 0))
 
 
-# issue 13: the old names, until tests/kernels/test_model_no_host_sync.py and
-# tests/trainer/test_poison.py (other engineers' files) import the new ones
+# issue 13: the old name, until tests/kernels/test_model_no_host_sync.py (another engineer's
+# file) imports TrainingJob
 Job = TrainingJob
-JobStatus = TrainingState

@@ -1,9 +1,8 @@
 """The worker's side of the job table beyond the storage lease protocol: a fair claim that
 asks the worker whether each candidate fits before taking it.
 
-`storage.jobs.claim_jobs` takes the oldest queued job; a worker with memory admission needs
-to look at candidates in fair-share order and skip those that do not fit now, so the claim
-lives here, with the same locking: Postgres `SELECT ... FOR UPDATE SKIP LOCKED` (workers
+A worker with memory admission looks at candidates in fair-share order and skips those that
+do not fit now, so the claim lives here, the only one, locking so: Postgres `SELECT ... FOR UPDATE SKIP LOCKED` (workers
 never take the same job and never wait on each other), SQLite a `BEGIN IMMEDIATE`
 transaction (see storage.db) that holds the write lock from select to update.
 """

@@ -479,7 +479,7 @@ def _t(w: Tensor) -> Tensor:
 
 
 def lora_backward(
-    d: Tensor,  # (P, N) gradient of each pair's LoRA output (its routing weight applied)
+    d: Tensor,  # (P, N) dL/dy of each pair
     h: Tensor,  # (P, R) fp32 the forward's shrink, x[rows[p]] @ A[g].T
     x: Tensor,  # the forward's input
     A: Tensor,  # (G, R, H)

@@ -91,12 +91,6 @@ class TrainingJob:
     def done(self) -> bool:
         return self.step >= self.total_steps
 
-    @property
-    def status(self) -> TrainingState:
-        """Issue 13: the old name of `state`, until tests/trainer/test_poison.py (another
-        engineer's file) reads `state`."""
-        return self.state
-
     def build_optimizer(self, params: list[torch.nn.Parameter]) -> None:
         self.optimizer = torch.optim.AdamW(
             params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay, fused=True
@@ -172,8 +166,3 @@ class TrainingJob:
         self.step = int(data["step"])
         self.micro_done = 0
         self.tokens_seen = int(data.get("tokens_seen", 0))
-
-
-# issue 13: the old name, until tests/kernels/test_model_no_host_sync.py (another engineer's
-# file) imports TrainingJob
-Job = TrainingJob

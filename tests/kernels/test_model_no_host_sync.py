@@ -19,7 +19,7 @@ from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.batch import Segment
 from mixloom.model.specs import AdapterSpec, LoraSpec
 from mixloom.trainer.fused import FusedTrainer
-from mixloom.trainer.job import Job
+from mixloom.trainer.job import TrainingJob
 
 pytestmark = [
     pytest.mark.gpu,
@@ -77,13 +77,15 @@ def test_fused_forward_backward_never_waits_for_the_gpu(recompute: bool, padded:
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def _job(name: str, hp: LoraHyperparameters, seed: int) -> Job:
+def _job(name: str, hp: LoraHyperparameters, seed: int) -> TrainingJob:
     rng = random.Random(seed)
     rows = []
     for _ in range(8):  # one length: no padding (the model code syncs on a padded 2D mask)
         ids = [rng.randrange(1, 128) for _ in range(20)]
         rows.append(EncodedRow(ids, [-100] * 5 + ids[5:]))
-    return Job(name, AdapterSpec.from_hyperparameters(name, hp, seed=seed), hp, rows, seed=seed)
+    return TrainingJob(
+        name, AdapterSpec.from_hyperparameters(name, hp, seed=seed), hp, rows, seed=seed
+    )
 
 
 def test_a_training_step_reads_the_device_once() -> None:

@@ -125,10 +125,10 @@ def _train(
         trainer.step(names=[j.name for j in trainer.active if j.step < STEPS])
     if poison is not None:
         bad = next(j for j in jobs if j.name == BAD)
-        assert bad.status == TrainingState.FAILED, f"{bad.name}: {bad.status}"
+        assert bad.state == TrainingState.FAILED, f"{bad.name}: {bad.state}"
         assert any(w in (bad.error or "") for w in ("nan", "inf")), bad.error
     for job in survivors:
-        assert job.step == STEPS and job.status != TrainingState.FAILED, (job.name, job.error)
+        assert job.step == STEPS and job.state != TrainingState.FAILED, (job.name, job.error)
     return {j.name: trainer.model.adapter_state_dict(j.name) for j in survivors}
 
 

@@ -177,7 +177,7 @@ class ScriptedWorker:
                         else JobStatus.PAUSED
                     )
                     break
-                # The names and units the real worker writes (scheduler/worker.py).
+                # The names and units the real worker writes (trainer/session.py).
                 values = {
                     "train_loss": 2.5 * math.exp(-step / 4) + 0.3,
                     "learning_rate": 2e-4 * (1 - step / (self.steps + 1)),

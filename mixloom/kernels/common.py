@@ -41,6 +41,30 @@ def tile_pairs(tiles_ptr, offsets_ptr, n_tiles, BLOCK_M: tl.constexpr):
     return g, offs_m, offs_m < end
 
 
+@triton.jit
+def expand_tile(h_ptr, w_ptr, g, offs_m, mask_m, offs_n, mask_n, R, stride_hm, stride_hr,
+                stride_wg, stride_wn, stride_wr, DOT_FP32: tl.constexpr, DOT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_R: tl.constexpr):  # fmt: skip
+    """(BLOCK_M, BLOCK_N) fp32 tile of h[offs_m] @ w[g, offs_n].T: h (P, R) fp32 rank-space
+    rows, w (G, N, R) any strides; the whole rank in one block."""
+    offs_r = tl.arange(0, BLOCK_R)
+    h = tl.load(
+        h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+        mask=mask_m[:, None] & (offs_r[None, :] < R),
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_R)
+    w = tl.load(
+        w_ptr
+        + g.to(tl.int64) * stride_wg
+        + offs_r[:, None] * stride_wr
+        + offs_n[None, :] * stride_wn,
+        mask=(offs_r[:, None] < R) & mask_n[None, :],
+        other=0.0,
+    )  # (BLOCK_R, BLOCK_N)
+    return mma(h, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, DOT)
+
+
 # Triton reads TRITON_INTERPRET once, when it decorates a kernel (at import): the decorated
 # kernel says what the kernels are, where the variable read again may have changed since.
 INTERPRETED = isinstance(mma, InterpretedFunction)

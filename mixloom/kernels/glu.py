@@ -22,31 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from mixloom.kernels import common
-from mixloom.kernels.common import mma, tile_pairs
+from mixloom.kernels.common import expand_tile, tile_pairs
 from mixloom.kernels.segmented import lora_backward, shrink, zero_outside
-
-
-@triton.jit
-def _lora_tile(h_ptr, w_ptr, g, offs_m, mask_m, offs_n, mask_n, R, stride_hm, stride_wg,
-               stride_wn, stride_wr, DOT_FP32: tl.constexpr, DOT: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-    """(BLOCK_M, BLOCK_N) fp32 tile of h[offs_m] @ w[g, offs_n].T (h: (P, R) fp32, unit
-    stride along R)."""
-    offs_r = tl.arange(0, BLOCK_R)
-    h = tl.load(
-        h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :],
-        mask=mask_m[:, None] & (offs_r[None, :] < R),
-        other=0.0,
-    )
-    w = tl.load(
-        w_ptr
-        + g.to(tl.int64) * stride_wg
-        + offs_r[:, None] * stride_wr
-        + offs_n[None, :] * stride_wn,
-        mask=(offs_r[:, None] < R) & mask_n[None, :],
-        other=0.0,
-    )
-    return mma(h, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, DOT)
 
 
 @triton.jit
@@ -95,10 +72,12 @@ def _glu_kernel(
     mask_n = offs_n < n_inter
     mask = mask_m[:, None] & mask_n[None, :]
     tok = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    gv = _lora_tile(hg_ptr, bg_ptr, g, offs_m, mask_m, offs_n, mask_n, R, stride_hm, stride_bg,
-                    stride_bn, stride_br, DOT_FP32, DOT, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
-    uv = _lora_tile(hu_ptr, bu_ptr, g, offs_m, mask_m, offs_n, mask_n, R, stride_hm, stride_bg,
-                    stride_bn, stride_br, DOT_FP32, DOT, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
+    gv = expand_tile(hg_ptr, bg_ptr, g, offs_m, mask_m, offs_n, mask_n, R, stride_hm, 1,
+                     stride_bg, stride_bn, stride_br, DOT_FP32, DOT, BLOCK_M, BLOCK_N,
+                     BLOCK_R)  # fmt: skip
+    uv = expand_tile(hu_ptr, bu_ptr, g, offs_m, mask_m, offs_n, mask_n, R, stride_hm, 1,
+                     stride_bg, stride_bn, stride_br, DOT_FP32, DOT, BLOCK_M, BLOCK_N,
+                     BLOCK_R)  # fmt: skip
     tbase = tok[:, None] * stride_tm + offs_n[None, :]
     pbase = offs_m.to(tl.int64)[:, None] * stride_zm + offs_n[None, :]
     gv = gv * tl.load(sg_ptr + g) + tl.load(gate_ptr + tbase, mask=mask, other=0.0).to(tl.float32)

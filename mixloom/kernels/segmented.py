@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mixloom.kernels import common
 from mixloom.kernels.batch import GroupedPairs, LoraStack
-from mixloom.kernels.common import mma, tile_pairs
+from mixloom.kernels.common import expand_tile, mma, tile_pairs
 
 # --------------------------------------------------------------------------------------------
 # Shrink: (P, K) -> (P, R)
@@ -189,23 +189,11 @@ def _expand_kernel(
     g, offs_m, mask_m = tile_pairs(tiles_ptr, offsets_ptr, n_tiles, BLOCK_M)
     if g < 0:
         return
-    offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    h = tl.load(
-        h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-        mask=mask_m[:, None] & (offs_r[None, :] < R),
-        other=0.0,
-    )  # (BLOCK_M, BLOCK_R) fp32
-    w = tl.load(
-        w_ptr
-        + g.to(tl.int64) * stride_wg
-        + offs_r[:, None] * stride_wr
-        + offs_n[None, :] * stride_wn,
-        mask=(offs_r[:, None] < R) & mask_n[None, :],
-        other=0.0,
-    )  # (BLOCK_R, BLOCK_N)
-    acc = mma(h, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, DOT)
+    acc = expand_tile(h_ptr, w_ptr, g, offs_m, mask_m, offs_n, mask_n, R, stride_hm, stride_hr,
+                      stride_wg, stride_wn, stride_wr, DOT_FP32, DOT, BLOCK_M, BLOCK_N,
+                      BLOCK_R)  # fmt: skip
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + g)
     if HAS_PW:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from mixloom.config import Settings
 from mixloom.kernels import grouped, reference
-from mixloom.kernels.batch import GroupedPairs, LoraStack, group_pairs, row_blocks, tile_table
+from mixloom.kernels.pairs import GroupedPairs, LoraStack, group_pairs, row_blocks, tile_table
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from mixloom.kernels.batch import GroupedPairs, tile_table
+from mixloom.kernels.pairs import GroupedPairs, tile_table
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixloom.kernels import reference
-from mixloom.kernels.batch import GroupedPairs, LoraStack
+from mixloom.kernels.pairs import GroupedPairs, LoraStack
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mixloom.kernels.batch import GroupedPairs, LoraStack
+from mixloom.kernels.pairs import GroupedPairs, LoraStack
 
 
 def lora_segments(

@@ -34,8 +34,8 @@ import triton.language as tl
 from torch import Tensor
 
 from mixloom.kernels import common
-from mixloom.kernels.batch import GroupedPairs, LoraStack
 from mixloom.kernels.common import expand_tile, mma, tile_pairs
+from mixloom.kernels.pairs import GroupedPairs, LoraStack
 
 # --------------------------------------------------------------------------------------------
 # Shrink: (P, K) -> (P, R)

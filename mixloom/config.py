@@ -69,6 +69,12 @@ class Settings(ModelSettings, BaseSettings):
     worker_memory_budget_gb: float | None = None  # default: 90% of GPU memory, or base + 80% RAM
     worker_metrics_interval_seconds: float = 1.0  # a job's step metrics reach the DB this often
     worker_max_jobs: int = 32  # jobs admitted at once (they share steps by fair share)
+    # a job whose lease expired this often without checkpointing past its resume point (it
+    # keeps killing its worker) is failed as poisoned
+    worker_max_crashes: int = 3
+    # checkpoints kept per job: the last K (a job may ask for fewer) plus the best by
+    # validation loss; older ones are deleted
+    keep_checkpoints: int = 3
     # limits
     max_upload_bytes: int = 64 * 1024 * 1024
     max_file_lines: int = 200_000

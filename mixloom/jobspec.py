@@ -36,6 +36,9 @@ class TrainingHyperparameters(_Strict):
     max_steps: Annotated[int | None, Field(ge=1)] = None  # cap on optimizer steps
     train_on_inputs: bool = False  # False: loss only on completion/assistant tokens
     checkpoint_every: Annotated[int | None, Field(ge=1)] = None  # optimizer steps; None: end only
+    # checkpoints kept: the last K plus the best by validation loss; None: the deployment's
+    # keep_checkpoints (a job may ask for fewer, never more)
+    keep_checkpoints: Annotated[int | None, Field(ge=1)] = None
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainingHyperparameters:

@@ -79,6 +79,7 @@ def create_job(
         updated_at=now,
         queued_at=now,
         attempts=0,
+        crashes=0,
         last_seq=0,
     )
     session.add(row)

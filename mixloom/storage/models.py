@@ -124,6 +124,13 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Leases that expired on this job since it last checkpointed past its resume point: a
+    # job that keeps killing its worker is failed as poisoned (worker_max_crashes).
+    crashes: Mapped[int] = mapped_column(Integer, default=0)
+    # The final adapter archive's size (counted against the tenant's storage quota) and
+    # when its weights were deleted (the job record stays).
+    adapter_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    adapter_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Last sequence number handed to an event or metrics row of this job (SSE ids).
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
 
@@ -167,6 +174,24 @@ class Checkpoint(Base):
     path: Mapped[str] = mapped_column(Text)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Bytes on storage for this checkpoint (folder + archive), counted against the quota.
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class DashboardSession(Base):
+    """A signed-in dashboard: the cookie holds a random token, stored here hashed."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    api_key_id: Mapped[str] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class IdempotencyRecord(Base):

@@ -123,6 +123,9 @@ class JobRecord(Record):
     lease_expires_at: datetime | None
     heartbeat_at: datetime | None
     attempts: int
+    crashes: int
+    adapter_bytes: int | None
+    adapter_deleted_at: datetime | None
     last_seq: int
 
 
@@ -184,3 +187,4 @@ class CheckpointRecord(Record):
     path: str
     metrics: dict[str, Any] | None
     created_at: datetime
+    bytes: int

@@ -10,7 +10,12 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mixloom.errors import ObjectNotFoundError, StateConflictError, ValidationError
+from mixloom.errors import (
+    ObjectNotFoundError,
+    QuotaExceededError,
+    StateConflictError,
+    ValidationError,
+)
 from mixloom.storage import models as m
 from mixloom.storage.ids import new_id
 from mixloom.storage.records import (
@@ -162,10 +167,21 @@ def authenticate(*, session: Session, api_key: str) -> TenantRecord | None:
 
 
 def tenant_usage(*, session: Session, tenant_id: str) -> dict[str, int]:
-    """What counts against the quotas: stored bytes, waiting jobs, running jobs."""
-    stored = session.scalar(
+    """What counts against the quotas: stored bytes (files, checkpoints, adapters), waiting
+    jobs, running jobs."""
+    files_bytes = session.scalar(
         select(func.coalesce(func.sum(m.File.bytes), 0)).where(
             m.File.tenant_id == tenant_id, m.File.deleted_at.is_(None)
+        )
+    )
+    checkpoint_bytes = session.scalar(
+        select(func.coalesce(func.sum(m.Checkpoint.bytes), 0))
+        .join(m.Job, m.Job.id == m.Checkpoint.job_id)
+        .where(m.Job.tenant_id == tenant_id)
+    )
+    adapter_bytes = session.scalar(
+        select(func.coalesce(func.sum(m.Job.adapter_bytes), 0)).where(
+            m.Job.tenant_id == tenant_id, m.Job.adapter_deleted_at.is_(None)
         )
     )
     counts = dict(
@@ -176,7 +192,32 @@ def tenant_usage(*, session: Session, tenant_id: str) -> dict[str, int]:
         ).all()
     )
     return {
-        "stored_bytes": int(stored or 0),
+        "stored_bytes": int(files_bytes or 0)
+        + int(checkpoint_bytes or 0)
+        + int(adapter_bytes or 0),
+        "file_bytes": int(files_bytes or 0),
+        "checkpoint_bytes": int(checkpoint_bytes or 0),
+        "adapter_bytes": int(adapter_bytes or 0),
         "waiting_jobs": sum(int(counts.get(s.value, 0)) for s in WAITING_STATUSES),
         "running_jobs": int(counts.get(JobStatus.RUNNING.value, 0)),
     }
+
+
+def check_storage(
+    *, session: Session, tenant_id: str, default_max_bytes: int, adding: int, what: str
+) -> None:
+    """Raise QuotaExceededError when storing `adding` more bytes for the tenant would pass
+    its storage quota (max_total_bytes, or the deployment's default). The message names the
+    quota, what is stored now and what was to be added."""
+    tenant = session.get(m.Tenant, tenant_id)
+    quota = (tenant.max_total_bytes if tenant is not None else None) or default_max_bytes
+    usage = tenant_usage(session=session, tenant_id=tenant_id)
+    used = usage["stored_bytes"]
+    if used + adding > quota:
+        raise QuotaExceededError(
+            f"storage quota max_total_bytes is {quota:,} bytes; {used:,} are stored "
+            f"(files {usage['file_bytes']:,}, checkpoints {usage['checkpoint_bytes']:,}, "
+            f"adapters {usage['adapter_bytes']:,}) and {what} needs {adding:,} more; delete "
+            "files, checkpoints or adapters, or ask an admin for a larger quota",
+            code="storage_quota_exceeded",
+        )

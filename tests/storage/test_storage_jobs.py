@@ -227,7 +227,14 @@ def test_usage_counts_for_quotas(db: Database) -> None:
     _claim(db, model)
     with db.transaction() as s:
         usage = tenants.tenant_usage(session=s, tenant_id=tenant)
-    assert usage == {"stored_bytes": 20, "waiting_jobs": 1, "running_jobs": 1}
+    assert usage == {
+        "stored_bytes": 20,
+        "file_bytes": 20,
+        "checkpoint_bytes": 0,
+        "adapter_bytes": 0,
+        "waiting_jobs": 1,
+        "running_jobs": 1,
+    }
 
 
 def test_file_in_use_cannot_be_deleted(db: Database) -> None:

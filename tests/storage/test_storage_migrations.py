@@ -24,6 +24,7 @@ TABLES = {
     "job_metrics",
     "checkpoints",
     "idempotency_keys",
+    "dashboard_sessions",
 }
 
 

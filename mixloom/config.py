@@ -86,6 +86,10 @@ class Settings(ModelSettings, BaseSettings):
     # API
     sse_poll_seconds: float = 2.0  # an idle SSE stream re-reads the database this often
     sse_max_streams: int = 64  # concurrent SSE streams (each parks a thread while it waits)
+    # concurrent SSE streams of one tenant, so that no tenant takes every slot; over it: 429
+    sse_max_streams_per_tenant: int = 8
+    sse_auth_check_seconds: float = 2.0  # an open stream ends this soon after its key is revoked
+    dashboard_session_hours: float = 7 * 24  # a dashboard sign-in lasts this long
     # tests/: the services integration tests use (each test session makes its own database)
     test_postgres_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     test_redis_url: str = "redis://127.0.0.1:6379/0"

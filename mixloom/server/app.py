@@ -18,6 +18,7 @@ from mixloom.config import Settings, get_settings
 from mixloom.server.dashboard import install_dashboard
 from mixloom.server.deps import ServerContext
 from mixloom.server.errors import install_error_handlers
+from mixloom.server.headers import install_security_headers
 from mixloom.server.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from mixloom.server.registry import served_models
 from mixloom.server.routes import files, jobs, models, stream
@@ -90,6 +91,7 @@ def create_app(
         return settings.max_request_bytes
 
     app.add_middleware(BodySizeLimit, limit_for=limit_for)
+    install_security_headers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

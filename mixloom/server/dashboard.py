@@ -1,15 +1,19 @@
 """The web dashboard: static assets served by the app itself (no CDN, works offline) and
 a cookie session, since the browser's EventSource cannot send an Authorization header.
 
-Signing in stores the API key in an HttpOnly, SameSite=Strict cookie. `SessionAuth` turns
-that cookie into `Authorization: Bearer <key>` on /v1/ requests that carry none, so the
-dashboard speaks the same API as every other client. State-changing requests made with
-the cookie must also carry `X-Mixloom-Dashboard: 1`: a custom header that a cross-site
-form cannot send, so the cookie alone never authorises a write.
+Signing in opens a server-side session (storage/sessions.py) and stores its random token,
+never the API key, in an HttpOnly, SameSite=Strict cookie (Secure over https). Signing out
+revokes it on the server, so a copied cookie stops working too; so does revoking the API
+key it was opened with. `SessionAuth` hands the token to `deps.current_tenant` on /v1/
+requests without an Authorization header, so the dashboard speaks the same API as every
+other client. State-changing requests made with the cookie must also carry
+`X-Mixloom-Dashboard: 1`: a custom header that a cross-site form cannot send, so the
+cookie alone never authorises a write.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,13 +24,12 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from mixloom.jobspec import ALL_MODULES, LoraHyperparameters, MixLoraHyperparameters
-from mixloom.server.deps import Context
+from mixloom.server.deps import SESSION_TOKEN_SCOPE_KEY, Context
 from mixloom.server.errors import error_response
-from mixloom.storage import tenants
+from mixloom.storage import sessions
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SESSION_COOKIE = "mixloom_session"
-SESSION_MAX_AGE_S = 7 * 24 * 3600
 CSRF_HEADER = b"x-mixloom-dashboard"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -37,11 +40,11 @@ class SignIn(BaseModel):
     api_key: Annotated[str, Field(min_length=1, max_length=512)]
 
 
-def _tenant_for(ctx: Any, api_key: str | None) -> Any:
-    if not api_key:
+def _session_tenant(ctx: Any, token: str | None) -> Any:
+    if not token:
         return None
     with ctx.db.transaction() as session:
-        return tenants.authenticate(session=session, api_key=api_key)
+        return sessions.authenticate_session(session=session, token=token)
 
 
 @router.get("/")
@@ -51,9 +54,12 @@ def index() -> FileResponse:
 
 @router.post("/dashboard/session")
 def sign_in(ctx: Context, request: Request, body: SignIn) -> Response:
-    key = body.api_key.strip()
-    tenant = _tenant_for(ctx, key)
-    if tenant is None:
+    lifetime = timedelta(hours=ctx.settings.dashboard_session_hours)
+    with ctx.db.transaction() as session:
+        signed_in = sessions.create_session(
+            session=session, api_key=body.api_key.strip(), lifetime=lifetime
+        )
+    if signed_in is None:
         return error_response(
             401,
             "That API key is not valid: it is unknown or has been revoked. Check that you "
@@ -61,11 +67,12 @@ def sign_in(ctx: Context, request: Request, body: SignIn) -> Response:
             param="api_key",
             code="invalid_api_key",
         )
+    tenant = signed_in.tenant
     response = JSONResponse({"tenant": {"id": tenant.id, "name": tenant.name}})
     response.set_cookie(
         SESSION_COOKIE,
-        key,
-        max_age=SESSION_MAX_AGE_S,
+        signed_in.token,
+        max_age=int(lifetime.total_seconds()),
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
@@ -76,18 +83,31 @@ def sign_in(ctx: Context, request: Request, body: SignIn) -> Response:
 
 @router.get("/dashboard/session")
 def whoami(
-    ctx: Context, session: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None
+    ctx: Context, token: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None
 ) -> Response:
-    tenant = _tenant_for(ctx, session)
+    tenant = _session_tenant(ctx, token)
     if tenant is None:
         return error_response(401, "not signed in", code="not_signed_in")
     return JSONResponse({"tenant": {"id": tenant.id, "name": tenant.name}})
 
 
 @router.delete("/dashboard/session")
-def sign_out() -> Response:
+def sign_out(
+    ctx: Context,
+    request: Request,
+    token: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None,
+) -> Response:
+    if token:
+        with ctx.db.transaction() as session:
+            sessions.revoke_session(session=session, token=token)
     response = JSONResponse({"signed_out": True})
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    response.delete_cookie(
+        SESSION_COOKIE,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
     return response
 
 
@@ -101,7 +121,7 @@ def hyperparameters() -> dict[str, Any]:
     }
 
 
-def _session_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+def _session_token(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == b"cookie":
             try:
@@ -115,7 +135,7 @@ def _session_key(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 class SessionAuth:
     """ASGI middleware: the session cookie stands in for a missing Authorization header
-    on /v1/ routes (writes only with the CSRF header)."""
+    on /v1/ routes (writes only with the CSRF header); `deps.current_tenant` checks it."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -124,10 +144,10 @@ class SessionAuth:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             headers: list[tuple[bytes, bytes]] = list(scope.get("headers") or [])
             names = {name for name, _ in headers}
-            key = None if b"authorization" in names else _session_key(headers)
-            if key and (scope["method"] in _SAFE_METHODS or CSRF_HEADER in names):
-                headers.append((b"authorization", f"Bearer {key}".encode("latin-1")))
-                scope = dict(scope, headers=headers)
+            token = None if b"authorization" in names else _session_token(headers)
+            if token and (scope["method"] in _SAFE_METHODS or CSRF_HEADER in names):
+                scope = dict(scope)
+                scope[SESSION_TOKEN_SCOPE_KEY] = token
         await self.app(scope, receive, send)
 
 

@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
 from mixloom.config import Settings
 from mixloom.errors import APIKeyError
 from mixloom.server.registry import ServedModel
-from mixloom.storage import tenants
+from mixloom.storage import sessions, tenants
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
 from mixloom.storage.records import TenantRecord
+
+
+class TenantStreams:
+    """Open SSE streams per tenant, at most `limit` each, so that one tenant cannot take
+    every one of the server's stream slots (sse_max_streams)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def open(self, tenant_id: str) -> Callable[[], None] | None:
+        """A slot's release function (safe to call twice), or None at the limit."""
+        with self._lock:
+            if self._open.get(tenant_id, 0) >= self.limit:
+                return None
+            self._open[tenant_id] = self._open.get(tenant_id, 0) + 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                left = self._open[tenant_id] - 1
+                if left:
+                    self._open[tenant_id] = left
+                else:
+                    del self._open[tenant_id]
+
+        return release
 
 
 @dataclass
@@ -26,9 +60,11 @@ class ServerContext:
     models: list[ServedModel]
     started_at: int
     sse_limiter: anyio.CapacityLimiter = field(init=False)
+    sse_streams: TenantStreams = field(init=False)
 
     def __post_init__(self) -> None:
         self.sse_limiter = anyio.CapacityLimiter(self.settings.sse_max_streams)
+        self.sse_streams = TenantStreams(self.settings.sse_max_streams_per_tenant)
 
     def model(self, model_id: str) -> ServedModel | None:
         return next((m for m in self.models if m.id == model_id), None)
@@ -44,23 +80,54 @@ Context = Annotated[ServerContext, Depends(get_context)]
 _bearer = HTTPBearer(auto_error=False, description="an API key: `mixloom keys create TENANT`")
 
 
+# Set by the dashboard's SessionAuth middleware: the session token from the cookie, where
+# the request may use it (reads, or writes with the CSRF header).
+SESSION_TOKEN_SCOPE_KEY = "mixloom.session_token"
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What a request authenticated with, for re-checking it later (an open SSE stream)."""
+
+    kind: Literal["api_key", "session"]
+    secret: str
+
+    def tenant(self, session: Session) -> TenantRecord | None:
+        """The tenant it still stands for; None once revoked, signed out or expired."""
+        if self.kind == "session":
+            return sessions.authenticate_session(session=session, token=self.secret)
+        return tenants.authenticate(session=session, api_key=self.secret)
+
+
 def current_tenant(
     ctx: Context,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> TenantRecord:
-    if credentials is None or not credentials.credentials:
+    if credentials is not None and credentials.credentials:
+        credential = Credential("api_key", credentials.credentials)
+    elif token := request.scope.get(SESSION_TOKEN_SCOPE_KEY):
+        credential = Credential("session", token)
+    else:
         raise APIKeyError(
             "missing API key: send `Authorization: Bearer <key>`; an admin creates keys "
             "with `mixloom keys create TENANT`",
             code="missing_api_key",
         )
     with ctx.db.transaction() as session:
-        tenant = tenants.authenticate(session=session, api_key=credentials.credentials)
+        tenant = credential.tenant(session)
     if tenant is None:
+        if credential.kind == "session":
+            raise APIKeyError(
+                "your dashboard session ended (signed out, expired, or its API key was "
+                "revoked); sign in again",
+                code="invalid_session",
+            )
         raise APIKeyError(
             "invalid API key: it is unknown or revoked; ask an admin for a new one",
             code="invalid_api_key",
         )
+    request.state.credential = credential
     return tenant
 
 

@@ -7,7 +7,7 @@ import re
 import secrets
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from mixloom.errors import (
@@ -152,6 +152,12 @@ def revoke_api_key(*, session: Session, key: str, now: datetime | None = None) -
         )
     if row.revoked_at is None:
         row.revoked_at = _now(now)
+        # its dashboard sessions (storage/sessions.py) end with it
+        session.execute(
+            update(m.DashboardSession)
+            .where(m.DashboardSession.api_key_id == row.id, m.DashboardSession.revoked_at.is_(None))
+            .values(revoked_at=row.revoked_at)
+        )
         session.flush()
     return ApiKeyRecord.from_row(row)
 

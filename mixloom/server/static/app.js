@@ -19,6 +19,7 @@ function h(tag, attrs, ...kids) {
     if (v === null || v === undefined || v === false) continue;
     if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
     else if (k === 'dataset') Object.assign(el.dataset, v);
+    else if (k === 'style') el.style.cssText = v; // the CSSOM, which the CSP allows (no style attribute)
     else el.setAttribute(k, v === true ? '' : String(v));
   }
   for (const kid of kids.flat()) {

@@ -62,6 +62,11 @@ def page(browser: Any, server: LiveServer) -> Iterator[Any]:
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    # what the Content-Security-Policy blocked (an inline style, an outside URL) shows here
+    pg.on(
+        "console",
+        lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None,
+    )
     yield pg
     context.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"

@@ -104,7 +104,9 @@ def claim_next(
         admission = fits(record, hp)
         if admission.never:
             result.touched.append((row.id, row.last_seq))
-            _fail(session, row.id, f"job too large for worker {worker_id}: {admission.reason}")
+            _fail(
+                session, row.id, f"job too large for this deployment's workers: {admission.reason}"
+            )
             continue
         if not admission.ok:
             if row.id not in notified:
@@ -113,7 +115,7 @@ def claim_next(
                 jobs.add_event(
                     session=session,
                     job_id=row.id,
-                    message=f"Worker {worker_id} is full: {admission.reason}",
+                    message=f"A worker is full: {admission.reason}",
                     data={"reason": "memory"},
                     now=now,
                 )
@@ -138,9 +140,9 @@ def _claim(
     jobs.add_event(
         session=session,
         job_id=row.id,
-        message=f"Job started by worker {worker_id} (attempt {row.attempts})",
+        message=f"Job started by a worker (attempt {row.attempts})",
         type="status",
-        data={"status": JobStatus.RUNNING.value, "worker_id": worker_id},
+        data={"status": JobStatus.RUNNING.value},
         now=now,
     )
     return JobRecord.from_row(row)

@@ -16,6 +16,16 @@ cursor), so the result equals an uninterrupted run.
 What a job's training does (build, step, checkpoint cadence, resume, rollback, validation,
 metrics, final checkpoint) is the TrainingSession's (trainer/session.py), the same that
 `mixloom train` runs; this module adds the leases, the database and the bus.
+
+Faults stay with the job that caused them. An error in work on one job (its data, its
+resume, its checkpoint, its archive, its result) stops that job alone: paused when storage
+is full, read-only or failing, or its tenant's quota refuses the write (it resumes from its
+last checkpoint once space is freed), failed otherwise, each with an event that says why. A
+fused step that raises is rolled back and each of its jobs retried alone once; the one whose
+step raises alone fails. A job whose lease expires `worker_max_crashes` times without
+reaching a new checkpoint is failed as poisoned (storage.jobs.expire_leases). Only the
+database being unreachable pauses the whole loop (it retries); the loop itself never ends
+on an error.
 """
 
 from __future__ import annotations
@@ -35,18 +45,20 @@ import torch
 from sqlalchemy.exc import DBAPIError
 
 from mixloom.config import Settings
-from mixloom.errors import DataError
+from mixloom.errors import DataError, QuotaExceededError
 from mixloom.scheduler import memory
 from mixloom.scheduler.policy import Candidate, compose_step
 from mixloom.scheduler.queue import claim_next, hyperparameters
-from mixloom.storage import files, jobs
+from mixloom.storage import files, jobs, tenants
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
 from mixloom.storage.jobs import LeaseLostError
-from mixloom.storage.records import JobRecord, JobStatus, RequestedAction
+from mixloom.storage.records import CheckpointRecord, JobRecord, JobStatus, RequestedAction
+from mixloom.trainer.checkpoint import storage_problem, stored_bytes
 from mixloom.trainer.job import TrainingJob, TrainingState
 from mixloom.trainer.session import (
     JobStep,
+    SessionStep,
     TrainingSession,
     default_worker_id,
     is_out_of_memory,
@@ -62,6 +74,7 @@ ADAPTER_FILES = (
 )
 OOM_RETRIES_ALONE = 3  # a job that runs out of memory this often on its own fails
 MIN_TOKEN_BUDGET = 256  # out-of-memory back-off halves the step budget down to this
+MAX_LOOP_BACKOFF = 60.0  # seconds between tries after unexpected errors in the loop
 
 
 def jobs_dir(settings: Settings) -> Path:
@@ -146,15 +159,29 @@ class Worker:
             self.token_budget,
         )
         self.ready.set()
+        failures = 0
         try:
             while not stop.is_set():
                 try:
                     stepped = self.tick()
+                    failures = 0
                 except DBAPIError:  # the database restarts or fails over: keep the jobs
                     log.exception(
                         "database error; retrying in %.0f s", self.settings.worker_poll_seconds
                     )
                     stop.wait(self.settings.worker_poll_seconds)
+                    continue
+                except Exception:  # a bug: jobs' own errors never get here; keep serving
+                    failures += 1
+                    wait = min(
+                        MAX_LOOP_BACKOFF, self.settings.worker_poll_seconds * 2 ** min(failures, 8)
+                    )
+                    log.exception(
+                        "unexpected error in the worker loop (%d in a row); retrying in %.1f s",
+                        failures,
+                        wait,
+                    )
+                    stop.wait(wait)
                     continue
                 if not stepped:
                     self._wake.wait(min(self.settings.worker_poll_seconds, 0.5))
@@ -170,6 +197,7 @@ class Worker:
             # process-wide, and this process may serve the API too: only when asked
             tune_allocator=self.settings.cpu_malloc_tuning is True,
         )
+        self.training.before_checkpoint = self._before_checkpoint
         base = self.base = self.training.base
         params = list(base.model.parameters())
         base_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -207,9 +235,16 @@ class Worker:
 
     def _expire(self) -> None:
         with self.db.transaction() as session:
-            expired = jobs.expire_leases(session=session)
+            expired = jobs.expire_leases(
+                session=session, max_crashes=self.settings.worker_max_crashes
+            )
         for record in expired:
-            log.warning("lease of %s expired: now %s", record.id, record.status.value)
+            log.warning(
+                "lease of %s expired (crash %d): now %s",
+                record.id,
+                record.crashes,
+                record.status.value,
+            )
             self._publish(record.id, record.last_seq - 1)
         if any(r.status == JobStatus.QUEUED for r in expired):
             self._wake.set()
@@ -316,8 +351,15 @@ class Worker:
 
     def _pause(self, h: Held, job: TrainingJob) -> None:
         step = job.step
-        if step > max(h.last_ckpt_step, 0) and not self._checkpoint(h, job):
-            return
+        if step > max(h.last_ckpt_step, 0):
+            try:
+                if not self._checkpoint(h, job):
+                    return
+            except DBAPIError:
+                raise
+            except Exception as exc:
+                self._job_error(h, exc, f"writing the checkpoint at step {step}")
+                return
         self._release(
             h,
             JobStatus.PAUSED,
@@ -385,24 +427,52 @@ class Worker:
                 validation_rows=val_rows,
                 folder=jobs_dir(self.settings) / record.id,
             )
-        except (DataError, ValueError, OSError) as exc:
-            self._release(
-                h,
-                JobStatus.FAILED,
-                error={"message": str(exc), "code": "invalid_training_data", "param": None},
-            )
+        except DBAPIError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, DataError | ValueError) or (
+                isinstance(exc, OSError) and storage_problem(exc) is None
+            ):
+                self._release(
+                    h,
+                    JobStatus.FAILED,
+                    error={"message": str(exc), "code": "invalid_training_data", "param": None},
+                )
+            else:
+                self._job_error(h, exc, "starting the job")
             return
         h.job = job
         h.last_ckpt_step = job.step if job.step else -1
+        resume = self.training.resumes[record.id]
         params = sum(p.numel() for p in self.training.model.adapter_parameters(record.id))
         where = f"resuming from the checkpoint at step {job.step}" if job.step else "from scratch"
-        self._event(
-            h,
-            f"Training on worker {self.id}: {len(rows)} rows, {job.total_steps} steps "
-            f"({hp.n_epochs} epoch(s)), {params:,} trainable parameters; {where}",
-            data={"rows": len(rows), "total_steps": job.total_steps, "resumed_step": job.step},
-        )
-        log.info("%s: started (%s)", record.id, where)
+        corrupt = resume.describe()
+        if corrupt is not None:
+            log.warning("%s: %s", record.id, corrupt)
+        later: list[CheckpointRecord] = []
+
+        def start(session: Any) -> None:
+            later.extend(jobs.resume_at(session=session, job_id=record.id, step=job.step))
+            if corrupt is not None:
+                jobs.add_event(
+                    session=session,
+                    job_id=record.id,
+                    message=corrupt.capitalize(),
+                    level="warning",
+                    data={"corrupt_steps": [n for n, _ in resume.corrupt]},
+                )
+            jobs.add_event(
+                session=session,
+                job_id=record.id,
+                message=f"Training on a worker: {len(rows)} rows, {job.total_steps} steps "
+                f"({hp.n_epochs} epoch(s)), {params:,} trainable parameters; {where}",
+                data={"rows": len(rows), "total_steps": job.total_steps, "resumed_step": job.step},
+            )
+
+        if not self._leased(h, start):
+            return
+        _remove_checkpoint_files(later)
+        log.info("%s: started on worker %s (%s)", record.id, self.id, where)
         if job.state == TrainingState.SUCCEEDED:  # a worker died after the final checkpoint
             self._finish(h, job, self.training.validation_loss(record.id))
 
@@ -441,11 +511,43 @@ class Worker:
         try:
             result = self.training.step(names)
         except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
             self.training.rollback(names)
-            self._out_of_memory(names, exc)
+            if is_out_of_memory(exc):
+                self._out_of_memory(names, exc)
+            else:
+                self._find_culprit(names, exc)
             return
+        self._stepped_all(result)
+
+    def _find_culprit(self, names: list[str], exc: BaseException) -> None:
+        """After the session undid a fused step that raised (not out of memory): each of its
+        jobs steps alone once; a job whose own step raises fails with its error, the others
+        have taken their step (alone, what the fused step would have given them)."""
+        log.warning("a fused step of %d job(s) raised; stepping each alone: %r", len(names), exc)
+        for name in names:
+            h = self.held.get(name)
+            if h is None or not self._usable(h):
+                continue
+            try:
+                result = self.training.step([name])
+            except Exception as alone:
+                self.training.rollback([name])
+                if is_out_of_memory(alone):
+                    continue  # the fused step's budget backs off when it happens again
+                log.error("%s: its training step raised", name, exc_info=alone)
+                self._release(
+                    h,
+                    JobStatus.FAILED,
+                    error={
+                        "message": f"a training step of this job raised "
+                        f"{type(alone).__name__}: {alone}",
+                        "code": "training_error",
+                    },
+                )
+                continue
+            self._stepped_all(result)
+
+    def _stepped_all(self, result: SessionStep) -> None:
         self.steps += 1
         seconds = result.report.seconds
         self._last_step_seconds = seconds
@@ -458,7 +560,9 @@ class Worker:
                 self.settings.worker_lease_seconds,
             )
         for s in result.jobs:
-            h = self.held[s.name]
+            h = self.held.get(s.name)
+            if h is None:
+                continue
             h.last_served = self.steps
             h.oom_alone = 0
             if s.job.state == TrainingState.FAILED:
@@ -476,21 +580,36 @@ class Worker:
         assert s.metrics is not None
         now = time.monotonic()
         interval = self.settings.worker_metrics_interval_seconds
-        if s.job.done or s.checkpoint is not None or now - h.last_metrics_at >= interval:
-            h.last_metrics_at = now
-            self._metrics(h, s.step, s.metrics)
-        if s.checkpoint is not None and not self._record_checkpoint(h, s.step, s.checkpoint):
+        due = s.checkpoint is not None or s.checkpoint_error is not None
+        if (s.job.done or due or now - h.last_metrics_at >= interval) and not self._metrics(
+            h, s.step, s.metrics
+        ):
             return
+        if s.checkpoint_error is not None:
+            if isinstance(s.checkpoint_error, DBAPIError):  # the next checkpoint will do
+                log.error("%s: no checkpoint at step %d", h.record.id, s.step, exc_info=True)
+            else:
+                self._job_error(h, s.checkpoint_error, f"writing the checkpoint at step {s.step}")
+                return
+        if s.checkpoint is not None:
+            try:
+                if not self._record_checkpoint(h, s.step, s.checkpoint):
+                    return
+            except DBAPIError:
+                raise
+            except Exception as exc:
+                self._job_error(h, exc, f"recording the checkpoint at step {s.step}")
+                return
         if s.job.done:
             self._finish(h, s.job, s.valid_loss)
 
-    def _metrics(self, h: Held, step: int, values: dict[str, Any]) -> None:
-        with self.db.transaction() as session:
-            record = jobs.add_metrics(session=session, job_id=h.record.id, step=step, values=values)
-        try:
-            self.bus.publish(h.record.id, record.to_message())
-        except Exception:  # the database has it; streams catch up from there
-            log.exception("publishing metrics of %s failed", h.record.id)
+    def _metrics(self, h: Held, step: int, values: dict[str, Any]) -> bool:
+        """Store a step's metrics if the lease is still ours (a worker that lost it, frozen
+        past its lease, writes nothing the job's new holder will write again)."""
+        return self._leased(
+            h,
+            lambda s: jobs.add_metrics(session=s, job_id=h.record.id, step=step, values=values),
+        )
 
     def _out_of_memory(self, names: list[str], exc: BaseException) -> None:
         """After the session undid the failed step: retry with half the token budget; a job
@@ -523,30 +642,82 @@ class Worker:
 
     # -- checkpoints and results -------------------------------------------------------
 
+    def _check_storage(self, h: Held, adding: int, what: str) -> None:
+        """QuotaExceededError when the tenant's storage quota has no room for `adding`."""
+        with self.db.transaction() as session:
+            tenants.check_storage(
+                session=session,
+                tenant_id=h.record.tenant_id,
+                default_max_bytes=self.settings.max_tenant_bytes,
+                adding=adding,
+                what=what,
+            )
+
+    def _before_checkpoint(self, name: str, step: int) -> None:
+        """The session's hook before it writes a due checkpoint: the quota, first."""
+        h = self.held[name]
+        estimate = self.training.checkpoint_estimate(name)
+        self._check_storage(h, estimate, f"the checkpoint at step {step}")
+
+    def _keep_checkpoints(self, h: Held) -> int:
+        """The operator's keep_checkpoints, or fewer if the job asks."""
+        asked = hyperparameters(h.record).keep_checkpoints
+        keep = self.settings.keep_checkpoints
+        return min(asked, keep) if asked is not None else keep
+
     def _checkpoint(self, h: Held, job: TrainingJob) -> bool:
         """Checkpoint the job now (between optimizer steps) and record it."""
+        self._before_checkpoint(h.record.id, job.step)
         return self._record_checkpoint(h, job.step, self.training.checkpoint(h.record.id))
 
     def _record_checkpoint(self, h: Held, step: int, folder: Path) -> bool:
-        """Zip a written checkpoint's adapter and record it, if the lease is still ours."""
+        """Zip a written checkpoint's adapter and record it with its size, if the lease is
+        still ours; then drop the checkpoints past retention (keep_checkpoints)."""
         path = _zip_adapter(folder, folder.with_suffix(".zip"))
+        size = stored_bytes(folder, path)
         metrics = self.training.checkpoint_metrics(h.record.id)
-        ok = self._leased(
-            h,
-            lambda s: jobs.add_checkpoint(
-                session=s, job_id=h.record.id, step=step, path=str(path), metrics=metrics
-            ),
-        )
+        dropped: list[CheckpointRecord] = []
+
+        def write(session: Any) -> None:
+            jobs.add_checkpoint(
+                session=session,
+                job_id=h.record.id,
+                step=step,
+                path=str(path),
+                metrics=metrics,
+                bytes=size,
+            )
+            dropped.extend(
+                jobs.retain_checkpoints(
+                    session=session, job_id=h.record.id, keep_last=self._keep_checkpoints(h)
+                )
+            )
+
+        ok = self._leased(h, write)
         if ok:
             h.last_ckpt_step = step
+            _remove_checkpoint_files(dropped)
         return ok
 
     def _finish(self, h: Held, job: TrainingJob, val: float | None) -> None:
-        folder = self.training.finish(h.record.id)
-        path = _zip_adapter(folder, folder.with_suffix(".zip"))
+        """The final checkpoint, the adapter archive, the job's result; a write that fails
+        pauses or fails this job alone (_job_error)."""
         final = jobs_dir(self.settings) / h.record.id / "adapter.zip"
-        shutil.copyfile(path, final.with_suffix(".zip.tmp"))
-        os.replace(final.with_suffix(".zip.tmp"), final)
+        try:
+            estimate = self.training.checkpoint_estimate(h.record.id)
+            self._check_storage(
+                h, estimate + estimate // 5, f"the final adapter at step {job.step}"
+            )
+            folder = self.training.finish(h.record.id)
+            path = _zip_adapter(folder, folder.with_suffix(".zip"))
+            _copy_synced(path, final)
+            ckpt_bytes = stored_bytes(folder, path)
+            adapter_bytes = final.stat().st_size
+        except DBAPIError:
+            raise
+        except Exception as exc:
+            self._job_error(h, exc, f"writing the final adapter at step {job.step}")
+            return
         suffix = h.record.suffix or "mixloom"
         name = f"ft:{self.model_id}:{suffix}:{h.record.id}"
         took = time.time() - (h.record.started_at.timestamp() if h.record.started_at else 0)
@@ -556,6 +727,8 @@ class Worker:
             + f"; adapter ready to download ({took:.0f} s since it first started)"
         )
 
+        dropped: list[CheckpointRecord] = []
+
         def write(session: Any) -> None:
             jobs.add_checkpoint(
                 session=session,
@@ -563,6 +736,12 @@ class Worker:
                 step=job.step,
                 path=str(path),
                 metrics={"valid_loss": val} if val is not None else None,
+                bytes=ckpt_bytes,
+            )
+            dropped.extend(
+                jobs.retain_checkpoints(
+                    session=session, job_id=h.record.id, keep_last=self._keep_checkpoints(h)
+                )
             )
             jobs.set_adapter_path(
                 session=session,
@@ -570,6 +749,7 @@ class Worker:
                 path=str(final),
                 fine_tuned_model=name,
                 trained_tokens=job.tokens_seen,
+                bytes=adapter_bytes,
             )
             jobs.release_job(
                 session=session,
@@ -580,8 +760,37 @@ class Worker:
             )
 
         if self._leased(h, write):
+            _remove_checkpoint_files(dropped)
             log.info("%s: succeeded", h.record.id)
             self._drop(h)
+
+    def _job_error(self, h: Held, exc: BaseException, doing: str) -> None:
+        """An error in work on this job alone (not the fused step): the job stops, the
+        worker goes on. Storage full, read-only or failing, or the tenant's quota: paused,
+        to resume from its last checkpoint when space is freed; anything else: failed."""
+        if isinstance(exc, QuotaExceededError):
+            log.warning("%s: %s refused: %s", h.record.id, doing, exc)
+            self._release(h, JobStatus.PAUSED, f"Job paused while {doing}: {exc}")
+            return
+        problem = storage_problem(exc)
+        if problem is not None:
+            log.warning("%s: storage unavailable while %s: %s", h.record.id, doing, exc)
+            self._release(
+                h,
+                JobStatus.PAUSED,
+                f"Job paused: storage unavailable: {problem}, while {doing}; resume it when "
+                "space is freed (it continues from its last checkpoint)",
+            )
+            return
+        log.error("%s: %s failed", h.record.id, doing, exc_info=exc)
+        self._release(
+            h,
+            JobStatus.FAILED,
+            error={
+                "message": f"{doing} failed: {type(exc).__name__}: {exc}",
+                "code": "worker_error",
+            },
+        )
 
     def _leased(self, h: Held, write: Any) -> bool:
         """Run `write(session)` in a transaction that first checks our lease; publish after."""
@@ -652,12 +861,17 @@ class Worker:
                 continue
             try:
                 if job.micro_done == 0 and job.step > max(h.last_ckpt_step, 0):
-                    self._checkpoint(h, job)
+                    try:
+                        self._checkpoint(h, job)
+                    except DBAPIError:
+                        raise
+                    except Exception:  # queued anyway: it resumes from an earlier one
+                        log.exception("%s: checkpoint at shutdown failed", h.record.id)
                 if h.record.id in self.held:
                     self._release(
                         h,
                         JobStatus.QUEUED,
-                        f"Worker {self.id} shut down at step {job.step}; queued again, "
+                        f"A worker shut down at step {job.step}; queued again, "
                         "it resumes from its last checkpoint",
                     )
             except Exception:
@@ -666,11 +880,46 @@ class Worker:
 
 
 def _zip_adapter(folder: Path, target: Path) -> Path:
-    """The adapter files of a checkpoint folder, at the root of a zip (written atomically)."""
+    """The adapter files of a checkpoint folder, at the root of a zip (written atomically,
+    fsynced)."""
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name in ADAPTER_FILES:
-            if (folder / name).exists():
-                zf.write(folder / name, arcname=name)
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for name in ADAPTER_FILES:
+                    if (folder / name).exists():
+                        zf.write(folder / name, arcname=name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return target
+
+
+def _copy_synced(source: Path, target: Path) -> None:
+    """Copy a file into place atomically and durably (temp file, fsync, rename)."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_checkpoint_files(records: list[CheckpointRecord]) -> None:
+    """The archive and folder of checkpoints whose rows were deleted (after the commit: a
+    file left behind by a failed removal is only space, a row without files is an error)."""
+    for record in records:
+        path = Path(record.path)
+        try:
+            path.unlink(missing_ok=True)
+            if path.suffix == ".zip":
+                shutil.rmtree(path.with_suffix(""), ignore_errors=True)
+        except OSError:
+            log.exception("removing checkpoint %s of %s failed", record.step, record.job_id)

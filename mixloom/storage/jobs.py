@@ -10,7 +10,8 @@ State machine (the API asks, the worker holding the lease carries out):
     running --cancel|pause--> running with requested_action set; the worker sees it on its
         next `renew_lease` and releases the job as cancelled | paused (after a checkpoint)
     running, lease expired --expire_leases--> queued (keeps its place), or cancelled |
-        paused when that was requested
+        paused when that was requested, or failed (`job_poisoned`) once its leases expired
+        `max_crashes` times with no checkpoint past its resume point in between
 
 Every status change adds a `status` event. Events and metrics share one per-job sequence
 number (`seq`), the id of the SSE stream. Functions flush but never commit: run them inside
@@ -22,7 +23,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from mixloom.errors import ObjectNotFoundError, StateConflictError
@@ -323,7 +324,7 @@ def release_job(
             JobStatus.FAILED: "Job failed" + (f": {error['message']}" if error else ""),
             JobStatus.CANCELLED: "Job cancelled",
             JobStatus.PAUSED: "Job paused",
-            JobStatus.QUEUED: f"Worker {worker_id} released the job; queued again",
+            JobStatus.QUEUED: "A worker released the job; queued again",
         }[status]
     )
     if status == JobStatus.QUEUED:
@@ -333,9 +334,16 @@ def release_job(
     return JobRecord.from_row(row)
 
 
-def expire_leases(*, session: Session, now: datetime | None = None) -> list[JobRecord]:
+def expire_leases(
+    *, session: Session, max_crashes: int | None = None, now: datetime | None = None
+) -> list[JobRecord]:
     """Running jobs whose worker stopped heartbeating: re-queue them at their old place
-    (cancelled or paused instead when that was requested). Any process may call this."""
+    (cancelled or paused instead when that was requested). Any process may call this.
+
+    Each expiry counts as a crash of the job (`crashes`; `add_checkpoint` past the resume
+    point sets it back to 0). A job at `max_crashes` is failed as poisoned rather than
+    handed to the next worker to bring down in turn.
+    """
     now = _now(now)
     rows = session.scalars(
         select(m.Job)
@@ -344,11 +352,26 @@ def expire_leases(*, session: Session, now: datetime | None = None) -> list[JobR
     ).all()
     out = []
     for row in rows:
-        lost = f"worker {row.worker_id} stopped heartbeating"
+        row.crashes = (row.crashes or 0) + 1
+        lost = "its worker stopped heartbeating"
         if row.requested_action == RequestedAction.CANCEL.value:
             _set_status(session, row, JobStatus.CANCELLED, f"Job cancelled ({lost})", now=now)
         elif row.requested_action == RequestedAction.PAUSE.value:
             _set_status(session, row, JobStatus.PAUSED, f"Job paused ({lost})", now=now)
+        elif max_crashes is not None and row.crashes >= max_crashes:
+            why = (
+                f"it stopped its worker {row.crashes} times without reaching a new checkpoint "
+                "in between; it is not retried, so that it stops no more workers"
+            )
+            _set_status(
+                session,
+                row,
+                JobStatus.FAILED,
+                f"Job failed: {why}",
+                now=now,
+                level="error",
+                error={"message": why, "code": "job_poisoned", "param": None},
+            )
         else:
             _set_status(
                 session,
@@ -389,11 +412,15 @@ def set_adapter_path(
     path: str,
     fine_tuned_model: str | None = None,
     trained_tokens: int | None = None,
+    bytes: int | None = None,
     now: datetime | None = None,
 ) -> JobRecord:
-    """Record the adapter zip the worker wrote; the download route serves it."""
+    """Record the adapter zip the worker wrote (`bytes`: its size, counted against the
+    tenant's storage quota); the download route serves it."""
     row = _job_row(session, job_id, lock=True)
     row.adapter_path = path
+    if bytes is not None:
+        row.adapter_bytes = bytes
     row.fine_tuned_model = fine_tuned_model or row.fine_tuned_model
     if trained_tokens is not None:
         row.trained_tokens = trained_tokens
@@ -474,13 +501,25 @@ def add_checkpoint(
     step: int,
     path: str,
     metrics: dict[str, Any] | None = None,
+    bytes: int = 0,
     now: datetime | None = None,
 ) -> CheckpointRecord:
-    """Record a checkpoint zip (adapter at `step`); it is downloadable at once."""
+    """Record a checkpoint zip (adapter at `step`; `bytes`: its folder and zip on storage);
+    it is downloadable at once. A step past every recorded checkpoint is progress since
+    the job last resumed: its crash count goes back to 0."""
     now = _now(now)
     row = _job_row(session, job_id, lock=True)
+    last = session.scalar(select(func.max(m.Checkpoint.step)).where(m.Checkpoint.job_id == job_id))
+    if last is None or step > last:
+        row.crashes = 0
     ckpt = m.Checkpoint(
-        id=new_id("ftckpt"), job_id=job_id, step=step, path=path, metrics=metrics, created_at=now
+        id=new_id("ftckpt"),
+        job_id=job_id,
+        step=step,
+        path=path,
+        metrics=metrics,
+        created_at=now,
+        bytes=bytes,
     )
     session.add(ckpt)
     session.flush()
@@ -493,6 +532,48 @@ def add_checkpoint(
         now=now,
     )
     return CheckpointRecord.from_row(ckpt)
+
+
+def resume_at(*, session: Session, job_id: str, step: int) -> list[CheckpointRecord]:
+    """A job resumes from its checkpoint at `step` (0: from scratch): its metrics rows past
+    `step` (trained by a run that died before its next checkpoint; the resumed run writes
+    them again) and its checkpoint rows past `step` (refused as corrupt) are deleted, so
+    the history has one row per step. Returns the deleted checkpoints, whose files the
+    caller removes after commit. Run it in the transaction that starts the job."""
+    session.execute(
+        delete(m.JobMetric).where(m.JobMetric.job_id == job_id, m.JobMetric.step > step)
+    )
+    later = list(
+        session.scalars(
+            select(m.Checkpoint).where(m.Checkpoint.job_id == job_id, m.Checkpoint.step > step)
+        )
+    )
+    return _delete_checkpoint_rows(session, later)
+
+
+def retain_checkpoints(*, session: Session, job_id: str, keep_last: int) -> list[CheckpointRecord]:
+    """Keep a job's last `keep_last` checkpoints (by step) and its best by validation loss;
+    delete the other rows and return them, whose files the caller removes after commit."""
+    rows = list(
+        session.scalars(
+            select(m.Checkpoint)
+            .where(m.Checkpoint.job_id == job_id)
+            .order_by(m.Checkpoint.step.desc(), m.Checkpoint.created_at.desc())
+        )
+    )
+    keep = {r.id for r in rows[: max(keep_last, 1)]}
+    scored = [r for r in rows if (r.metrics or {}).get("valid_loss") is not None]
+    if scored:
+        keep.add(min(scored, key=lambda r: (float(r.metrics["valid_loss"]), -r.step)).id)  # type: ignore[index]
+    return _delete_checkpoint_rows(session, [r for r in rows if r.id not in keep])
+
+
+def _delete_checkpoint_rows(session: Session, rows: list[m.Checkpoint]) -> list[CheckpointRecord]:
+    out = [CheckpointRecord.from_row(r) for r in rows]
+    for r in rows:
+        session.delete(r)
+    session.flush()
+    return out
 
 
 def list_events(

@@ -149,6 +149,8 @@ def train(
         while session.active:
             result = session.step()
             for s in result.jobs:
+                if s.checkpoint_error is not None:  # one user, one disk: stop as before
+                    raise s.checkpoint_error
                 if s.metrics is not None:
                     record(s.name, s.step, s.metrics)
                     last_loss[s.name] = s.metrics["train_loss"]

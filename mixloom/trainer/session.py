@@ -6,7 +6,10 @@ A job's life here: `add` (its adapter and optimizer; resumed from the last check
 folder), `step` (fused steps; a checkpoint every `checkpoint_every` optimizer steps; the
 final validation; one metrics record per optimizer step), `rollback` after a step ran out
 of memory, `finish` (the final checkpoint) and `export`. A job's folder holds
-`checkpoints/step-N/` (the adapter in its export format plus `trainer_state.pt`).
+`checkpoints/step-N/` (the adapter in its export format plus `trainer_state.pt`, verified by a
+manifest: trainer/checkpoint.py). A checkpoint that fails to write (a full or read-only
+disk, a refused quota) is that job's `JobStep.checkpoint_error`; the other jobs of the step
+carry on.
 
 Metrics: one record per optimizer step, the same wherever it shows (`mixloom train`'s
 metrics.jsonl, GET /v1/fine_tuning/jobs/{id}/metrics, the SSE stream, the dashboard, the
@@ -37,7 +40,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +56,7 @@ from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.base import BaseModel, load_base_model
 from mixloom.model.formats import save_adapter
 from mixloom.model.specs import AdapterSpec
-from mixloom.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mixloom.trainer.checkpoint import Resume, load_latest, remove_partials, save_checkpoint
 from mixloom.trainer.fused import FusedTrainer, JobStepMetrics, StepReport
 from mixloom.trainer.host import tune_cpu_allocator
 from mixloom.trainer.job import TrainingJob, TrainingState
@@ -109,6 +112,7 @@ class JobStep:
     metrics: dict[str, Any] | None  # the metrics record, when an optimizer step completed
     checkpoint: Path | None  # written at this step (checkpoint_every)
     valid_loss: float | None  # the final validation, when the job has just finished
+    checkpoint_error: BaseException | None = None  # the due checkpoint was not written
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,10 @@ class TrainingSession:
         self.worker_id = worker_id or default_worker_id()
         self._folders: dict[str, Path] = {}
         self._pace: dict[str, _Pace] = {}
+        self.resumes: dict[str, Resume] = {}  # where each job resumed, and what was refused
+        # called as (job name, step) before a due checkpoint is written; what it raises is
+        # the JobStep's checkpoint_error (the worker checks the tenant's storage quota)
+        self.before_checkpoint: Callable[[str, int], None] | None = None
 
     @classmethod
     def load(
@@ -188,15 +196,27 @@ class TrainingSession:
         folder: Path,
         resume: bool = True,
     ) -> TrainingJob:
-        """Build the job's adapter and optimizer; with `resume`, continue from the last
-        complete checkpoint under `folder`. A job that had reached its end there (a final
-        checkpoint whose result was never handed on) comes back SUCCEEDED, to `finish`."""
+        """Build the job's adapter and optimizer; with `resume`, continue from the newest
+        checkpoint under `folder` that verifies (`resumes[name]` says which, and which newer
+        ones were corrupt), after removing what unfinished writes left there. A job that had
+        reached its end there (a final checkpoint whose result was never handed on) comes
+        back SUCCEEDED, to `finish`."""
         adapter = AdapterSpec.from_hyperparameters(name, hp, seed=seed)
         job = TrainingJob(name, adapter, hp, rows, seed=seed, validation_rows=list(validation_rows))
-        ckpt = latest_checkpoint(folder / "checkpoints") if resume else None
-        self.trainer.add_job(job, resume=load_checkpoint(ckpt) if ckpt else None)
+        found = Resume()
+        if resume:
+            remove_partials(folder / "checkpoints")
+            remove_partials(folder)
+            found = load_latest(folder / "checkpoints")
+        try:
+            self.trainer.add_job(job, resume=found.state)
+        except BaseException:
+            if name in self.model.specs and name not in self.trainer.jobs:
+                self.model.remove_adapter(name)  # half added: the job may come back later
+            raise
         folder.mkdir(parents=True, exist_ok=True)
         self._folders[name] = folder
+        self.resumes[name] = found
         self._pace[name] = _Pace(time.monotonic())
         if job.done:
             job.state = TrainingState.SUCCEEDED
@@ -207,6 +227,7 @@ class TrainingSession:
         self.trainer.remove_job(name)
         self._folders.pop(name, None)
         self._pace.pop(name, None)
+        self.resumes.pop(name, None)
 
     # -- stepping ----------------------------------------------------------------------
 
@@ -235,8 +256,15 @@ class TrainingSession:
             pace.step_tokens, pace.step_seconds = 0, 0.0
             every = job.hp.checkpoint_every
             due = bool(every) and job.step % every == 0 and not job.done
-            ckpt = self.checkpoint(m.name) if due else None
-            out.append(JobStep(m.name, job, job.step, metrics, ckpt, valid))
+            ckpt, error = None, None
+            if due:
+                try:
+                    if self.before_checkpoint is not None:
+                        self.before_checkpoint(m.name, job.step)
+                    ckpt = self.checkpoint(m.name)
+                except Exception as exc:  # this job's storage, not the step: the rest go on
+                    error = exc
+            out.append(JobStep(m.name, job, job.step, metrics, ckpt, valid, error))
         return SessionStep(out, report)
 
     def rollback(self, names: Collection[str]) -> None:
@@ -309,6 +337,13 @@ class TrainingSession:
         job = self.trainer.jobs[name]
         folder = self._folders[name] / "checkpoints" / f"step-{job.step}"
         return save_checkpoint(self.trainer, name, folder, self.base.name_or_path)
+
+    def checkpoint_estimate(self, name: str) -> int:
+        """Bytes a checkpoint of the job will take, folder and archive, before writing it: the
+        adapter (fp32) four times over (adapter file, the state's copy, AdamW's two moments)
+        and once more in the archive."""
+        params = self.model.adapter_parameters(name)
+        return 5 * sum(p.numel() * 4 for p in params) + 64 * 1024
 
     def checkpoint_metrics(self, name: str) -> dict[str, Any]:
         """What a checkpoint record carries: the last train_loss and a fresh valid_loss."""

@@ -109,7 +109,7 @@ def test_kill_9_worker_mid_job_another_resumes_and_result_equals_uninterrupted(
                 assert [x.step for x in series] == list(range(1, 31))
                 continue
             assert any("stopped heartbeating" in e for e in events), events
-            assert any(f"started by worker {survivor} (attempt 2)" in e for e in events), events
+            assert any("started by a worker (attempt 2)" in e for e in events), events
             assert any("resuming from the checkpoint" in e for e in events), events
             # one run per worker, never interleaved: the victim until the kill, then the other
             first = workers.index(survivor)

@@ -82,7 +82,15 @@ class Settings(ModelSettings, BaseSettings):
     max_queued_jobs: int = 50
     max_running_jobs: int = 8
     max_request_bytes: int = 1024 * 1024
-    max_seq_len: int = 4096
+    max_seq_len: int = 4096  # a job's max_seq_len (and the served model's context)
+    # job limits: the API refuses a job over one, naming the setting (jobspec.OPERATOR_BOUNDS;
+    # keep_checkpoints and max_seq_len bound jobs too). Disk is bounded by max_tenant_bytes
+    # and keep_checkpoints, not by how often a job checkpoints.
+    max_job_steps: int = 100_000  # optimizer steps (max_steps, checkpoint_every, n_epochs')
+    max_lora_r: int = 256  # r, and the experts' r
+    max_experts: int = 16  # num_experts
+    max_batch_size: int = 1024  # batch_size (sequences per optimizer step)
+    max_epochs: int = 100  # n_epochs
     # API
     sse_poll_seconds: float = 2.0  # an idle SSE stream re-reads the database this often
     sse_max_streams: int = 64  # concurrent SSE streams (each parks a thread while it waits)

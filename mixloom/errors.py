@@ -94,6 +94,8 @@ def pydantic_problems(exc: _PydanticErrors, prefix: str = "") -> list[Problem]:
             msg = "unknown key (not a mixloom setting; check the spelling)"
         elif kind == "missing":
             msg = "required; it is missing"
+        elif kind == "finite_number":
+            msg = "must be a finite number (not Infinity, NaN, or beyond 1.8e308 like 1e400)"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         problems.append(Problem(where, msg))

@@ -1,26 +1,35 @@
 """The job schema shared by `mixloom train` configs and the API's job-create body.
 
 Torch-free on purpose: the API process validates jobs with it and never imports torch.
-Hyperparameter names follow PEFT and MixLoRA. Unknown keys are errors.
+Hyperparameter names follow PEFT and MixLoRA. Unknown keys are errors, and so are numbers
+that are not finite (`Infinity`, `NaN`, `1e400`, which JSON parsers read as infinity).
+
+The bounds below hold everywhere (`mixloom train` too). A deployment bounds the costly ones
+further (`limit_problems`, from `config.Settings`): the API refuses a job over them.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
-from mixloom.errors import ConfigError, pydantic_problems
+from mixloom.errors import ConfigError, Problem, pydantic_problems
+
+if TYPE_CHECKING:
+    from mixloom.config import Settings
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
+# steps and counts are stored in 32-bit integer columns (checkpoints.step, ...)
+MAX_INT32 = 2**31 - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrainingHyperparameters(_Strict):
@@ -31,14 +40,15 @@ class TrainingHyperparameters(_Strict):
     lr_scheduler: Literal["linear", "constant", "cosine"] = "linear"
     warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.03
     weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.0
-    max_grad_norm: Annotated[float | None, Field(gt=0)] = 1.0  # None: no clipping
+    max_grad_norm: Annotated[float | None, Field(gt=0, le=1e6)] = 1.0  # None: no clipping
     max_seq_len: Annotated[int, Field(ge=8, le=131072)] = 512
-    max_steps: Annotated[int | None, Field(ge=1)] = None  # cap on optimizer steps
+    max_steps: Annotated[int | None, Field(ge=1, le=MAX_INT32)] = None  # cap on optimizer steps
     train_on_inputs: bool = False  # False: loss only on completion/assistant tokens
-    checkpoint_every: Annotated[int | None, Field(ge=1)] = None  # optimizer steps; None: end only
+    # optimizer steps; None: end only
+    checkpoint_every: Annotated[int | None, Field(ge=1, le=MAX_INT32)] = None
     # checkpoints kept: the last K plus the best by validation loss; None: the deployment's
     # keep_checkpoints (a job may ask for fewer, never more)
-    keep_checkpoints: Annotated[int | None, Field(ge=1)] = None
+    keep_checkpoints: Annotated[int | None, Field(ge=1, le=MAX_INT32)] = None
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainingHyperparameters:
@@ -55,10 +65,16 @@ class TrainingHyperparameters(_Strict):
         """Rows of one micro-batch (micro_batch_size, or batch_size when it is unset)."""
         return self.micro_batch_size or self.batch_size
 
+    def total_steps(self, rows: int) -> int:
+        """Optimizer steps of a job over `rows` training rows: n_epochs of ceil(rows /
+        batch_size) steps, capped by max_steps."""
+        total = self.n_epochs * -(-rows // self.batch_size)
+        return min(total, self.max_steps) if self.max_steps else total
+
 
 class LoraHyperparameters(TrainingHyperparameters):
     r: Annotated[int, Field(ge=1, le=1024)] = 8
-    lora_alpha: Annotated[float, Field(gt=0)] = 16
+    lora_alpha: Annotated[float, Field(gt=0, le=65536)] = 16
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     target_modules: tuple[str, ...] = ALL_MODULES
     use_rslora: bool = False
@@ -81,7 +97,7 @@ class ExpertLora(_Strict):
     """LoRA settings of the experts (gate/up/down); unset fields inherit the attention LoRA's."""
 
     r: Annotated[int | None, Field(ge=1, le=1024)] = None
-    lora_alpha: Annotated[float | None, Field(gt=0)] = None
+    lora_alpha: Annotated[float | None, Field(gt=0, le=65536)] = None
     lora_dropout: Annotated[float | None, Field(ge=0, lt=1)] = None
     use_rslora: bool | None = None
     use_dora: bool | None = None
@@ -98,8 +114,8 @@ class MixLoraHyperparameters(LoraHyperparameters):
     routing: Routing = Routing.TOP_K
     top_k: Annotated[int, Field(ge=1, le=64)] = 2
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.8
-    router_aux_loss_coef: Annotated[float, Field(ge=0)] = 0.01
-    router_init_range: Annotated[float, Field(ge=0)] = 0.02
+    router_aux_loss_coef: Annotated[float, Field(ge=0, le=100)] = 0.01
+    router_init_range: Annotated[float, Field(ge=0, le=10)] = 0.02
     jitter_noise: Annotated[float, Field(ge=0, lt=1)] = 0.0
     expert_lora: ExpertLora = ExpertLora()
 
@@ -179,3 +195,55 @@ def parse_job(data: Any, where: str = "job") -> JobSpec:
         return JobSpec.model_validate(data)
     except PydanticValidationError as exc:
         raise ConfigError(pydantic_problems(exc, where)) from None
+
+
+# Hyperparameters a deployment bounds, each by a field of config.Settings (set as
+# MIXLOOM_<NAME>): what a job may cost in memory, time and disk.
+OPERATOR_BOUNDS: tuple[tuple[str, str], ...] = (
+    ("r", "max_lora_r"),
+    ("expert_lora.r", "max_lora_r"),
+    ("num_experts", "max_experts"),
+    ("batch_size", "max_batch_size"),
+    ("n_epochs", "max_epochs"),
+    ("max_seq_len", "max_seq_len"),
+    ("max_steps", "max_job_steps"),
+    ("checkpoint_every", "max_job_steps"),
+    ("keep_checkpoints", "keep_checkpoints"),  # a job may keep fewer, never more
+)
+
+
+def limit_problems(method: Method, settings: Settings) -> list[Problem]:
+    """Every hyperparameter of `method` over the deployment's bound, each naming its path,
+    its value, the bound and the setting that sets it."""
+    hp: Any = method.hyperparameters
+    problems = []
+    for name, setting in OPERATOR_BOUNDS:
+        value = hp
+        for part in name.split("."):
+            value = getattr(value, part, None)
+        bound = getattr(settings, setting)
+        if isinstance(value, int) and value > bound:
+            problems.append(
+                Problem(
+                    f"method.{method.type}.hyperparameters.{name}",
+                    f"{value} is more than this deployment allows: at most {bound} "
+                    f"(MIXLOOM_{setting.upper()})",
+                )
+            )
+    return problems
+
+
+def steps_problems(method: Method, settings: Settings, rows: int) -> list[Problem]:
+    """The job's optimizer steps over `rows` training rows, if more than max_job_steps."""
+    hp = method.hyperparameters
+    steps, bound = hp.total_steps(rows), settings.max_job_steps
+    if steps <= bound:
+        return []
+    return [
+        Problem(
+            f"method.{method.type}.hyperparameters.n_epochs",
+            f"{hp.n_epochs} epoch(s) of {rows} rows at batch_size {hp.batch_size} make "
+            f"{steps} optimizer steps, more than this deployment allows: at most {bound} "
+            f"(MIXLOOM_MAX_JOB_STEPS); set max_steps, fewer n_epochs or a larger batch_size",
+        )
+    ]

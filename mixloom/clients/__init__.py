@@ -16,6 +16,7 @@ from mixloom.clients.errors import (
 )
 from mixloom.clients.types import (
     Checkpoint,
+    Deleted,
     Event,
     File,
     Job,
@@ -24,6 +25,7 @@ from mixloom.clients.types import (
     Model,
     Page,
     StreamMessage,
+    Usage,
 )
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "Checkpoint",
     "Client",
     "ConflictError",
+    "Deleted",
     "Event",
     "File",
     "GoneError",
@@ -48,4 +51,5 @@ __all__ = [
     "ServerError",
     "ServerProblem",
     "StreamMessage",
+    "Usage",
 ]

@@ -1,4 +1,4 @@
-"""`mixloom files|jobs|adapters|models`: the API from a shell, through `Client`.
+"""`mixloom files|jobs|adapters|models|usage`: the API from a shell, through `Client`.
 
 The server and key come from --base-url / $MIXLOOM_BASE_URL (default
 http://127.0.0.1:8000) and --api-key / $MIXLOOM_API_KEY. --json prints the API's objects.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -108,6 +109,21 @@ def register(sub: Any) -> None:
     dl.add_argument("--checkpoint", help="a checkpoint id (ftckpt-...); default: the final adapter")
     dl.add_argument("-o", "--output", type=Path, default=Path("."), help="file or directory")
     dl.set_defaults(func=_adapters_download)
+    rm = asub.add_parser(
+        "delete",
+        parents=[common],
+        help="delete a finished job's adapter zip (or its checkpoints), freeing storage",
+    )
+    rm.add_argument("job_id")
+    which = rm.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="one checkpoint id (ftckpt-...) instead")
+    which.add_argument("--all-checkpoints", action="store_true", help="every checkpoint instead")
+    rm.set_defaults(func=_adapters_delete)
+
+    usage = sub.add_parser(
+        "usage", parents=[common], help="what you store and run, against your quotas"
+    )
+    usage.set_defaults(func=_usage)
 
 
 def _list_options(parser: argparse.ArgumentParser) -> None:
@@ -225,6 +241,8 @@ def parse_hyperparameter(text: str) -> tuple[str, Any]:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
         value = [v.strip() for v in raw.split(",") if v.strip()] if "," in raw else raw
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ClientCommandError(f"--hp {text!r}: give a finite number")
     return name.strip(), value
 
 
@@ -420,4 +438,45 @@ def _adapters_download(args: argparse.Namespace) -> int:
         _print_json({"job_id": args.job_id, "path": str(path), "bytes": path.stat().st_size})
     else:
         print(path)
+    return 0
+
+
+def _adapters_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.checkpoint or args.all_checkpoints:
+            deleted = client.delete_checkpoints(args.job_id, checkpoint_id=args.checkpoint)
+            what = f"{len(deleted)} checkpoint(s)"
+        else:
+            deleted = [client.delete_adapter(args.job_id)]
+            what = "the adapter"
+    if args.json:
+        _print_json([d.raw for d in deleted])
+    else:
+        freed = sum(d.bytes for d in deleted)
+        print(f"deleted {what} of {args.job_id}, freeing {freed:,} bytes")
+    return 0
+
+
+# --- usage ----------------------------------------------------------------------------
+
+
+def _usage(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        u = client.usage()
+    if args.json:
+        _print_json(u.raw)
+        return 0
+    share = u.stored_bytes / u.max_total_bytes if u.max_total_bytes else 0.0
+    _table(
+        [
+            ["files", f"{u.file_bytes:,}", ""],
+            ["checkpoints", f"{u.checkpoint_bytes:,}", ""],
+            ["adapters", f"{u.adapter_bytes:,}", ""],
+            ["stored", f"{u.stored_bytes:,}", f"{u.max_total_bytes:,} ({share:.0%} used)"],
+            ["waiting jobs", str(u.waiting_jobs), str(u.max_queued_jobs)],
+            ["running jobs", str(u.running_jobs), str(u.max_running_jobs)],
+        ],
+        ["", "USED", "QUOTA"],
+    )
+    print(f"largest upload: {u.max_file_bytes:,} bytes")
     return 0

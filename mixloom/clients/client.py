@@ -30,6 +30,7 @@ import httpx
 from mixloom.clients.errors import APIConnectionError, error_for
 from mixloom.clients.types import (
     Checkpoint,
+    Deleted,
     Event,
     File,
     Job,
@@ -37,6 +38,7 @@ from mixloom.clients.types import (
     Model,
     Page,
     StreamMessage,
+    Usage,
 )
 
 T = TypeVar("T")
@@ -237,6 +239,13 @@ class Client:
         """DELETE /v1/files/{id}; ConflictError while an unfinished job uses it."""
         return bool(self._json("DELETE", f"/v1/files/{file_id}").get("deleted"))
 
+    # --- usage ------------------------------------------------------------------------
+
+    def usage(self) -> Usage:
+        """GET /v1/usage: stored bytes (files, checkpoints, adapters) and jobs, against the
+        tenant's quotas."""
+        return Usage.from_json(self._json("GET", "/v1/usage"))
+
     # --- jobs -------------------------------------------------------------------------
 
     def create_job(
@@ -342,6 +351,21 @@ class Client:
         return self._iterate(
             lambda after: self.list_checkpoints(job_id, after=after, limit=page_size)
         )
+
+    def delete_checkpoints(self, job_id: str, *, checkpoint_id: str | None = None) -> list[Deleted]:
+        """DELETE .../checkpoints (every one) or .../checkpoints/{id}: a finished job's
+        checkpoints, freeing their bytes. ConflictError while the job is unfinished;
+        deleting all again returns []."""
+        if checkpoint_id:
+            body = self._json("DELETE", f"{JOBS}/{job_id}/checkpoints/{checkpoint_id}")
+            return [Deleted.from_json(body)]
+        body = self._json("DELETE", f"{JOBS}/{job_id}/checkpoints")
+        return [Deleted.from_json(d) for d in body["data"]]
+
+    def delete_adapter(self, job_id: str) -> Deleted:
+        """DELETE .../adapter: a finished job's final adapter; the job stays, and its
+        download then raises GoneError. ConflictError while the job is unfinished."""
+        return Deleted.from_json(self._json("DELETE", f"{JOBS}/{job_id}/adapter"))
 
     def download_adapter(
         self,

@@ -76,6 +76,7 @@ class Job:
     fine_tuned_model: str | None = None
     trained_tokens: int | None = None
     adapter_available: bool = False
+    adapter_deleted_at: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -144,6 +145,43 @@ class Checkpoint:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Checkpoint:
+        return cls(**_known(cls, data), raw=data)
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What a DELETE removed: a checkpoint (ftckpt-...) or a job's adapter (the job's id),
+    and the bytes it freed from the storage quota."""
+
+    id: str
+    object: str
+    bytes: int = 0
+    deleted: bool = True
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Deleted:
+        return cls(**_known(cls, data), raw=data)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """GET /v1/usage: stored bytes by kind and jobs, beside the tenant's quotas."""
+
+    stored_bytes: int  # file_bytes + checkpoint_bytes + adapter_bytes, bounded by max_total_bytes
+    file_bytes: int
+    checkpoint_bytes: int
+    adapter_bytes: int
+    max_total_bytes: int
+    max_file_bytes: int
+    waiting_jobs: int
+    max_queued_jobs: int
+    running_jobs: int
+    max_running_jobs: int
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Usage:
         return cls(**_known(cls, data), raw=data)
 
 

@@ -21,7 +21,7 @@ from mixloom.server.errors import install_error_handlers
 from mixloom.server.headers import install_security_headers
 from mixloom.server.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from mixloom.server.registry import served_models
-from mixloom.server.routes import files, jobs, models, stream
+from mixloom.server.routes import files, jobs, models, stream, usage
 from mixloom.storage import idempotency, migrate
 from mixloom.storage.bus import ProgressBus, make_bus
 from mixloom.storage.db import Database
@@ -77,7 +77,7 @@ def create_app(
     )
     app.state.ctx = ctx
     install_error_handlers(app)
-    for router in (models.router, files.router, jobs.router, stream.router):
+    for router in (models.router, files.router, jobs.router, stream.router, usage.router):
         app.include_router(router)
     install_dashboard(app)
 

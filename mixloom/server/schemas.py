@@ -152,9 +152,10 @@ class JobPublic(BaseModel):
     requested_action: RequestedAction | None  # cancel/pause asked of the running job
     queue_position: int | None  # 1 = next to start; set only while queued
     error: JobError | None
-    fine_tuned_model: str | None
+    fine_tuned_model: str | None  # kept after the adapter is deleted, like OpenAI's
     trained_tokens: int | None
     adapter_available: bool  # GET .../adapter serves the zip
+    adapter_deleted_at: int | None  # DELETE .../adapter removed it; GET .../adapter is 410
 
     @classmethod
     def of(cls, job: JobRecord, queue_position: int | None = None) -> JobPublic:
@@ -177,6 +178,7 @@ class JobPublic(BaseModel):
             fine_tuned_model=job.fine_tuned_model,
             trained_tokens=job.trained_tokens,
             adapter_available=job.adapter_path is not None,
+            adapter_deleted_at=_ts(job.adapter_deleted_at),
         )
 
 
@@ -254,3 +256,39 @@ class CheckpointsPublic(BaseModel):
     has_more: bool
     first_id: str | None
     last_id: str | None
+
+
+class CheckpointDeleted(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    deleted: bool = True
+    bytes: int  # freed: no longer counted against the storage quota
+
+
+class CheckpointsDeleted(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointDeleted]  # empty when the job had none left
+    bytes: int  # freed, in all
+
+
+class AdapterDeleted(BaseModel):
+    id: str  # the job's id: a job has one adapter
+    object: Literal["fine_tuning.job.adapter"] = "fine_tuning.job.adapter"
+    deleted: bool = True
+    bytes: int  # freed by this request (0 when it was deleted before, or never written)
+
+
+class UsagePublic(BaseModel):
+    """What counts against the tenant's quotas, and the quotas."""
+
+    object: Literal["usage"] = "usage"
+    stored_bytes: int  # file_bytes + checkpoint_bytes + adapter_bytes
+    file_bytes: int  # uploaded files not deleted
+    checkpoint_bytes: int  # jobs' checkpoints (a job keeps its last few and its best)
+    adapter_bytes: int  # succeeded jobs' final adapters not deleted
+    max_total_bytes: int  # the storage quota over stored_bytes
+    max_file_bytes: int  # the largest upload
+    waiting_jobs: int  # validating_files, queued or paused
+    max_queued_jobs: int
+    running_jobs: int
+    max_running_jobs: int

@@ -643,3 +643,79 @@ def get_checkpoint(*, session: Session, job_id: str, checkpoint_id: str) -> Chec
             code="checkpoint_not_found",
         )
     return CheckpointRecord.from_row(row)
+
+
+# --- deleting a finished job's checkpoints and adapter ------------------------------------
+
+
+def _refuse_unfinished(row: m.Job, what: str) -> None:
+    if not JobStatus(row.status).terminal:
+        raise StateConflictError(
+            f"job {row.id} is {row.status}: {what} can be deleted once it has finished "
+            "(succeeded, failed or cancelled); wait for it, or cancel it first",
+            param="job_id",
+            code="job_not_finished",
+        )
+
+
+def delete_checkpoints(
+    *,
+    session: Session,
+    job_id: str,
+    tenant_id: str,
+    checkpoint_id: str | None = None,
+    now: datetime | None = None,
+) -> list[CheckpointRecord]:
+    """Delete the records of a finished job's checkpoints (all, or `checkpoint_id`) and
+    return them: the caller removes their files after commit, so no record outlives its
+    file. All of them again: []; an unknown checkpoint_id: ObjectNotFoundError."""
+    row = _job_row(session, job_id, tenant_id, lock=True)
+    _refuse_unfinished(row, "its checkpoints")
+    query = select(m.Checkpoint).where(m.Checkpoint.job_id == job_id)
+    if checkpoint_id is not None:
+        query = query.where(m.Checkpoint.id == checkpoint_id)
+    rows = list(session.scalars(query.order_by(m.Checkpoint.id)))
+    if checkpoint_id is not None and not rows:
+        raise ObjectNotFoundError(
+            f"job {job_id} has no checkpoint {checkpoint_id!r} (deleted, or never written)",
+            param="checkpoint_id",
+            code="checkpoint_not_found",
+        )
+    removed = [CheckpointRecord.from_row(r) for r in rows]
+    for ckpt in rows:
+        session.delete(ckpt)
+    if removed:
+        steps = ", ".join(str(c.step) for c in removed)
+        freed = sum(c.bytes for c in removed)
+        _event(
+            session,
+            row,
+            f"Deleted {len(removed)} checkpoint(s) (steps {steps}), freeing {freed:,} bytes",
+            data={"checkpoint_ids": [c.id for c in removed], "bytes": freed},
+            now=_now(now),
+        )
+    session.flush()
+    return removed
+
+
+def delete_adapter(
+    *, session: Session, job_id: str, tenant_id: str, now: datetime | None = None
+) -> tuple[str | None, int]:
+    """Delete the record of a finished job's final adapter; the job stays, with
+    `adapter_deleted_at` set (its download answers 410). Returns the file for the caller
+    to remove after commit and the bytes freed: (None, 0) when there is none (deleted
+    before, or the job never wrote one)."""
+    now = _now(now)
+    row = _job_row(session, job_id, tenant_id, lock=True)
+    _refuse_unfinished(row, "its adapter")
+    path = row.adapter_path
+    if path is None:
+        return None, 0
+    freed = row.adapter_bytes or 0
+    row.adapter_path = None
+    row.adapter_deleted_at = now
+    row.updated_at = now
+    freeing = f"freeing {freed:,} bytes"
+    _event(session, row, f"Deleted the adapter, {freeing}", data={"bytes": freed}, now=now)
+    session.flush()
+    return path, freed

@@ -23,6 +23,7 @@ COLLECTIONS = {
     ("POST", "/v1/files"),
     ("GET", "/v1/fine_tuning/jobs"),
     ("POST", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/usage"),
 }
 
 
@@ -87,6 +88,8 @@ def test_every_route_hides_other_tenants_objects(api: Api, owned: dict[str, str]
     # collections
     assert c.get("/v1/files", headers=b).json()["data"] == []
     assert c.get("/v1/fine_tuning/jobs", headers=b).json()["data"] == []
+    usage = c.get("/v1/usage", headers=b).json()
+    assert usage["stored_bytes"] == usage["waiting_jobs"] == 0, usage
     r = api.create_job(b, owned["file_id"])
     assert r.status_code == 404 and r.json()["error"]["param"] == "training_file"
     r = api.create_job(b, api.file_id(b), validation_file=owned["file_id"])

@@ -1,11 +1,12 @@
 """Fine-tuning jobs: create, list, get, cancel/pause/resume, events, metrics, checkpoints,
-adapter downloads."""
+adapter downloads, and deleting a finished job's checkpoints and adapter."""
 
 from __future__ import annotations
 
 import logging
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +22,7 @@ from mixloom.errors import (
     StateConflictError,
     ValidationError,
 )
-from mixloom.jobspec import Method
+from mixloom.jobspec import Method, limit_problems, steps_problems
 from mixloom.server.deps import (
     CheckpointId,
     Context,
@@ -34,7 +35,10 @@ from mixloom.server.deps import (
 from mixloom.server.errors import ERROR_RESPONSES, ObjectGoneError
 from mixloom.server.idempotency import create_once
 from mixloom.server.schemas import (
+    AdapterDeleted,
+    CheckpointDeleted,
     CheckpointPublic,
+    CheckpointsDeleted,
     CheckpointsPublic,
     EventPublic,
     EventsPublic,
@@ -45,7 +49,7 @@ from mixloom.server.schemas import (
     MetricsPublic,
 )
 from mixloom.storage import files, jobs, tenants
-from mixloom.storage.records import JobRecord, JobStatus, TenantRecord
+from mixloom.storage.records import CheckpointRecord, JobRecord, JobStatus, TenantRecord
 
 router = APIRouter(tags=["fine_tuning"], responses=ERROR_RESPONSES)
 log = logging.getLogger("mixloom.server")
@@ -65,24 +69,44 @@ def method_json(method: Method) -> dict[str, Any]:
 
 
 def _check_against_model(ctx: ServerContext, body: JobCreate) -> None:
-    problems = ProblemList()
+    """The served model, and every hyperparameter under the deployment's bounds."""
+    problems = ProblemList(limit_problems(body.method, ctx.settings))
     served = ctx.model(body.model)
     if served is None:
         names = ", ".join(m.id for m in ctx.models)
         problems.add("model", f"this deployment does not serve {body.model!r}; use one of: {names}")
     seq = body.method.hyperparameters.max_seq_len
-    limit = min(ctx.settings.max_seq_len, served.max_position_embeddings if served else seq)
-    if seq > limit:
+    context = served.max_position_embeddings if served else seq
+    if ctx.settings.max_seq_len >= seq > context:
         problems.add(
             f"method.{body.method.type}.hyperparameters.max_seq_len",
-            f"{seq} exceeds the {limit} tokens this deployment allows for {body.model}",
+            f"{seq} exceeds the {context} tokens {body.model} takes",
         )
     problems.raise_if_any(ConfigError)
 
 
-def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str) -> None:
+def _check_storage(ctx: ServerContext, session: Session, tenant: TenantRecord) -> None:
+    """Refuse a job once the tenant's storage quota is used up: a job stores checkpoints
+    and an adapter (the worker checks the quota before writing each)."""
+    usage = tenants.tenant_usage(session=session, tenant_id=tenant.id)
+    quota = tenant.max_total_bytes or ctx.settings.max_tenant_bytes
+    used = usage["stored_bytes"]
+    if used >= quota:
+        raise QuotaExceededError(
+            f"storage quota max_total_bytes is {quota:,} bytes and {used:,} are stored "
+            f"(files {usage['file_bytes']:,}, checkpoints {usage['checkpoint_bytes']:,}, "
+            f"adapters {usage['adapter_bytes']:,}), which leaves none for a new job's "
+            f"checkpoints and adapter; delete files, finished jobs' checkpoints (DELETE "
+            f"{JOBS}/{{id}}/checkpoints) or adapters (DELETE {JOBS}/{{id}}/adapter), or ask "
+            "an admin for a larger quota",
+            code="storage_quota_exceeded",
+        )
+
+
+def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str) -> int:
+    """The file's rows; ObjectNotFoundError naming `param` if it is not the tenant's."""
     try:
-        files.get_file(session=session, file_id=file_id, tenant_id=tenant.id)
+        return files.get_file(session=session, file_id=file_id, tenant_id=tenant.id).rows
     except ObjectNotFoundError:
         raise ObjectNotFoundError(
             f"{param}: no file with id {file_id!r}; upload it with POST /v1/files",
@@ -122,10 +146,12 @@ def create_job(
     _check_against_model(ctx, body)
 
     def create(session: Session) -> JobPublic:
-        _check_file(session, tenant, body.training_file, "training_file")
+        rows = _check_file(session, tenant, body.training_file, "training_file")
         if body.validation_file is not None:
             _check_file(session, tenant, body.validation_file, "validation_file")
+        ProblemList(steps_problems(body.method, ctx.settings, rows)).raise_if_any(ConfigError)
         tenants.lock_tenant(session=session, tenant_id=tenant.id)
+        _check_storage(ctx, session, tenant)
         waiting = tenants.tenant_usage(session=session, tenant_id=tenant.id)
         cap = tenant.max_queued_jobs or ctx.settings.max_queued_jobs
         if waiting["waiting_jobs"] >= cap:
@@ -291,6 +317,14 @@ def download_adapter(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> File
     409 until the job has succeeded; checkpoints are downloadable earlier."""
     with ctx.db.transaction() as session:
         job = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
+    if job.adapter_deleted_at is not None:
+        raise ObjectGoneError(
+            f"the adapter of job {job.id} was deleted (DELETE {JOBS}/{job.id}/adapter at "
+            f"{job.adapter_deleted_at:%Y-%m-%d %H:%M:%S} UTC); its remaining checkpoints "
+            f"are listed at GET {JOBS}/{job.id}/checkpoints",
+            param="job_id",
+            code="adapter_deleted",
+        )
     if job.adapter_path is None:
         if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
             hint = "it has no final adapter; its checkpoints may be downloadable"
@@ -315,3 +349,66 @@ def download_checkpoint(
         jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
         ckpt = jobs.get_checkpoint(session=session, job_id=job_id, checkpoint_id=checkpoint_id)
     return _zip(ckpt.path, f"{job_id}-step-{ckpt.step}.zip")
+
+
+def _remove(paths: list[str], *, checkpoints: bool) -> None:
+    """After commit: the files of deleted records. A checkpoint is its zip and the folder
+    beside it (`step-N.zip`, `step-N/`: the adapter and trainer state). A file that cannot
+    be removed is logged; it no longer counts against the tenant's quota."""
+    for name in paths:
+        path = Path(name)
+        folder = path.with_suffix("")
+        try:
+            path.unlink(missing_ok=True)
+            if checkpoints and path.suffix == ".zip" and folder.is_dir():
+                shutil.rmtree(folder)
+        except OSError:
+            log.warning("could not remove %s of a deleted record", path, exc_info=True)
+
+
+def _delete_checkpoints(
+    ctx: ServerContext, tenant: TenantRecord, job_id: str, checkpoint_id: str | None
+) -> list[CheckpointRecord]:
+    with ctx.db.transaction() as session:
+        before = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
+        removed = jobs.delete_checkpoints(
+            session=session, job_id=job_id, tenant_id=tenant.id, checkpoint_id=checkpoint_id
+        )
+    _remove([c.path for c in removed], checkpoints=True)
+    if removed:
+        _notify(ctx, job_id, before.last_seq, wake=False)
+    return removed
+
+
+@router.delete(JOBS + "/{job_id}/checkpoints", response_model=CheckpointsDeleted)
+def delete_checkpoints(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> CheckpointsDeleted:
+    """Every checkpoint of a finished job (succeeded, failed or cancelled; 409 before),
+    freeing their bytes from the storage quota. Again: an empty list."""
+    removed = _delete_checkpoints(ctx, tenant, job_id, None)
+    return CheckpointsDeleted(
+        data=[CheckpointDeleted(id=c.id, bytes=c.bytes) for c in removed],
+        bytes=sum(c.bytes for c in removed),
+    )
+
+
+@router.delete(JOBS + "/{job_id}/checkpoints/{checkpoint_id}", response_model=CheckpointDeleted)
+def delete_checkpoint(
+    ctx: Context, tenant: CurrentTenant, job_id: JobId, checkpoint_id: CheckpointId
+) -> CheckpointDeleted:
+    """One checkpoint of a finished job (409 before); 404 once it is gone."""
+    (removed,) = _delete_checkpoints(ctx, tenant, job_id, checkpoint_id)
+    return CheckpointDeleted(id=removed.id, bytes=removed.bytes)
+
+
+@router.delete(JOBS + "/{job_id}/adapter", response_model=AdapterDeleted)
+def delete_adapter(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> AdapterDeleted:
+    """The final adapter of a finished job (409 before), freeing its bytes from the storage
+    quota. The job stays, `fine_tuned_model` too; `adapter_deleted_at` is set and its
+    download answers 410. Again: 0 bytes freed."""
+    with ctx.db.transaction() as session:
+        before = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
+        path, freed = jobs.delete_adapter(session=session, job_id=job_id, tenant_id=tenant.id)
+    if path is not None:
+        _remove([path], checkpoints=False)
+        _notify(ctx, job_id, before.last_seq, wake=False)
+    return AdapterDeleted(id=job_id, bytes=freed)

@@ -118,6 +118,27 @@ def test_watch_shows_progress_and_loss_then_download(
     assert got["path"] == str(tmp_path / "step3.zip") and got["bytes"] > 0
 
 
+def test_delete_adapter_and_checkpoints_then_usage(
+    cli: Any, server: LiveServer, train_file: Path
+) -> None:
+    file_id = _json(cli, "files", "upload", str(train_file))["id"]
+    job_id = _json(cli, "jobs", "create", "--training-file", file_id)["id"]
+    code, _, err = cli("adapters", "delete", job_id)
+    assert code == 2 and f"job {job_id} is queued" in err
+    ScriptedWorker(server, steps=4, tick=0.01).run_job(job_id)
+    code, out, _ = cli("adapters", "delete", job_id, "--all-checkpoints")
+    assert code == 0 and f"deleted 1 checkpoint(s) of {job_id}" in out
+    assert _json(cli, "adapters", "delete", job_id, "--all-checkpoints") == []
+    code, out, _ = cli("adapters", "delete", job_id)
+    assert code == 0 and f"deleted the adapter of {job_id}" in out
+    code, _, err = cli("adapters", "download", job_id)
+    assert code == 2 and "was deleted" in err
+    code, out, _ = cli("usage")
+    assert code == 0 and "checkpoints" in out and "QUOTA" in out and "largest upload" in out
+    usage = _json(cli, "usage")
+    assert usage["stored_bytes"] == usage["file_bytes"] > 0
+
+
 def test_errors_print_the_server_message(cli: Any, train_file: Path, monkeypatch: Any) -> None:
     code, _, err = cli("adapters", "download", "ftjob-nope")
     assert code == 2 and "no job with id 'ftjob-nope'" in err
@@ -127,6 +148,8 @@ def test_errors_print_the_server_message(cli: Any, train_file: Path, monkeypatch
     assert code == 2 and "2 problems" in err and "hyperparameters.rank" in err
     code, _, err = cli("jobs", "create", "--training-file", "file-x", "--hp", "oops")
     assert code == 2 and "write NAME=VALUE" in err
+    code, _, err = cli("jobs", "create", "--training-file", "file-x", "--hp", "lora_alpha=1e400")
+    assert code == 2 and "give a finite number" in err
     monkeypatch.setenv("MIXLOOM_API_KEY", "mxl-wrong")
     code, _, err = cli("jobs", "list")
     assert code == 2 and "invalid API key" in err

@@ -19,6 +19,7 @@ from mixloom.clients import (
     BadRequestError,
     Client,
     ConflictError,
+    GoneError,
     NotFoundError,
     PayloadTooLargeError,
     RateLimitError,
@@ -104,6 +105,34 @@ def test_trained_job_metrics_checkpoints_and_downloads(
     step = client.download_adapter(job.id, tmp_path / "ckpt.zip", checkpoint_id=ckpt.id)
     assert step == tmp_path / "ckpt.zip" and zipfile.is_zipfile(step)
     assert client.get_job(job.id).adapter_available
+
+
+def test_delete_checkpoints_and_adapter_then_usage(
+    server: LiveServer, client: Client, train_file: Path, tmp_path: Path
+) -> None:
+    f = client.upload_file(train_file)
+    job = client.create_job(training_file=f.id, method="lora")
+    with pytest.raises(ConflictError) as unfinished:
+        client.delete_adapter(job.id)
+    assert unfinished.value.code == "job_not_finished" and "queued" in str(unfinished.value)
+    ScriptedWorker(server, steps=4, tick=0.01).run_job(job.id)
+    (ckpt,) = client.iter_checkpoints(job.id)
+
+    (one,) = client.delete_checkpoints(job.id, checkpoint_id=ckpt.id)
+    assert (one.id, one.object, one.deleted) == (ckpt.id, "fine_tuning.job.checkpoint", True)
+    assert client.delete_checkpoints(job.id) == []
+    gone = client.delete_adapter(job.id)
+    assert (gone.id, gone.object) == (job.id, "fine_tuning.job.adapter")
+    with pytest.raises(GoneError) as exc:
+        client.download_adapter(job.id, tmp_path)
+    assert exc.value.code == "adapter_deleted"
+    after = client.get_job(job.id)
+    assert not after.adapter_available and after.adapter_deleted_at is not None
+
+    usage = client.usage()
+    assert usage.file_bytes == f.bytes and usage.stored_bytes == f.bytes
+    assert usage.waiting_jobs == usage.running_jobs == 0
+    assert usage.max_total_bytes == server.settings.max_tenant_bytes
 
 
 def test_stream_replays_from_a_sequence_number(

@@ -101,7 +101,7 @@ def main() -> int:
             for m in client.list_metrics(job_id, after=last_step[job_id], limit=100).data:
                 last_step[job_id] = m.step
                 v = m.metrics
-                shared = [names.get(x, x) for x in v.get("shared_with", [])]
+                shared = v.get("shared_with", 0)
                 fused_steps += bool(shared)
                 tps.append(float(v.get("step_tokens_per_second", 0.0)))
                 load = v.get("router_load")
@@ -109,7 +109,7 @@ def main() -> int:
                     f"[{name}] step {m.step}/{v['total_steps']} loss {v['train_loss']:.3f} "
                     f"lr {v['learning_rate']:.2e} {v['tokens_per_second']:.0f} tok/s "
                     f"(fused step {v['step_tokens_per_second']:.0f} tok/s) "
-                    f"shared with {shared or 'none'}"
+                    f"shared with {shared or 'no'} other job(s)"
                     + (f" router load {load}" if load else "")
                     + (f" eta {v['eta_seconds']:.0f}s" if v.get("eta_seconds") else "")
                     + (f" valid_loss {v['valid_loss']:.3f}" if "valid_loss" in v else "")

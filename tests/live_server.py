@@ -94,10 +94,10 @@ class ScriptedWorker:
         *,
         steps: int = 8,
         tick: float = 0.25,
-        shared_with: tuple[str, ...] = ("ftjob-of-another-tenant",),
+        shared_with: int = 1,
     ) -> None:
         self.server = server
-        self.shared_with = list(shared_with)  # the jobs it claims to share steps with
+        self.shared_with = shared_with  # how many jobs it claims to share steps with
         self.steps = steps
         self.tick = tick
         self.worker_id = "scripted-worker"

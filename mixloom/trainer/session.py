@@ -28,7 +28,8 @@ client). Names follow OpenAI's fine-tuning API where it has one:
     tokens_per_second       the job's tokens over the time of the fused steps it was in
     step_tokens_per_second  all jobs' tokens of the last fused step over its time
     step_seconds            time of the last fused step
-    shared_with             the other jobs in the last fused step
+    shared_with             how many other jobs were in the last fused step (a count, never
+                            which: they may be other tenants')
     eta_seconds, estimated_finish (unix time)
     cpu_memory_bytes, gpu_memory_bytes, gpu_peak_memory_bytes (on a GPU)
     worker_id               the process that trained the step
@@ -300,7 +301,7 @@ class TrainingSession:
             else 0.0,
             "step_tokens_per_second": round(report.tokens_per_second, 1),
             "step_seconds": round(report.seconds, 4),
-            "shared_with": [n for n in report.shared_with if n != m.name],
+            "shared_with": sum(1 for n in report.shared_with if n != m.name),
             "eta_seconds": round(eta, 1),
             "estimated_finish": int(time.time() + eta),
             "cpu_memory_bytes": _rss_bytes(),

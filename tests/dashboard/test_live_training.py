@@ -57,10 +57,12 @@ def test_form_job_trains_with_a_live_chart_then_downloads(browser: Any, tmp_path
             job_id = page.url.rsplit("/", 1)[-1]
 
             page.wait_for_selector(".badge[data-status='running']")
-            page.wait_for_function("+document.querySelector('#loss-chart').dataset.points >= 3")
+            page.wait_for_function(
+                "() => +document.querySelector('#loss-chart').dataset.points >= 3"
+            )
             early = _points(page)
             page.wait_for_function(
-                f"+document.querySelector('#loss-chart').dataset.points >= {early + 3}"
+                f"() => +document.querySelector('#loss-chart').dataset.points >= {early + 3}"
             )
             assert page.locator(".badge").first.get_attribute("data-status") == "running"
             assert page.locator("#router-load .expert").count() == 4

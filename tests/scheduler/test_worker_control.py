@@ -67,7 +67,7 @@ def test_join_pause_resume_cancel(tmp_path: Path, tiny_base: Path, pg_url: str, 
         jc = submit(c)
         wait_status(client, jc, "succeeded")
         first = metrics(client, jc)[0].metrics["shared_with"]
-        assert set(first) >= {ja, jb}, first
+        assert first >= 2, first
 
         # pause a: it checkpoints at an optimizer-step boundary and leaves; b goes on
         client.pause_job(ja)
@@ -88,7 +88,7 @@ def test_join_pause_resume_cancel(tmp_path: Path, tiny_base: Path, pg_url: str, 
             client.download_adapter(jb, tmp_path / "b.zip")
         client.resume_job(ja)
         wait_status(client, ja, "succeeded")
-        after = [x for x in metrics(client, ja) if x.metrics["shared_with"] == []]
+        after = [x for x in metrics(client, ja) if x.metrics["shared_with"] == 0]
         assert after and after[0].step == at + 1  # alone now: b cancelled, c finished
 
         reference = train_reference(tmp_path, tiny_base, data, [a, c])

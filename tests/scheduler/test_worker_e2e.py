@@ -104,7 +104,6 @@ def test_three_jobs_train_fused_and_match_mixloom_train(
         v = client.upload_file(val)
         model = client.list_models()[0].id
         submitted = {j["name"]: _submit(client, f.id, model, j, validation_file=v.id) for j in JOBS}
-        ids = {job.id: name for name, job in submitted.items()}
         s.start_worker()
         done = {n: wait_status(client, j.id, "succeeded") for n, j in submitted.items()}
 
@@ -112,8 +111,7 @@ def test_three_jobs_train_fused_and_match_mixloom_train(
         series = {n: metrics(client, j.id) for n, j in submitted.items()}
         first = {n: m[0].metrics for n, m in series.items()}
         for name, values in first.items():
-            others = {ids[x] for x in values["shared_with"]}
-            assert others == set(first) - {name}, (name, values["shared_with"])
+            assert values["shared_with"] == len(first) - 1, (name, values["shared_with"])
         moe_last = series["moe"][-1].metrics
         assert len(moe_last["router_load"]) == 4 and moe_last["valid_loss"] > 0
         for name, m in series.items():

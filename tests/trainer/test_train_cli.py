@@ -49,8 +49,7 @@ def test_train_two_jobs_writes_adapters_and_metrics(tmp_path: Path) -> None:
         lines = [x for x in lines if x["step"] > 0]
         assert [x["step"] for x in lines] == [1, 2, 3, 4]
         assert all(x["metrics"]["train_loss"] > 0 for x in lines)
-        shared = set(lines[0]["metrics"]["shared_with"])
-        assert {"lo", "mx"} - {name} <= shared  # trained in the same steps
+        assert lines[0]["metrics"]["shared_with"] == 1  # the other job, in the same steps
         assert (folder / "checkpoints" / "step-4").is_dir()
     mx_lines = (tmp_path / "out" / "mx" / "metrics.jsonl").read_text().splitlines()
     first, last = json.loads(mx_lines[0]), json.loads(mx_lines[-1])

@@ -9,7 +9,6 @@ const view = document.getElementById('view');
 const state = { tenant: null, hp: null, cleanups: [] };
 const fileRows = new Map(); // file id -> rows (for progress estimates)
 const metricCache = new Map(); // job id -> {first, last} metric records
-const ownJobs = new Map(); // job id -> whether it is this tenant's (shared-step peers)
 
 // --- helpers -------------------------------------------------------------------------
 
@@ -421,29 +420,21 @@ function renderJob(jobId) {
       } else {
         experts.replaceChildren(h('span', { class: 'muted small' }, 'No routing data yet.'));
       }
-      renderShared((last && last.metrics.shared_with) || [], !!last);
+      renderShared(last && last.metrics.shared_with, !!last);
       renderStats();
     });
   }
 
-  // The worker names every job in the fused step; this tenant's own open as links, the
-  // others (a 404 here) are only counted.
-  let sharedKey = null;
-  async function renderShared(peers, started) {
-    const key = `${started}:${peers.join(',')}`;
-    if (key === sharedKey) return;
-    sharedKey = key;
-    if (!peers.length) {
-      shared.replaceChildren(h('span', { class: 'muted small' }, started ? 'Trained alone at the latest step.' : '—'));
-      return;
+  // How many other jobs (of any tenant) shared the latest fused step: a count, never which.
+  function renderShared(count, started) {
+    const n = Array.isArray(count) ? count.length : count; // records stored before the count
+    if (typeof n !== 'number' || !Number.isFinite(n) || !started) {
+      shared.replaceChildren(h('span', { class: 'muted small' }, '—'));
+    } else if (n === 0) {
+      shared.replaceChildren(h('span', { class: 'muted small' }, 'Trained alone at the latest step.'));
+    } else {
+      shared.replaceChildren(h('span', { class: 'chip', 'data-shared': n }, n > 1 ? `${n} other jobs` : '1 other job'));
     }
-    const own = await Promise.all(peers.map((id) => (ownJobs.has(id) ? Promise.resolve(ownJobs.get(id))
-      : api('GET', `${JOBS}/${id}`).then(() => true, () => false).then((mine) => { ownJobs.set(id, mine); return mine; }))));
-    if (key !== sharedKey) return;
-    const others = own.filter((mine) => !mine).length;
-    shared.replaceChildren(
-      ...peers.filter((_, i) => own[i]).map((id) => h('a', { class: 'chip mono', href: `#/jobs/${id}` }, id)),
-      others ? h('span', { class: 'chip muted', 'data-others': others }, others > 1 ? `${others} jobs of other tenants` : '1 job of another tenant') : null);
   }
 
   function addEvent(e) {
@@ -482,6 +473,11 @@ function renderJob(jobId) {
     source.addEventListener('end', () => {
       source.close();
       refreshJob().then(loadCheckpoints).catch(() => {});
+    });
+    // A reconnect the server refused (the session ended): the next API call gets its 401
+    // and shows the sign-in form.
+    source.addEventListener('error', () => {
+      if (source.readyState === EventSource.CLOSED) refreshJob().catch(() => {});
     });
     onCleanup(() => source.close());
   }

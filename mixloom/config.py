@@ -75,6 +75,18 @@ class Settings(ModelSettings, BaseSettings):
     # checkpoints kept per job: the last K (a job may ask for fewer) plus the best by
     # validation loss; older ones are deleted
     keep_checkpoints: int = 3
+    # API load (bench/load_api.py). Request rate per tenant, a token bucket in each API
+    # process: bursts of rate_limit_burst, refilled at rate_limit_per_second; over it: 429 with
+    # Retry-After. 0 turns the limit off.
+    rate_limit_per_second: float = 200.0
+    rate_limit_burst: int = 400
+    # an API key that authenticated is trusted this long without asking the database again:
+    # a revoked key is refused at most this many seconds later (0: ask on every request)
+    auth_cache_seconds: float = 2.0
+    api_workers: int = 1  # `mixloom api` processes (each with its own caches and buckets)
+    # `mixloom serve`: the API process's nice value above the worker's, so that API load
+    # does not starve training (0: the same priority)
+    serve_api_nice: int = 10
     # limits
     max_upload_bytes: int = 64 * 1024 * 1024
     max_file_lines: int = 200_000

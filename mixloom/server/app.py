@@ -20,6 +20,7 @@ from mixloom.server.deps import ServerContext
 from mixloom.server.errors import install_error_handlers
 from mixloom.server.headers import install_security_headers
 from mixloom.server.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
+from mixloom.server.ratelimit import install_rate_limit_errors
 from mixloom.server.registry import served_models
 from mixloom.server.routes import files, jobs, models, stream, usage
 from mixloom.storage import idempotency, migrate
@@ -76,7 +77,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    app.state.read_ctx = ctx.reading()
     install_error_handlers(app)
+    install_rate_limit_errors(app)
     for router in (models.router, files.router, jobs.router, stream.router, usage.router):
         app.include_router(router)
     install_dashboard(app)

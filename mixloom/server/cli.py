@@ -14,14 +14,38 @@ def register(sub: Any) -> None:
         "--no-migrate", action="store_true", help="do not upgrade the database schema at start"
     )
     api.add_argument("--log-level", default="info")
+    api.add_argument(
+        "--workers",
+        type=int,
+        help="server processes (default MIXLOOM_API_WORKERS, 1); each has its own auth cache "
+        "and rate-limit buckets",
+    )
     api.set_defaults(func=_api)
 
 
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from mixloom.config import get_settings
     from mixloom.server.app import create_app
+    from mixloom.storage import migrate
 
-    app = create_app(run_migrations=not args.no_migrate)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    settings = get_settings()
+    workers = args.workers or settings.api_workers
+    if workers <= 1:
+        app = create_app(settings, run_migrations=not args.no_migrate)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    # One Python process serves about one core (the GIL): more share the port, each
+    # building its app from the environment; the schema is migrated once, here.
+    if not args.no_migrate:
+        migrate.upgrade(settings.resolved_database_url)
+    uvicorn.run(
+        "mixloom.server.app:create_app",
+        factory=True,
+        workers=workers,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+    )
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from mixloom.config import Settings
 from mixloom.errors import APIKeyError
+from mixloom.server.ratelimit import AuthCache, RateLimiter
 from mixloom.server.registry import ServedModel
 from mixloom.storage import sessions, tenants
 from mixloom.storage.bus import ProgressBus
@@ -61,17 +63,33 @@ class ServerContext:
     started_at: int
     sse_limiter: anyio.CapacityLimiter = field(init=False)
     sse_streams: TenantStreams = field(init=False)
+    auth_cache: AuthCache = field(init=False)
+    rate_limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
         self.sse_limiter = anyio.CapacityLimiter(self.settings.sse_max_streams)
         self.sse_streams = TenantStreams(self.settings.sse_max_streams_per_tenant)
+        self.auth_cache = AuthCache(self.settings.auth_cache_seconds)
+        self.rate_limiter = RateLimiter(
+            self.settings.rate_limit_per_second, self.settings.rate_limit_burst
+        )
+
+    def reading(self) -> ServerContext:
+        """This context (the same limits, caches and bus) with a read-only database."""
+        reads = copy.copy(self)
+        reads.db = self.db.reading()
+        return reads
 
     def model(self, model_id: str) -> ServedModel | None:
         return next((m for m in self.models if m.id == model_id), None)
 
 
-def get_context(request: Request) -> ServerContext:
-    ctx: ServerContext = request.app.state.ctx
+async def get_context(request: Request) -> ServerContext:
+    """GET and HEAD requests get the context whose database transactions only read
+    (`Database.reading()`): on SQLite they take no write lock, so reads neither queue behind
+    the worker's writes nor hold them up; a write in one fails loudly."""
+    reads = request.method in ("GET", "HEAD")
+    ctx: ServerContext = request.app.state.read_ctx if reads else request.app.state.ctx
     return ctx
 
 
@@ -99,7 +117,7 @@ class Credential:
         return tenants.authenticate(session=session, api_key=self.secret)
 
 
-def current_tenant(
+async def current_tenant(
     ctx: Context,
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -114,8 +132,12 @@ def current_tenant(
             "with `mixloom keys create TENANT`",
             code="missing_api_key",
         )
-    with ctx.db.transaction() as session:
-        tenant = credential.tenant(session)
+    # async, and a cache hit stays on the event loop: no threadpool hop, no query
+    tenant = ctx.auth_cache.lookup(credential.kind, credential.secret)
+    if tenant is None:
+        tenant = await anyio.to_thread.run_sync(_authenticate, ctx.db, credential)
+        if tenant is not None:
+            ctx.auth_cache.store(credential.kind, credential.secret, tenant)
     if tenant is None:
         if credential.kind == "session":
             raise APIKeyError(
@@ -128,7 +150,13 @@ def current_tenant(
             code="invalid_api_key",
         )
     request.state.credential = credential
+    ctx.rate_limiter.take(tenant.id)
     return tenant
+
+
+def _authenticate(db: Database, credential: Credential) -> TenantRecord | None:
+    with db.read() as session:
+        return credential.tenant(session)
 
 
 CurrentTenant = Annotated[TenantRecord, Depends(current_tenant)]

@@ -11,8 +11,16 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+_READ_ONLY = "mixloom_read_only"  # an execution option: see make_engine's BEGIN
+
 # Seconds a SQLite writer waits for another writer before giving up ("database is locked").
 SQLITE_BUSY_TIMEOUT_S = 30
+# Connections kept open per engine, and as many more under a burst: 40 in all, anyio's
+# default threadpool, so no request thread waits for a connection. SQLAlchemy's 5 + 10 made
+# the 16th to 40th concurrent request each open and close a connection (on Postgres, a
+# backend process started per request).
+POOL_SIZE = 20
+POOL_OVERFLOW = 20
 
 
 def is_sqlite(url: str) -> bool:
@@ -29,11 +37,13 @@ def normalise_url(url: str) -> str:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     url = normalise_url(url)
+    pool = {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
     if not is_sqlite(url):
-        return create_engine(url, pool_pre_ping=True, **kwargs)
+        return create_engine(url, pool_pre_ping=True, **{**pool, **kwargs})
     path = url.split("///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        kwargs = {**pool, **kwargs}  # an in-memory database has a single-connection pool
     engine = create_engine(
         url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}, **kwargs
     )
@@ -54,7 +64,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # A deferred transaction that reads and then writes fails at once with SQLITE_BUSY
         # when another writer got in between; IMMEDIATE takes the write lock up front
         # (and waits busy_timeout for it), so API requests and the worker serialise cleanly.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Database.read() asks for a plain BEGIN: under WAL a reader takes no lock a writer
+        # waits for, so GETs neither queue behind the worker's writes nor hold them up.
+        readonly = conn.get_execution_options().get(_READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -66,11 +79,24 @@ class Database:
     url: str
     engine: Engine
     _factory: sessionmaker[Session]
+    _read_factory: sessionmaker[Session]
 
     @classmethod
     def connect(cls, url: str, **kwargs: Any) -> Database:
         engine = make_engine(url, **kwargs)
-        return cls(url=normalise_url(url), engine=engine, _factory=sessionmaker(engine))
+        reads = sessionmaker(engine.execution_options(**{_READ_ONLY: True}))
+        event.listen(reads, "before_flush", _refuse_write)
+        event.listen(reads, "do_orm_execute", _refuse_write_statement)
+        return cls(
+            url=normalise_url(url),
+            engine=engine,
+            _factory=sessionmaker(engine),
+            _read_factory=reads,
+        )
+
+    def reading(self) -> Database:
+        """This database with `transaction()` meaning `read()`: what a GET request gets."""
+        return _ReadingDatabase(self.url, self.engine, self._read_factory, self._read_factory)
 
     @property
     def is_sqlite(self) -> bool:
@@ -86,5 +112,35 @@ class Database:
                 session.rollback()
                 raise
 
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A transaction for reads alone (GET routes, auth): on SQLite a deferred BEGIN, so
+        it takes no write lock; it ends in a rollback, so nothing it did is kept. A write in
+        it may fail with "database is locked" on SQLite: use transaction() to write."""
+        with self._read_factory() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class _ReadingDatabase(Database):
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self.read() as session:
+            yield session
+
+
+def _refuse_write(*_: Any) -> None:
+    raise RuntimeError(
+        "a write in a read-only transaction (Database.read(), or a GET request's): its "
+        "change would be rolled back; write in Database.transaction() from a POST/DELETE"
+    )
+
+
+def _refuse_write_statement(state: Any) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        _refuse_write()

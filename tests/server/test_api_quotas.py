@@ -13,7 +13,6 @@ import pytest
 from api_support import MODEL, Api, make_api
 
 from mixloom.storage import jobs
-from mixloom.storage import models as m
 from mixloom.storage.records import JobStatus
 
 JOBS = "/v1/fine_tuning/jobs"
@@ -169,17 +168,12 @@ def _finish(api: Api, jid: str, *, checkpoints: int = 2, ckpt_bytes: int = 1000)
             folder = Path(zip_path).with_suffix("")
             folder.mkdir()
             (folder / "trainer_state.pt").write_bytes(b"\0" * 32)
-            ckpt = jobs.add_checkpoint(session=s, job_id=jid, step=step, path=zip_path)
-            row = s.get(m.Checkpoint, ckpt.id)
-            assert row is not None
-            row.bytes = ckpt_bytes
+            ckpt = jobs.add_checkpoint(
+                session=s, job_id=jid, step=step, path=zip_path, bytes=ckpt_bytes
+            )
             ids.append(ckpt.id)
-        jobs.set_adapter_path(
-            session=s, job_id=jid, path=api.write_zip(f"{jid}/adapter.zip"), fine_tuned_model="ft"
-        )
-        job = s.get(m.Job, jid)
-        assert job is not None
-        job.adapter_bytes = 500
+        adapter = api.write_zip(f"{jid}/adapter.zip")
+        jobs.set_adapter_path(session=s, job_id=jid, path=adapter, fine_tuned_model="ft", bytes=500)
         jobs.release_job(session=s, job_id=jid, worker_id="worker-1", status=JobStatus.SUCCEEDED)
     return ids
 

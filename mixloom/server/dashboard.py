@@ -100,6 +100,7 @@ def sign_out(
     if token:
         with ctx.db.transaction() as session:
             sessions.revoke_session(session=session, token=token)
+        ctx.auth_cache.forget("session", token)
     response = JSONResponse({"signed_out": True})
     response.delete_cookie(
         SESSION_COOKIE,

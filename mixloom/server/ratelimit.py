@@ -98,6 +98,12 @@ class AuthCache:
         hit = self._entries.get(self._key(kind, secret))
         return hit[1] if hit is not None and hit[0] > self._clock() else None
 
+    def forget(self, kind: str, secret: str) -> None:
+        """Drop a credential ended in this process (a dashboard sign-out), so that it stops
+        at once rather than within `ttl`."""
+        with self._lock:
+            self._entries.pop(self._key(kind, secret), None)
+
     def store(self, kind: str, secret: str, tenant: TenantRecord) -> None:
         if self.ttl <= 0:
             return

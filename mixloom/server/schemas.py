@@ -150,7 +150,15 @@ class JobPublic(BaseModel):
     metadata: dict[str, Any] | None
     status: JobStatus
     requested_action: RequestedAction | None  # cancel/pause asked of the running job
-    queue_position: int | None  # 1 = next to start; set only while queued
+    queue_position: Annotated[
+        int | None,
+        Field(
+            description="Set only while queued: the job's fair-share round, 1 + this tenant's "
+            "own jobs ahead of it (running, or queued earlier). Workers start every tenant's "
+            "round-1 jobs before any round-2 job, so 1 means it starts at the next free slot "
+            "but for other tenants' round-1 jobs; it counts nothing of other tenants'."
+        ),
+    ]
     error: JobError | None
     fine_tuned_model: str | None  # kept after the adapter is deleted, like OpenAI's
     trained_tokens: int | None

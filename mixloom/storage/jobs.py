@@ -136,15 +136,24 @@ def list_jobs(
 
 
 def queue_position(*, session: Session, job: JobRecord) -> int | None:
-    """1 = the next job a worker will claim; None unless the job is queued."""
+    """The queued job's fair-share round: 1 + the jobs of its own tenant ahead of it (running,
+    or queued earlier). Workers claim every tenant's round-1 jobs before any round-2 job
+    (scheduler/policy.fair_claim_order), so it counts only the tenant's own jobs and tells
+    nothing of other tenants' traffic. None unless the job is queued."""
     if job.status != JobStatus.QUEUED or job.queued_at is None:
         return None
     ahead = session.scalar(
         select(func.count()).where(
-            m.Job.status == JobStatus.QUEUED.value,
+            m.Job.tenant_id == job.tenant_id,
             or_(
-                m.Job.queued_at < job.queued_at,
-                and_(m.Job.queued_at == job.queued_at, m.Job.id < job.id),
+                m.Job.status == JobStatus.RUNNING.value,
+                and_(
+                    m.Job.status == JobStatus.QUEUED.value,
+                    or_(
+                        m.Job.queued_at < job.queued_at,
+                        and_(m.Job.queued_at == job.queued_at, m.Job.id < job.id),
+                    ),
+                ),
             ),
         )
     )

@@ -5,7 +5,8 @@ Hyperparameter names follow PEFT and MixLoRA. Unknown keys are errors, and so ar
 that are not finite (`Infinity`, `NaN`, `1e400`, which JSON parsers read as infinity).
 
 The bounds below hold everywhere (`mixloom train` too). A deployment bounds the costly ones
-further (`limit_problems`, from `config.Settings`): the API refuses a job over them.
+further (`limit_problems`, from `config.Settings`; max_steps, checkpoint_every and
+keep_checkpoints only there): the API refuses a job over them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
-# steps and counts are stored in 32-bit integer columns (checkpoints.step, ...)
-MAX_INT32 = 2**31 - 1
 
 
 class _Strict(BaseModel):
@@ -42,13 +41,13 @@ class TrainingHyperparameters(_Strict):
     weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.0
     max_grad_norm: Annotated[float | None, Field(gt=0, le=1e6)] = 1.0  # None: no clipping
     max_seq_len: Annotated[int, Field(ge=8, le=131072)] = 512
-    max_steps: Annotated[int | None, Field(ge=1, le=MAX_INT32)] = None  # cap on optimizer steps
+    max_steps: Annotated[int | None, Field(ge=1)] = None  # cap on optimizer steps
     train_on_inputs: bool = False  # False: loss only on completion/assistant tokens
     # optimizer steps; None: end only
-    checkpoint_every: Annotated[int | None, Field(ge=1, le=MAX_INT32)] = None
+    checkpoint_every: Annotated[int | None, Field(ge=1)] = None
     # checkpoints kept: the last K plus the best by validation loss; None: the deployment's
     # keep_checkpoints (a job may ask for fewer, never more)
-    keep_checkpoints: Annotated[int | None, Field(ge=1, le=MAX_INT32)] = None
+    keep_checkpoints: Annotated[int | None, Field(ge=1)] = None
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainingHyperparameters:

@@ -138,11 +138,17 @@ def test_non_finite_numbers_are_refused_by_name(api: Api, field: str, literal: s
 def test_huge_integers_are_refused_with_the_bound(api: Api) -> None:
     h = api.tenant()
     fid = api.file_id(h)
-    for field in ("max_steps", "checkpoint_every", "keep_checkpoints", "r", "n_epochs"):
+    for field, bound in [
+        ("max_steps", "at most 100000 (MIXLOOM_MAX_JOB_STEPS)"),
+        ("checkpoint_every", "at most 100000 (MIXLOOM_MAX_JOB_STEPS)"),
+        ("keep_checkpoints", "at most 3 (MIXLOOM_KEEP_CHECKPOINTS)"),
+        ("r", "less than or equal to 1024"),  # beyond what mixloom takes at all
+        ("n_epochs", "less than or equal to 1000"),
+    ]:
         method = {"type": "lora", "lora": {"hyperparameters": {field: 10**30}}}
         err = _error(api.create_job(h, fid, method=method), 400)
         assert err["param"] == f"method.lora.hyperparameters.{field}", err
-        assert "less than or equal to" in err["message"], err
+        assert bound in err["message"], err
     for patch, param in [
         ('"seed": 1000000000000000000000000000000', "seed"),
         ('"seed": 1e400', "seed"),

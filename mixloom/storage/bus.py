@@ -7,14 +7,21 @@ in one process) and `RedisBus` (Redis streams, any number of processes). Message
 sequence number from the database (see storage.jobs). The bus is for latency only: the
 database holds every message, and readers fill gaps from it, so a lost or reordered bus
 message delays a stream but never corrupts it.
+
+So a Redis outage is no error to `RedisBus`'s callers: a publish or wake-up is dropped, a
+read waits out its timeout and returns nothing, and one `BusOutage` logs it once when it
+starts, once a minute while it lasts, and once when Redis is back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 PROGRESS_KEY_PREFIX = "mixloom:progress:"  # + job id: a Redis stream per job
@@ -22,6 +29,10 @@ PROGRESS_STREAM_MAXLEN = 2000  # messages kept per job on the bus (the database 
 PROGRESS_STREAM_TTL_S = 24 * 3600  # a job's stream expires this long after its last message
 WAKEUP_CHANNEL = "mixloom:wakeup"  # pub/sub channel: "a job became claimable"
 _INPROCESS_IDLE_TTL_S = 3600.0  # in-process buffers of jobs silent this long are dropped
+OUTAGE_LOG_INTERVAL_S = 60.0  # while Redis is down, a log line this often
+_REDIS_CONNECT_TIMEOUT_S = 2.0  # an unreachable host fails a call this soon
+
+log = logging.getLogger("mixloom.bus")
 
 
 class Subscription(Protocol):
@@ -129,14 +140,84 @@ class InProcessBus:
         pass
 
 
+class BusOutage:
+    """The state of one Redis connection, for logging: a line when calls start failing, one
+    every `interval` s while they go on failing, one when a call succeeds again (a Redis
+    outage of 44 s once logged 3,300 tracebacks, one per failed call)."""
+
+    def __init__(
+        self,
+        *,
+        interval: float = OUTAGE_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.since: float | None = None  # when the outage began; None: Redis answers
+        self._failures = 0
+        self._logged_at = 0.0
+
+    def failed(self, exc: Exception) -> None:
+        with self._lock:
+            now = self._clock()
+            self._failures += 1
+            if self.since is None:
+                self.since = self._logged_at = now
+                log.warning(
+                    "progress bus: Redis is unreachable (%s); live streams and idle workers "
+                    "fall back to polling the database until it is back",
+                    exc,
+                )
+            elif now - self._logged_at >= self.interval:
+                self._logged_at = now
+                log.warning(
+                    "progress bus: Redis still unreachable after %.0f s (%d failed calls; "
+                    "last: %s)",
+                    now - self.since,
+                    self._failures,
+                    exc,
+                )
+
+    def ok(self) -> None:
+        if self.since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            if self.since is None:
+                return
+            log.warning(
+                "progress bus: Redis is back after %.0f s (%d failed calls)",
+                self._clock() - self.since,
+                self._failures,
+            )
+            self.since, self._failures = None, 0
+
+
+def _outage_errors() -> tuple[type[Exception], ...]:
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError)
+
+
 class _RedisSubscription:
-    def __init__(self, client: Any, job_id: str, after: int) -> None:
-        self._client = client
+    def __init__(self, bus: RedisBus, job_id: str, after: int) -> None:
+        self._bus = bus
+        self._client: Any = bus._client
         self._key = PROGRESS_KEY_PREFIX + job_id
         self._after = after
         self._cursor: str | None = None  # Redis stream id; None: first call reads the buffer
 
     def get(self, timeout: float) -> list[dict[str, Any]]:
+        try:
+            out = self._read(timeout)
+        except self._bus._errors as exc:
+            self._bus.outage.failed(exc)
+            time.sleep(timeout)  # as if quiet: the caller reads the database instead
+            return []
+        self._bus.outage.ok()
+        return out
+
+    def _read(self, timeout: float) -> list[dict[str, Any]]:
         if self._cursor is None:
             entries = self._client.xrange(self._key)
             self._cursor = entries[-1][0] if entries else "0-0"
@@ -162,14 +243,19 @@ def _decode(entry: tuple[Any, dict[Any, Any]]) -> dict[str, Any]:
 
 
 class RedisBus:
-    """Redis streams (`PROGRESS_KEY_PREFIX + job_id`), bounded and expiring."""
+    """Redis streams (`PROGRESS_KEY_PREFIX + job_id`), bounded and expiring. Connection
+    errors never reach the caller (see the module's docstring); `ping` alone raises them."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, outage: BusOutage | None = None) -> None:
         import redis
 
-        self._client = redis.Redis.from_url(url, decode_responses=True)
+        self._client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=_REDIS_CONNECT_TIMEOUT_S
+        )
         self._pubsub: Any = None
         self._lock = threading.Lock()
+        self._errors = _outage_errors()
+        self.outage = outage or BusOutage()
 
     def ping(self) -> None:
         self._client.ping()
@@ -179,25 +265,51 @@ class RedisBus:
         pipe = self._client.pipeline(transaction=False)
         pipe.xadd(key, {"m": json.dumps(message)}, maxlen=PROGRESS_STREAM_MAXLEN, approximate=True)
         pipe.expire(key, PROGRESS_STREAM_TTL_S)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except self._errors as exc:
+            self.outage.failed(exc)
+            return
+        self.outage.ok()
 
     def subscribe(self, job_id: str, *, after: int = 0) -> Subscription:
-        return _RedisSubscription(self._client, job_id, after)
+        return _RedisSubscription(self, job_id, after)
 
     def wake(self) -> None:
-        self._client.publish(WAKEUP_CHANNEL, "1")
+        try:
+            self._client.publish(WAKEUP_CHANNEL, "1")
+        except self._errors as exc:
+            self.outage.failed(exc)
+            return
+        self.outage.ok()
 
     def wait_for_wake(self, timeout: float) -> bool:
-        with self._lock:
-            if self._pubsub is None:
-                self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-                self._pubsub.subscribe(WAKEUP_CHANNEL)
-            pubsub = self._pubsub
         deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            if pubsub.get_message(timeout=remaining) is not None:
-                return True
+        try:
+            with self._lock:
+                if self._pubsub is None:
+                    self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                    self._pubsub.subscribe(WAKEUP_CHANNEL)
+                pubsub = self._pubsub
+            while (remaining := deadline - time.monotonic()) > 0:
+                if pubsub.get_message(timeout=remaining) is not None:
+                    self.outage.ok()
+                    return True
+        except self._errors as exc:
+            self.outage.failed(exc)
+            self._drop_pubsub()
+            time.sleep(max(0.0, deadline - time.monotonic()))  # a wait, not a busy loop
+            return False
+        self.outage.ok()
         return False
+
+    def _drop_pubsub(self) -> None:
+        """Forget a broken pub/sub connection: the next wait subscribes afresh."""
+        with self._lock:
+            pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(*self._errors):
+                pubsub.close()
 
     def close(self) -> None:
         if self._pubsub is not None:

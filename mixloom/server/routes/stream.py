@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -23,11 +22,9 @@ from mixloom.server.deps import (
 )
 from mixloom.server.errors import ERROR_RESPONSES, error_response
 from mixloom.storage import jobs
-from mixloom.storage.bus import Subscription
 from mixloom.storage.records import EventRecord, JobStatus, MetricRecord
 
 router = APIRouter(tags=["fine_tuning"], responses=ERROR_RESPONSES)
-log = logging.getLogger("mixloom.server")
 
 RETRY_MS = 3000  # EventSource reconnect delay
 STREAM_RETRY_AFTER_S = 5  # a tenant at its stream limit: when to try again
@@ -111,7 +108,7 @@ async def _events(
                 yield f"event: end\ndata: {json.dumps({'status': status.value})}\n\n"
                 return
             # Live messages in order go straight out; a gap, a status change or a quiet
-            # poll interval sends us back to the database.
+            # poll interval (a bus outage reads as quiet) sends us back to the database.
             while True:
                 if time.monotonic() >= next_check:
                     if not await anyio.to_thread.run_sync(_still_valid, ctx, credential):
@@ -119,7 +116,7 @@ async def _events(
                         return
                     next_check = time.monotonic() + check_every
                 wait = min(ctx.settings.sse_poll_seconds, max(0.0, next_check - time.monotonic()))
-                messages = await anyio.to_thread.run_sync(_get, sub, wait, limiter=ctx.sse_limiter)
+                messages = await anyio.to_thread.run_sync(sub.get, wait, limiter=ctx.sse_limiter)
                 if not messages:
                     yield ": keepalive\n\n"
                     break
@@ -153,16 +150,6 @@ def _replay(
             session=session, job_id=job_id, after_seq=after, limit=_REPLAY_BATCH
         )
     return rows, status
-
-
-def _get(sub: Subscription, timeout: float) -> list[dict[str, Any]]:
-    """Bus messages; on a bus outage, wait out the poll interval (the database still serves)."""
-    try:
-        return sub.get(timeout)
-    except Exception:
-        log.warning("progress bus unavailable; SSE falls back to polling", exc_info=True)
-        time.sleep(timeout)
-        return []
 
 
 def _is_status(message: dict[str, Any]) -> bool:

@@ -457,7 +457,7 @@ class Worker:
                 jobs.add_event(
                     session=session,
                     job_id=record.id,
-                    message=corrupt.capitalize(),
+                    message=corrupt[:1].upper() + corrupt[1:],
                     level="warning",
                     data={"corrupt_steps": [n for n, _ in resume.corrupt]},
                 )

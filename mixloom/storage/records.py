@@ -167,6 +167,10 @@ class MetricRecord(Record):
     values: dict[str, Any]
 
     def to_message(self) -> dict[str, Any]:
+        values = self.values
+        if isinstance(values.get("shared_with"), list):
+            # stored before shared_with became a count: the job ids may be other tenants'
+            values = {**values, "shared_with": len(values["shared_with"])}
         return {
             "id": self.seq,
             "event": "metrics",
@@ -174,7 +178,7 @@ class MetricRecord(Record):
                 "object": "fine_tuning.job.metric",
                 "step": self.step,
                 "created_at": int(self.created_at.timestamp()),
-                "metrics": self.values,
+                "metrics": values,
             },
         }
 

@@ -161,3 +161,21 @@ def test_a_stream_ends_soon_after_its_key_is_revoked(live: tuple[Api, str]) -> N
             time.sleep(0.1)
         again = http.get(f"{base}/v1/fine_tuning/jobs/{job_id}/stream", headers=h)
         assert again.status_code == 401
+
+
+def test_metrics_stored_with_job_ids_show_only_their_count(sqlite_api: Api) -> None:
+    from mixloom.storage import jobs
+
+    api = sqlite_api
+    h = api.tenant()
+    job_id = api.job_id(h)
+    with api.ctx.db.transaction() as s:  # a record from before shared_with was a count
+        jobs.add_metrics(
+            session=s,
+            job_id=job_id,
+            step=1,
+            values={"train_loss": 1.0, "shared_with": ["ftjob-theirs", "ftjob-other"]},
+        )
+    body = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics", headers=h)
+    assert body.json()["data"][0]["metrics"]["shared_with"] == 2
+    assert "ftjob-theirs" not in body.text

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data" / "alpaca_demo_200.jsonl"
@@ -146,6 +147,7 @@ def stack(args: argparse.Namespace, tmp: Path) -> Iterator[tuple[str, str]]:
         cmd += ["--log-level", args.log_level]
         subprocess.run([*cli, "db", "upgrade"], cwd=args.pythonpath or REPO, env=env, check=True)
         server = _spawn(cmd, env, tmp / "server.log")
+        (tmp / "server.pid").write_text(str(server.pid))
         stack.callback(_stop, server)
         url = f"http://127.0.0.1:{port}"
         _wait_up(url, server, tmp / "server.log")
@@ -376,6 +378,49 @@ def drive(port: int, tenants: list[Tenant], clients: int, seconds: float) -> dic
     }
 
 
+class CpuMeter:
+    """CPU seconds of the server (with its child processes) and of the Postgres backends
+    serving its database: per request, this holds steady when other work shares the
+    machine, where requests/s does not."""
+
+    def __init__(self, server_pid: int, db_name: str | None) -> None:
+        self.server = psutil.Process(server_pid)
+        self.db_name = db_name
+
+    def _server_procs(self) -> list[psutil.Process]:
+        """`mixloom serve`'s worker child trains: not counted (in one process, it is)."""
+        procs = [self.server, *self.server.children(recursive=True)]
+        return [p for p in procs if " worker" not in " ".join(p.cmdline())]
+
+    def _postgres_procs(self) -> list[psutil.Process]:
+        if not self.db_name:
+            return []
+        out = []
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.info["name"] == "postgres" and f" {self.db_name} " in cmdline:
+                out.append(proc)
+        return out
+
+    @staticmethod
+    def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
+        out = {}
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+                out[proc.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return out
+
+    def sample(self) -> tuple[dict[int, float], dict[int, float]]:
+        return self._cpu(self._server_procs()), self._cpu(self._postgres_procs())
+
+    @staticmethod
+    def since(before: dict[int, float], after: dict[int, float]) -> float:
+        return sum(v - before.get(pid, 0.0) for pid, v in after.items())
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -383,8 +428,12 @@ def pct(values: list[float], q: float) -> float:
 
 def table(clients: int, result: dict[str, Any]) -> str:
     wall = result["wall"]
+    n = sum(len(v) for v in result["samples"].values())
     lines = [
         f"\n{clients} clients, {wall:.0f} s, load generator CPU {result['generator_cpu']:.0%} of a core",
+        f"CPU per request: server {result['server_cpu'] / n * 1e3:.2f} ms, "
+        f"Postgres {result['postgres_cpu'] / n * 1e3:.2f} ms; server {result['server_cpu'] / wall:.0%} "
+        f"of a core",
         f"{'route group':<14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
     ]
     groups = [g for _, g in MIX]
@@ -426,6 +475,7 @@ def main() -> int:
     p.add_argument("--pythonpath", help="run the server from this checkout instead")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    p.add_argument("--profile", help="py-spy the server during the first load into this file")
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="mixloom-load-"))
@@ -443,9 +493,39 @@ def main() -> int:
                 time.sleep(args.quiet_seconds)
                 quiet = clock.rate_over(start)
                 print(f"training without load: {quiet:.2f} steps/s", flush=True)
+            server_pid = int((tmp / "server.pid").read_text())
+            meter = CpuMeter(server_pid, db_url.rsplit("/", 1)[1] if args.mode == "api" else None)
             for n in args.clients:
                 start = clock.last() if clock else None
+                before = meter.sample()
+                profiler = None
+                if args.profile and n == args.clients[0]:
+                    profiler = subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "-p",
+                            str(server_pid),
+                            "-d",
+                            str(int(args.seconds * 0.8)),
+                            "-r",
+                            "200",
+                            "-f",
+                            "raw",
+                            "-o",
+                            args.profile,
+                            "--nonblocking",
+                            "--subprocesses",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 result = drive(port, tenant_list, n, args.seconds)
+                after = meter.sample()
+                result["server_cpu"] = meter.since(before[0], after[0])
+                result["postgres_cpu"] = meter.since(before[1], after[1])
+                if profiler is not None:
+                    profiler.wait()
                 print(table(n, result), flush=True)
                 if clock is not None:
                     loaded = clock.rate_over(start)

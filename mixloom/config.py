@@ -84,6 +84,9 @@ class Settings(ModelSettings, BaseSettings):
     # a revoked key is refused at most this many seconds later (0: ask on every request)
     auth_cache_seconds: float = 2.0
     api_workers: int = 1  # `mixloom api` processes (each with its own caches and buckets)
+    # threads per API process running the (sync) route handlers, and database connections
+    # kept open (anyio's default is 40: on 2 cores they mostly wait for the GIL)
+    api_threads: int = 16
     # `mixloom serve`: the API process's nice value above the worker's, so that API load
     # does not starve training (0: the same priority)
     serve_api_nice: int = 10

@@ -1,11 +1,16 @@
-"""`mixloom worker` (a training worker) and `mixloom serve` (API + worker in one process)."""
+"""`mixloom worker` (a training worker) and `mixloom serve` (API + worker on one machine,
+as two supervised processes)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from typing import Any
 
 from mixloom.config import Settings
@@ -23,7 +28,8 @@ def register(sub: Any) -> None:
 
     s = sub.add_parser(
         "serve",
-        help="API and worker in one process (default: SQLite, in-process bus, SmolLM2-135M)",
+        help="API and worker, each in its own process, restarted if it dies (default: SQLite, "
+        "SmolLM2-135M)",
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -49,14 +55,17 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info")
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    """The environment's settings, with the worker flags given on the command line."""
-    given = {
+def _given_worker_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
         k: getattr(args, k)
         for k in Settings.model_fields
         if k.startswith("worker_") and getattr(args, k, None) is not None
     }
-    return Settings(**given)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The environment's settings, with the worker flags given on the command line."""
+    return Settings(**_given_worker_settings(args))
 
 
 def _setup_logging(level: str) -> None:
@@ -101,47 +110,114 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    """The API and the worker as two supervised child processes (`mixloom api`, `mixloom
+    worker`): a crash of one never takes the other down, and the one that died is started
+    again. Apart, the API's threads cannot take the GIL from the training loop, and the API
+    runs at a lower CPU priority (serve_api_nice), so API load does not starve training.
 
-    from mixloom.scheduler.worker import Worker
-    from mixloom.server.app import create_app
+    Without Redis each child has its own in-process bus, so nothing crosses between them on
+    it: the worker finds new jobs by polling the database (every worker_poll_seconds, 1 s
+    here) and SSE streams read new events and metrics from the database every
+    sse_poll_seconds (0.5 s here): that is an SSE frame's added latency."""
     from mixloom.storage import migrate
-    from mixloom.storage.bus import make_bus
-    from mixloom.storage.db import Database
 
     _setup_logging(args.log_level)
     settings = _settings(args)
     migrate.upgrade(settings.resolved_database_url)
-    db = Database.connect(settings.resolved_database_url)
-    bus = make_bus(settings.redis_url)
-    app = create_app(settings, db=db, bus=bus)
+    env = dict(os.environ)
+    for name, value in _given_worker_settings(args).items():
+        env["MIXLOOM_" + name.upper()] = str(value)
+    if not settings.redis_url:
+        env.setdefault("MIXLOOM_SSE_POLL_SECONDS", str(SERVE_SSE_POLL_SECONDS))
+        env.setdefault("MIXLOOM_WORKER_POLL_SECONDS", str(SERVE_WORKER_POLL_SECONDS))
+    cli = [sys.executable, "-m", "mixloom.cli"]
+    level = ["--log-level", args.log_level]
+    children = [
+        _Child(
+            "api",
+            [*cli, "api", "--no-migrate", "--host", args.host, "--port", str(args.port), *level],
+            env,
+            nice=settings.serve_api_nice,
+        ),
+        _Child("worker", [*cli, "worker", "--no-migrate", *level], env, nice=0),
+    ]
     stop = threading.Event()
-    worker = Worker(settings, db=db, bus=bus)
-    failed: list[BaseException] = []
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
-    )
-
-    def work() -> None:
-        try:
-            worker.run(stop)
-        except BaseException as exc:  # an API without its worker would queue jobs forever
-            failed.append(exc)
-            logging.getLogger("mixloom.worker").exception("the worker stopped; shutting down")
-            server.should_exit = True
-
-    thread = threading.Thread(target=work, name="mixloom-worker", daemon=True)
-    thread.start()
-    # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises the signal to the handler
-    # that was there before it: make that one stop the worker (checkpoint, release its jobs)
-    # rather than the default, which would kill the process first.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        server.run()
+        while not stop.is_set():
+            for child in children:
+                child.keep_running()
+            stop.wait(0.5)
     finally:
-        stop.set()
-        thread.join(timeout=120)
-        bus.close()
-        db.dispose()
-    return 1 if failed else 0
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(timeout=WORKER_STOP_SECONDS if child.name == "worker" else 30)
+    return 0
+
+
+SERVE_SSE_POLL_SECONDS = 0.5
+SERVE_WORKER_POLL_SECONDS = 1.0
+WORKER_STOP_SECONDS = 120  # a stopping worker finishes its step and checkpoints its jobs
+_RESTART_DELAYS_S = (1, 2, 5, 10, 30)  # after each crash in a row; a minute up resets it
+_PR_SET_PDEATHSIG = 1
+
+
+class _Child:
+    """One child process of `mixloom serve`, started again (after a growing delay) when it
+    exits. It gets SIGTERM if `serve` itself dies, and runs in its own session so that a
+    Ctrl-C reaches it once, from `serve`."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], *, nice: int) -> None:
+        self.name, self.cmd, self.env, self.nice = name, cmd, env, nice
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.crashes = 0
+        self.started_at = 0.0
+        self.restart_at = 0.0
+        self.log = logging.getLogger("mixloom.serve")
+
+    def _preexec(self) -> None:
+        if self.nice:
+            os.nice(self.nice)
+        if sys.platform == "linux":
+            import ctypes
+
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def keep_running(self) -> None:
+        now = time.monotonic()
+        if self.proc is not None:
+            code = self.proc.poll()
+            if code is None:
+                if now - self.started_at > 60:
+                    self.crashes = 0
+                return
+            delay = _RESTART_DELAYS_S[min(self.crashes, len(_RESTART_DELAYS_S) - 1)]
+            self.crashes += 1
+            self.restart_at = now + delay
+            self.proc = None
+            self.log.error(
+                "the %s process exited (%s); starting it again in %d s", self.name, code, delay
+            )
+        if now < self.restart_at:
+            return
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, preexec_fn=self._preexec, start_new_session=True
+        )
+        self.started_at = now
+        self.log.info("%s process %d started", self.name, self.proc.pid)
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def wait(self, timeout: float) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.log.error("the %s process did not stop in %.0f s; killing it", self.name, timeout)
+            self.proc.kill()
+            self.proc.wait()

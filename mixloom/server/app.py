@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from sqlalchemy.exc import DBAPIError
@@ -51,7 +52,12 @@ def create_app(
     if db is None:
         if run_migrations:
             migrate.upgrade(settings.resolved_database_url)
-        db = Database.connect(settings.resolved_database_url)
+        # a connection kept per request thread: fewer made each request past them open
+        # and close one; as many again for SSE replays and bursts
+        threads = settings.api_threads
+        db = Database.connect(
+            settings.resolved_database_url, pool_size=threads, max_overflow=threads
+        )
     bus = bus or make_bus(settings.redis_url)
     ctx = ServerContext(
         settings=settings,
@@ -63,6 +69,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # sync routes run in anyio's threadpool (api_threads)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         _prune_idempotency(ctx)
         yield
         if owns_bus:

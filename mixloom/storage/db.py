@@ -84,7 +84,13 @@ class Database:
     @classmethod
     def connect(cls, url: str, **kwargs: Any) -> Database:
         engine = make_engine(url, **kwargs)
-        reads = sessionmaker(engine.execution_options(**{_READ_ONLY: True}))
+        options: dict[str, Any] = {_READ_ONLY: True}
+        if not is_sqlite(url):
+            # Each read its own statement-level transaction: no BEGIN and no ROLLBACK, two
+            # of a GET's four round trips (pool ping, BEGIN, SELECT, ROLLBACK). The
+            # statements of one read no longer share a snapshot; no GET needs them to.
+            options["isolation_level"] = "AUTOCOMMIT"
+        reads = sessionmaker(engine.execution_options(**options))
         event.listen(reads, "before_flush", _refuse_write)
         event.listen(reads, "do_orm_execute", _refuse_write_statement)
         return cls(

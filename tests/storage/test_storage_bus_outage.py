@@ -119,8 +119,10 @@ def test_an_outage_logs_once_and_its_end_once(
     assert len(lines) == 1 and "Redis is back after" in lines[0], lines
     # and it works again: a wake-up reaches a waiting worker
     bus.wait_for_wake(0.05)
-    threading.Timer(0.1, bus.wake).start()
+    waker = threading.Timer(0.1, bus.wake)
+    waker.start()
     assert bus.wait_for_wake(5.0) is True
+    waker.join()  # its reply read before the client closes
     bus.close()
 
 

@@ -115,7 +115,12 @@ def main() -> int:
     if args.fault in ("redis-outage", "all"):
         kw = {} if args.fault == "all" else {"steps": args.steps, "down_seconds": args.down_seconds}
         reports.append(run("redis-outage", faults.redis_outage, **kw))
-    if args.fault in ("datadir-unavailable", "all"):
+    if args.fault == "datadir-unavailable" and faults.mount_problem():
+        print(f"cannot run: {faults.mount_problem()}", file=sys.stderr)
+        return 2
+    if args.fault == "all" and faults.mount_problem():
+        log(f"datadir-unavailable left out: {faults.mount_problem()}")
+    elif args.fault in ("datadir-unavailable", "all"):
         kw = {} if args.fault == "all" else {"steps": args.steps, "down_seconds": args.down_seconds}
         reports.append(run("datadir-unavailable", faults.datadir_unavailable, **kw))
 

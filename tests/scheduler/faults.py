@@ -53,6 +53,9 @@ from mixloom.storage import models as m
 from mixloom.storage.db import Database
 
 FINISHED = ("succeeded", "failed", "cancelled")
+# status changes every job goes through; the others (paused, queued again, failed) are what
+# a fault shows a tenant, at whatever level
+QUIET_STATUSES = ("Job created", "Job started", "Job running", "Job succeeded")
 LOG = Callable[[str], None]
 
 
@@ -72,6 +75,13 @@ def postgres_bin() -> Path | None:
         return Path(found[-1]).parent
     pg_ctl = shutil.which("pg_ctl")
     return Path(pg_ctl).parent if pg_ctl else None
+
+
+def mount_problem() -> str | None:
+    """None if this process may mount a tmpfs (the data directory scenario), else why not."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return "mounting a tmpfs for the data directory needs root and mount(8)"
+    return None
 
 
 def services_problem() -> str | None:
@@ -686,15 +696,17 @@ def audit(report: Report, cluster: Cluster, jobs: list[Submitted], steps: int) -
         job = j.client.get_job(j.job_id)
         report.statuses[job.status] += 1
         for e in j.client.iter_events(j.job_id, page_size=100):
-            if e.level in ("warning", "error"):
+            if e.level in ("warning", "error") or (
+                e.type == "status" and not e.message.startswith(QUIET_STATUSES)
+            ):
                 report.events[f"{e.level}: {_shape(e.message)}"] += 1
         with cluster.db.transaction() as s:
             rows = s.execute(
-                select(m.JobMetric.step, m.JobMetric.values)
+                select(m.JobMetric.step, m.JobMetric.values, m.JobMetric.created_at)
                 .where(m.JobMetric.job_id == j.job_id)
                 .order_by(m.JobMetric.seq)
             ).all()
-        per_step = Counter(step for step, _ in rows)
+        per_step = Counter(step for step, _, _ in rows)
         dupes = sorted(s for s, n in per_step.items() if n > 1)
         missing = sorted(set(range(1, steps + 1)) - set(per_step))
         report.metrics_duplicates += sum(n - 1 for n in per_step.values())
@@ -704,9 +716,16 @@ def audit(report: Report, cluster: Cluster, jobs: list[Submitted], steps: int) -
                 f"metrics of {j.spec.name}: steps {dupes} recorded more than once, "
                 f"steps {missing} never"
             )
-        order = [v.get("worker_id") for _, v in rows]
-        segments = [w for i, w in enumerate(order) if i == 0 or order[i - 1] != w]
+        # a worker's run of steps never resumes after another's began, and a killed worker's
+        # successor records its first step after the kill
+        order = [v.get("worker_id") for _, v, _ in rows]
+        starts = [i for i in range(len(order)) if i == 0 or order[i - 1] != order[i]]
+        segments = [order[i] for i in starts]
         report.overlaps += len(segments) - len(set(segments))
+        for prev, i in zip(starts, starts[1:], strict=False):
+            killed = cluster.killed.get(str(order[prev]))
+            if killed is not None and rows[i][2].timestamp() < killed:
+                report.overlaps += 1
         if job.status != "succeeded":
             report.lost.append(f"{j.spec.name}: {job.status} ({job.error})")
             continue

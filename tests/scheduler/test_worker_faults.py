@@ -232,7 +232,7 @@ def test_disk_full_pauses_the_job_that_fills_it_and_the_other_tenant_finishes(
 def test_read_only_data_dir_pauses_running_jobs_and_they_resume_once_writable(
     tmp_path: Path, tiny_base: Path
 ) -> None:
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(60, seed=2))
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40, seed=2))
     with (
         tmpfs(tmp_path / "data", "64m") as mount,
         stack(tmp_path, tiny_base, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}") as s,
@@ -260,7 +260,7 @@ def test_read_only_data_dir_pauses_running_jobs_and_they_resume_once_writable(
             client.resume_job(job_id)
         for job_id in ids:
             wait_status(client, job_id, "succeeded")
-            assert [x.step for x in metrics(client, job_id)] == list(range(1, 31))
+            assert [x.step for x in metrics(client, job_id)] == list(range(1, 21))
         s.stop_workers()
 
 

@@ -581,10 +581,10 @@ class Worker:
         now = time.monotonic()
         interval = self.settings.worker_metrics_interval_seconds
         due = s.checkpoint is not None or s.checkpoint_error is not None
-        if (s.job.done or due or now - h.last_metrics_at >= interval) and not self._metrics(
-            h, s.step, s.metrics
-        ):
-            return
+        if s.job.done or due or now - h.last_metrics_at >= interval:
+            h.last_metrics_at = now
+            if not self._metrics(h, s.step, s.metrics):
+                return
         if s.checkpoint_error is not None:
             if isinstance(s.checkpoint_error, DBAPIError):  # the next checkpoint will do
                 log.error("%s: no checkpoint at step %d", h.record.id, s.step, exc_info=True)

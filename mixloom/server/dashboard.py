@@ -24,9 +24,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from mixloom.jobspec import ALL_MODULES, LoraHyperparameters, MixLoraHyperparameters
-from mixloom.server.deps import SESSION_TOKEN_SCOPE_KEY, Context
+from mixloom.server.deps import SESSION_TOKEN_SCOPE_KEY, Context, ServerContext
 from mixloom.server.errors import error_response
 from mixloom.storage import sessions
+from mixloom.storage.records import TenantRecord
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SESSION_COOKIE = "mixloom_session"
@@ -40,7 +41,7 @@ class SignIn(BaseModel):
     api_key: Annotated[str, Field(min_length=1, max_length=512)]
 
 
-def _session_tenant(ctx: Any, token: str | None) -> Any:
+def _session_tenant(ctx: ServerContext, token: str | None) -> TenantRecord | None:
     if not token:
         return None
     with ctx.db.transaction() as session:

@@ -1,5 +1,7 @@
-// The mixloom dashboard: a hash-routed page over the public /v1 API. The API key lives in
-// an HttpOnly cookie (see server/dashboard.py); writes carry X-Mixloom-Dashboard.
+// The mixloom dashboard: a hash-routed page over the public /v1 API. A server-side
+// session's token (never the API key) lives in an HttpOnly cookie (see
+// server/dashboard.py); writes carry X-Mixloom-Dashboard. No inline script or style: the
+// Content-Security-Policy (server/headers.py) allows this origin's files only.
 'use strict';
 
 const JOBS = '/v1/fine_tuning/jobs';

@@ -119,6 +119,8 @@ def test_kill_9_worker_mid_job_another_resumes_and_result_equals_uninterrupted(
             _, ckpt = before[job_id]
             steps = [x.step for x in series[first:]]
             assert steps == list(range(ckpt + 1, 31))
+            # the victim's steps past its checkpoint were deleted when the job resumed
+            assert [x.step for x in series] == list(range(1, 31))
             assert job.trained_tokens and job.trained_tokens > 0
 
         reference = train_reference(tmp_path, tiny_base, data, jobs)

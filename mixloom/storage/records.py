@@ -157,6 +157,11 @@ class EventRecord(Record):
         }
 
 
+# Stored with a step's metrics for operators, never sent to a tenant: which worker process
+# (host:pid by default) trained the step.
+OPERATOR_METRICS = frozenset({"worker_id"})
+
+
 @dataclass(frozen=True)
 class MetricRecord(Record):
     id: int
@@ -167,10 +172,12 @@ class MetricRecord(Record):
     values: dict[str, Any]
 
     def to_message(self) -> dict[str, Any]:
-        values = self.values
+        """The progress-bus / SSE / API form, the one a tenant sees: without the values
+        stored for operators alone (`OPERATOR_METRICS`)."""
+        values = {k: v for k, v in self.values.items() if k not in OPERATOR_METRICS}
         if isinstance(values.get("shared_with"), list):
             # stored before shared_with became a count: the job ids may be other tenants'
-            values = {**values, "shared_with": len(values["shared_with"])}
+            values["shared_with"] = len(values["shared_with"])
         return {
             "id": self.seq,
             "event": "metrics",

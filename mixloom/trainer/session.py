@@ -32,7 +32,8 @@ client). Names follow OpenAI's fine-tuning API where it has one:
                             which: they may be other tenants')
     eta_seconds, estimated_finish (unix time)
     cpu_memory_bytes, gpu_memory_bytes, gpu_peak_memory_bytes (on a GPU)
-    worker_id               the process that trained the step
+    worker_id               the process that trained the step (in the database and
+                            metrics.jsonl for operators; never in a tenant's responses)
 """
 
 from __future__ import annotations

@@ -198,6 +198,15 @@ def metrics(client: Client, job_id: str) -> list[Any]:
     return list(client.iter_metrics(job_id))
 
 
+def workers_by_step(db: Database, job_id: str) -> dict[int, str]:
+    """Which worker trained each step, from the stored metrics (the API never says)."""
+    from mixloom.storage import jobs
+
+    with db.transaction() as session:
+        series, _ = jobs.list_metrics(session=session, job_id=job_id, limit=100_000)
+    return {r.step: r.values["worker_id"] for r in series}
+
+
 def adapter_tensors(zip_path: Path, into: Path) -> dict[str, torch.Tensor]:
     """Unzip an adapter archive (files at its root) and read its safetensors."""
     with zipfile.ZipFile(zip_path) as zf:

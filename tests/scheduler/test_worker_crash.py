@@ -18,6 +18,7 @@ from helpers import (
     train_reference,
     wait_for,
     wait_status,
+    workers_by_step,
     write_jsonl,
 )
 from sqlalchemy import func, select
@@ -103,7 +104,8 @@ def test_kill_9_worker_mid_job_another_resumes_and_result_equals_uninterrupted(
         for job_id, job in zip(ids, done, strict=True):
             events = [e.message for e in client.iter_events(job_id, page_size=100)]
             series = sorted(client.iter_metrics(job_id), key=lambda x: (x.created_at, x.step))
-            workers = [x.metrics["worker_id"] for x in series]
+            worker_of = workers_by_step(s.db, job_id)
+            workers = [worker_of[x.step] for x in series]
             if holders[job_id] != victim:  # the survivor's own job: one run, one attempt
                 assert set(workers) == {survivor}
                 assert [x.step for x in series] == list(range(1, 31))
@@ -154,7 +156,7 @@ def test_two_workers_share_the_queue_and_never_train_one_job_together(
                 attempts = session.scalar(select(m.Job.attempts).where(m.Job.id == job_id))
             assert attempts == 1
             series = list(c.iter_metrics(job_id))
-            workers = {x.metrics["worker_id"] for x in series}
+            workers = set(workers_by_step(s.db, job_id).values())
             assert len(workers) == 1 and [x.step for x in series] == list(range(1, 7))
             used |= workers
         assert used == {"left", "right"}  # both took part

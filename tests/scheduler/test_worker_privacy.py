@@ -1,6 +1,7 @@
 """Two tenants' jobs trained in the same fused steps on the tiny model: each tenant learns
 how many other jobs shared its steps, never which, and nothing it can read (its job, its
-lists, events, metrics, checkpoints, the live stream) names the other tenant's objects."""
+lists, events, metrics, checkpoints, the live stream) names the other tenant's objects, or
+the worker process that trained them."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_shared_steps_are_counted_never_named(tmp_path: Path, tiny_base: Path) -
             f = client.upload_file(data)
             job = client.create_job(training_file=f.id, model=model, method=METHOD)
             ids[name] = {"file": f.id, "job": job.id, "key": client.api_key}
-        s.start_worker()
+        s.start_worker(worker_id="a-host:4242")
         for name, client in (("alice", alice), ("bob", bob)):
             wait_status(client, ids[name]["job"], "succeeded")
 
@@ -69,3 +70,4 @@ def test_shared_steps_are_counted_never_named(tmp_path: Path, tiny_base: Path) -
         seen = _everything_readable(s.url, ids["alice"]["key"], ids["alice"]["job"])
         for secret in (ids["bob"]["job"], ids["bob"]["file"], bob_tenant, ids["bob"]["key"]):
             assert secret not in seen, secret
+        assert "a-host:4242" not in seen  # nor which worker process trained it

@@ -8,10 +8,11 @@ Loop (one thread; a heartbeat thread renews leases beside it):
 
 Two workers never train one job at once: a worker steps a job only while its lease is
 surely valid (renewed less than `lease - margin` seconds ago by its own clock), and writes
-a checkpoint or result only in a transaction that re-checks the lease. A killed worker's
-jobs are re-queued by whichever process next runs `expire_leases` and resume from their last
-checkpoint, which holds everything a run needs (adapter, optimizer, schedule, RNG, data
-cursor), so the result equals an uninterrupted run.
+metrics, a checkpoint or a result only in a transaction that re-checks the lease. A killed
+worker's jobs are re-queued by whichever process next runs `expire_leases` and resume from
+their last checkpoint, which holds everything a run needs (adapter, optimizer, schedule,
+RNG, data cursor), so the result equals an uninterrupted run; the metrics the dead worker
+wrote past that checkpoint are deleted then, so the history has one row per step.
 
 What a job's training does (build, step, checkpoint cadence, resume, rollback, validation,
 metrics, final checkpoint) is the TrainingSession's (trainer/session.py), the same that

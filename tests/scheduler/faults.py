@@ -99,30 +99,32 @@ class OwnPostgres:
     """A throwaway PostgreSQL cluster on 127.0.0.1:<free port>, trust authentication,
     fsync off. As root it runs as the `postgres` OS user (postgres refuses root)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self) -> None:
         bindir = postgres_bin()
         assert bindir is not None, services_problem()
         self.bin = bindir
-        self.root = Path(tempfile.mkdtemp(prefix="pg-", dir=root))
+        # a folder of its own directly in /tmp: the postgres user cannot pass through the
+        # caller's (pytest's tmp_path is 0700, and pytest sets it back to 0700 at each start)
+        self.root = Path(tempfile.mkdtemp(prefix="mixloom-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self.as_root = os.geteuid() == 0
         if self.as_root:
             shutil.chown(self.root, "postgres", "postgres")
-            # the folders above must be passable for the postgres user
-            for parent in self.root.parents:
-                if parent == Path("/"):
-                    break
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    parent.chmod(mode | 0o001)
 
     def _run(self, *args: str, timeout: float = 120) -> None:
         cmd = [str(self.bin / args[0]), *args[1:]]
         if self.as_root:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            log = self.root / "log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(
+                f"{' '.join(args)}: exit {done.returncode}: {done.stdout}{done.stderr}\n"
+                f"server log (end):\n{tail}"
+            )
 
     def init(self) -> OwnPostgres:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
@@ -155,7 +157,7 @@ class OwnPostgres:
         )
 
     def close(self) -> None:
-        with suppress(subprocess.SubprocessError):
+        with suppress(RuntimeError):
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -200,7 +202,7 @@ class OwnRedis:
 @contextmanager
 def services(tmp: Path) -> Iterator[tuple[OwnPostgres, OwnRedis]]:
     """Our own PostgreSQL and Redis for one scenario, stopped and removed afterwards."""
-    pg = OwnPostgres(tmp)
+    pg = OwnPostgres()
     rd = OwnRedis(tmp)
     try:
         pg.init()
@@ -578,8 +580,10 @@ class Poller:
                     self.outcomes["200"] += 1
                     self.last_ok = time.time()
                 except Exception as exc:
-                    code = getattr(exc, "status_code", 0)
-                    self.outcomes[str(code) if code else type(exc).__name__] += 1
+                    status = getattr(exc, "status_code", 0)
+                    code = getattr(exc, "code", None)
+                    key = f"{status} {code}" if status else type(exc).__name__
+                    self.outcomes[key] += 1
                     self.last_error = time.time()
 
     @property

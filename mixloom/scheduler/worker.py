@@ -771,7 +771,9 @@ class Worker:
         to resume from its last checkpoint when space is freed; anything else: failed."""
         if isinstance(exc, QuotaExceededError):
             log.warning("%s: %s refused: %s", h.record.id, doing, exc)
-            self._release(h, JobStatus.PAUSED, f"Job paused while {doing}: {exc}")
+            self._release(
+                h, JobStatus.PAUSED, f"Job paused while {doing}: {exc}; then resume the job"
+            )
             return
         problem = storage_problem(exc)
         if problem is not None:

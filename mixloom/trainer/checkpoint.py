@@ -48,14 +48,16 @@ class CorruptCheckpointError(MixloomError):
 
 def storage_problem(exc: BaseException) -> str | None:
     """The reason when `exc` (or what caused it) is storage full, read-only or failing,
-    which passes when space is freed or the disk comes back; None for any other error."""
+    which passes when space is freed or the disk comes back; None for any other error. The
+    reason names no path (tenants read it)."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in TRANSIENT_ERRNOS:
-            return f"{seen.strerror or os.strerror(seen.errno)} ({seen.filename or 'storage'})"
+            return os.strerror(seen.errno)
         text = str(seen)
-        if any(t in text for t in _TRANSIENT_TEXT):
-            return text
+        for reason in _TRANSIENT_TEXT:
+            if reason in text:
+                return reason if reason != "unexpected pos" else "a write to storage failed"
         seen = seen.__cause__ or seen.__context__
     return None
 

@@ -23,20 +23,33 @@ Decisions (the API documents the same):
   come first; a chat needs at least one assistant message, and every assistant message
   is trained on unless it has ``"weight": 0`` (``weight`` is 0 or 1, assistant only).
 - Validation reports every problem (up to ``max_problems``, then a count of the rest).
+- Each line is strict JSON (``strict_json.loads``): no NaN or Infinity, numbers within a
+  double's range, integers of at most 1,000 digits, nesting at most 64 deep, and no
+  string anywhere in the line holding an unpaired surrogate or NUL escape. A line is at
+  most ``MAX_LINE_BYTES`` (1 MiB); a longer one is reported, never read whole.
+- Lines end with ``\\n``; a ``\\r`` before it is JSON whitespace, so CRLF files are fine.
 """
 
 from __future__ import annotations
 
-import json
+import io
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from mixloom.data import strict_json
 from mixloom.errors import DataError, Problem
 
 MAX_LINES = 200_000
 MAX_PROBLEMS = 100
+# One example per line; 1 MiB is ~250k tokens of English text, far past any max_seq_len.
+# Over it, a line is reported without being read whole.
+MAX_LINE_BYTES = 1024 * 1024
+BOM = b"\xef\xbb\xbf"
+_SKIP_CHUNK = 64 * 1024
 ROLES = ("system", "user", "assistant")
 
 
@@ -66,26 +79,47 @@ class Example:
     untrained: frozenset[int] = frozenset()  # indices of assistant messages with weight 0
 
 
+def validate_jsonl_file(
+    path: str | Path,
+    *,
+    filename: str,
+    max_lines: int = MAX_LINES,
+    max_problems: int = MAX_PROBLEMS,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> tuple[int, list[Problem]]:
+    """Validate a JSONL training file on disk, one line in memory at a time.
+
+    Returns (number of non-blank lines, problems). An empty problem list means the file
+    is good. Each problem's ``where`` is ``"{filename}:{line}"`` or
+    ``"{filename}:{line}: {field}"`` (e.g. ``"train.jsonl:12: messages[2].role"``).
+    """
+    with open(path, "rb") as f:
+        rows, _, problems = _scan(
+            f, filename, max_lines, max_problems, max_line_bytes, keep_examples=False
+        )
+    return rows, problems
+
+
 def validate_jsonl_bytes(
     data: bytes,
     *,
     filename: str,
     max_lines: int = MAX_LINES,
     max_problems: int = MAX_PROBLEMS,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> tuple[int, list[Problem]]:
-    """Validate a JSONL training file without loading it into examples.
-
-    Returns (number of non-blank lines, problems). An empty problem list means the file
-    is good. Each problem's ``where`` is ``"{filename}:{line}"`` or
-    ``"{filename}:{line}: {field}"`` (e.g. ``"train.jsonl:12: messages[2].role"``).
-    """
-    rows, _, problems = _scan(data, filename, max_lines, max_problems)
+    """`validate_jsonl_file` for bytes in memory."""
+    rows, _, problems = _scan(
+        io.BytesIO(data), filename, max_lines, max_problems, max_line_bytes, keep_examples=False
+    )
     return rows, problems
 
 
 def parse_jsonl_bytes(data: bytes, *, filename: str, max_lines: int = MAX_LINES) -> list[Example]:
     """Parse a JSONL training file; raise DataError listing every problem if any."""
-    _, examples, problems = _scan(data, filename, max_lines, MAX_PROBLEMS)
+    _, examples, problems = _scan(
+        io.BytesIO(data), filename, max_lines, MAX_PROBLEMS, MAX_LINE_BYTES, keep_examples=True
+    )
     if problems:
         raise DataError(problems)
     return examples
@@ -95,36 +129,71 @@ def load_jsonl(path: str | Path, *, max_lines: int = MAX_LINES) -> list[Example]
     """Read and parse a JSONL training file; raise DataError listing every problem if any."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            _, examples, problems = _scan(
+                f, str(path), max_lines, MAX_PROBLEMS, MAX_LINE_BYTES, keep_examples=True
+            )
     except OSError as e:
         raise DataError(
             f"cannot read data file: {e.strerror}; check the path", where=str(path)
         ) from e
-    return parse_jsonl_bytes(data, filename=str(path), max_lines=max_lines)
+    if problems:
+        raise DataError(problems)
+    return examples
+
+
+def _lines(f: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line without its newline), or None for a line over max_line_bytes,
+    which is skipped without being held."""
+    for lineno in itertools.count(1):
+        raw = f.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        if lineno == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM) :]
+        if raw.endswith(b"\n"):
+            yield lineno, raw[:-1]
+        elif len(raw) <= max_line_bytes:
+            yield lineno, raw  # the last line, without a newline
+        else:
+            while (rest := f.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
+                pass
+            yield lineno, None
 
 
 def _scan(
-    data: bytes, filename: str, max_lines: int, max_problems: int
+    f: BinaryIO,
+    filename: str,
+    max_lines: int,
+    max_problems: int,
+    max_line_bytes: int,
+    *,
+    keep_examples: bool,
 ) -> tuple[int, list[Example], list[Problem]]:
-    problems: list[Problem] = []
+    problems = _Problems(max_problems)
     examples: list[Example] = []
     file_format: tuple[Format, int] | None = None  # (format, line that fixed it)
     rows = 0
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw in _lines(f, max_line_bytes):
+        where = f"{filename}:{lineno}"
+        if raw is None:
+            rows += 1
+            problems.add(
+                Problem(
+                    where,
+                    f"the line is longer than {max_line_bytes:,} bytes; shorten the example "
+                    "or split it into several",
+                )
+            )
+            continue
         if not raw.strip():
             continue
         rows += 1
         if rows > max_lines:
-            problems.append(
-                Problem(
-                    f"{filename}:{lineno}",
-                    f"the file has more than {max_lines} lines; split it or remove rows",
-                )
+            problems.add(
+                Problem(where, f"the file has more than {max_lines} lines; split it or remove rows")
             )
             break
-        where = f"{filename}:{lineno}"
         row_problems: list[Problem] = []
         example = _parse_line(raw, where, row_problems)
         if example is not None:
@@ -140,18 +209,33 @@ def _scan(
                     )
                 )
         if row_problems:
-            problems.extend(row_problems)
-        elif example is not None:
+            for p in row_problems:
+                problems.add(p)
+        elif example is not None and keep_examples:
             examples.append(example)
     if rows == 0:
-        problems.append(
-            Problem(filename, "the file has no examples; upload one JSON object per line")
-        )
-    if len(problems) > max_problems:
-        rest = len(problems) - max_problems
-        problems = problems[:max_problems]
-        problems.append(Problem(filename, f"... and {rest} more problems not shown"))
-    return rows, examples, problems
+        problems.add(Problem(filename, "the file has no examples; upload one JSON object per line"))
+    return rows, examples, problems.listed(filename)
+
+
+class _Problems:
+    """The first `limit` problems, and a count of the rest (a bad file must not fill memory)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.shown: list[Problem] = []
+        self.hidden = 0
+
+    def add(self, problem: Problem) -> None:
+        if len(self.shown) < self.limit:
+            self.shown.append(problem)
+        else:
+            self.hidden += 1
+
+    def listed(self, filename: str) -> list[Problem]:
+        if not self.hidden:
+            return self.shown
+        return [*self.shown, Problem(filename, f"... and {self.hidden} more problems not shown")]
 
 
 def _parse_line(raw: bytes, where: str, problems: list[Problem]) -> Example | None:
@@ -167,15 +251,14 @@ def _parse_line(raw: bytes, where: str, problems: list[Problem]) -> Example | No
         )
         return None
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        problems.append(
-            Problem(
-                where,
-                f"invalid JSON: {e.msg} at column {e.colno}; "
-                "each line must be one complete JSON object",
-            )
+        obj = strict_json.loads(text)
+    except strict_json.StrictJSONError as e:
+        fix = (
+            "each line must be one complete JSON object"
+            if str(e).startswith("invalid JSON")
+            else "fix or remove this line"
         )
+        problems.append(Problem(where, f"{e}; {fix}"))
         return None
     if not isinstance(obj, dict):
         problems.append(
@@ -188,7 +271,7 @@ def _parse_line(raw: bytes, where: str, problems: list[Problem]) -> Example | No
         return _parse_prompt_completion(obj, where, problems)
     if "instruction" in obj or "output" in obj:
         return _parse_alpaca(obj, where, problems)
-    keys = ", ".join(f'"{k}"' for k in list(obj)[:10]) or "none"
+    keys = ", ".join(_show_key(k) for k in list(obj)[:10]) or "none"
     problems.append(Problem(where, f"unknown format: keys found {keys}; expected {_EXPECTED_KEYS}"))
     return None
 
@@ -221,7 +304,7 @@ def _parse_chat(obj: dict[str, Any], where: str, problems: list[Problem]) -> Exa
             problems.append(Problem(f"{field}.role", f"missing; use one of {list(ROLES)}"))
         elif not isinstance(role, str) or role not in ROLES:
             problems.append(
-                Problem(f"{field}.role", f"unknown role {role!r}; use one of {list(ROLES)}")
+                Problem(f"{field}.role", f"unknown role {_show(role)}; use one of {list(ROLES)}")
             )
         elif role == "system" and i > 0:
             problems.append(
@@ -237,7 +320,9 @@ def _parse_chat(obj: dict[str, Any], where: str, problems: list[Problem]) -> Exa
                 problems.append(Problem(f"{field}.weight", "only assistant messages have a weight"))
             elif isinstance(weight, bool) or weight not in (0, 1):
                 problems.append(
-                    Problem(f"{field}.weight", f"must be 0 (no loss) or 1 (loss), got {weight!r}")
+                    Problem(
+                        f"{field}.weight", f"must be 0 (no loss) or 1 (loss), got {_show(weight)}"
+                    )
                 )
             elif weight == 0:
                 untrained.add(i)
@@ -290,21 +375,29 @@ def _text(
     if not isinstance(value, str):
         problems.append(Problem(field, f"expected a string, got {_json_type(value)}"))
         return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        problems.append(
-            Problem(
-                field,
-                f"has an unpaired surrogate escape \\u{ord(value[e.start]):04x} at character "
-                f"{e.start + 1}, which is not text; fix the escape or the encoder",
-            )
-        )
-        return None
     if not empty_ok and not value.strip():
         problems.append(Problem(field, "is empty; give the text, or drop this row"))
         return None
     return value
+
+
+def _show(value: object) -> str:
+    """A value for a message: short, and never the whole of a huge one."""
+    if isinstance(value, str):
+        text = repr(value[:40])
+        return text if len(value) <= 40 else f"{text[:-1]}...{text[-1]}"
+    if isinstance(value, bool | int | float) or value is None:
+        return _clip_number(value)
+    return _json_type(value)
+
+
+def _show_key(key: str) -> str:
+    return f'"{key}"' if len(key) <= 40 else f'"{key[:37]}..."'
+
+
+def _clip_number(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
 
 
 def _json_type(value: object) -> str:

@@ -155,7 +155,7 @@ BAD_LINES = [
     (b'{"prompt": "a"}', "train.jsonl:2: completion", "missing"),
     (
         b'{"prompt": "a", "completion": "b\\ud800"}',
-        "train.jsonl:2: completion",
+        "train.jsonl:2",
         "unpaired surrogate escape \\ud800 at character 2",
     ),
     (b'{"prompt": ["a"], "completion": "b"}', "train.jsonl:2: prompt", "got an array"),

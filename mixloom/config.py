@@ -92,6 +92,9 @@ class Settings(ModelSettings, BaseSettings):
     serve_api_nice: int = 10
     # limits
     max_upload_bytes: int = 64 * 1024 * 1024
+    # uploads in progress at once per API process (each spools to disk in 1 MiB chunks);
+    # one more is answered 429 with Retry-After
+    max_concurrent_uploads: int = 4
     max_file_lines: int = 200_000
     max_tenant_bytes: int = 1024 * 1024 * 1024
     max_queued_jobs: int = 50

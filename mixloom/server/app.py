@@ -20,7 +20,12 @@ from mixloom.server.dashboard import install_dashboard
 from mixloom.server.deps import ServerContext
 from mixloom.server.errors import install_error_handlers
 from mixloom.server.headers import install_security_headers
-from mixloom.server.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
+from mixloom.server.limits import (
+    MULTIPART_OVERHEAD_BYTES,
+    BodySizeLimit,
+    ConcurrencyLimit,
+    JSONBodyCheck,
+)
 from mixloom.server.ratelimit import install_rate_limit_errors
 from mixloom.server.registry import served_models
 from mixloom.server.routes import files, jobs, models, stream, usage
@@ -96,12 +101,23 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    def is_upload(method: str, path: str) -> bool:
+        return method == "POST" and path == "/v1/files"
+
     def limit_for(method: str, path: str) -> int:
-        if method == "POST" and path == "/v1/files":
+        if is_upload(method, path):
             return settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
         return settings.max_request_bytes
 
+    # the last added runs first: uploads over the limit are refused before any byte is read
+    app.add_middleware(JSONBodyCheck, skip=is_upload)
     app.add_middleware(BodySizeLimit, limit_for=limit_for)
+    app.add_middleware(
+        ConcurrencyLimit,
+        limited=is_upload,
+        limit=settings.max_concurrent_uploads,
+        what="uploads",
+    )
     install_security_headers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

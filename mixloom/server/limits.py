@@ -1,4 +1,5 @@
-"""Request size limits, enforced on the raw byte stream before anything parses it."""
+"""Limits enforced on the raw request before a route parses it: body size, uploads in
+progress at once, and what a JSON body may hold."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import HTTPException
+
+from mixloom.data import strict_json
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -86,12 +89,135 @@ class BodySizeLimit:
             await _reply_too_large(send, limit)
 
 
+class ConcurrencyLimit:
+    """429 with Retry-After, before the body is read, for a request to a limited route while
+    `limit` others are in progress there. Answering at once (not queueing) keeps a waiting
+    client's connection, body and memory off the server; clients retry after the delay."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        limited: Callable[[str, str], bool],
+        limit: int,
+        what: str,
+        retry_after_s: int = 2,
+    ) -> None:
+        self.app = app
+        self.limited = limited
+        self.limit = limit
+        self.what = what
+        self.retry_after_s = retry_after_s
+        self.active = 0  # one event loop: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.limited(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            await _reply(
+                send,
+                429,
+                f"{self.limit} {self.what} are in progress, the most this server takes at "
+                f"once; retry in {self.retry_after_s} s",
+                "quota_exceeded",
+                code="too_many_concurrent_uploads",
+                headers=[(b"retry-after", str(self.retry_after_s).encode())],
+            )
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+class JSONBodyCheck:
+    """400 for a JSON body that `strict_json.loads` refuses (invalid UTF-8, nesting 100,000
+    deep, a 5,000-digit integer, NaN, a lone surrogate or NUL escape, ...), with the reason,
+    before FastAPI's `json.loads` meets it. The body is read here, within BodySizeLimit's
+    limit (this must sit inside it), and handed on unchanged. `skip(method, path)`: routes
+    whose bodies are not small JSON (uploads)."""
+
+    def __init__(self, app: Any, skip: Callable[[str, str], bool]) -> None:
+        self.app = app
+        self.skip = skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] in ("GET", "HEAD", "OPTIONS")
+            or not _is_json(scope)
+            or self.skip(scope["method"], scope["path"])
+        ):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message: Message = await receive()
+            if message["type"] != "http.request":  # disconnected: nothing to answer
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body:
+            problem = _json_problem(body)
+            if problem is not None:
+                await _reply(
+                    send,
+                    400,
+                    f"the request body is not valid JSON: {problem}; send one JSON object in UTF-8",
+                    "invalid_request_error",
+                    code="invalid_json",
+                )
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for a disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _is_json(scope: Scope) -> bool:
+    """The content types FastAPI parses as JSON."""
+    for name, value in scope.get("headers") or []:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or (
+                media.startswith(b"application/") and media.endswith(b"+json")
+            )
+    return False
+
+
+def _json_problem(body: bytes) -> str | None:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 (byte 0x{body[e.start]:02x} at byte {e.start + 1})"
+    try:
+        strict_json.loads(text)
+    except strict_json.StrictJSONError as e:
+        return str(e).removeprefix("invalid JSON: ")
+    return None
+
+
 async def _reply_too_large(send: Send, limit: int) -> None:
     await _reply(send, 413, too_large_message(limit), "request_too_large", code="request_too_large")
 
 
 async def _reply(
-    send: Send, status: int, message: str, type_: str, code: str | None = None
+    send: Send,
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     body = json.dumps(
         {"error": {"message": message, "type": type_, "param": None, "code": code}}
@@ -104,6 +230,7 @@ async def _reply(
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
+                *(headers or []),
             ],
         }
     )

@@ -12,8 +12,8 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
-from mixloom.data.formats import validate_jsonl_bytes
-from mixloom.errors import DataError, QuotaExceededError, TooLargeError, ValidationError
+from mixloom.data.formats import validate_jsonl_file
+from mixloom.errors import DataError, TooLargeError, ValidationError
 from mixloom.server.deps import ID_PATTERN, Context, CurrentTenant, Cursor, FileId, IdempotencyKey
 from mixloom.server.errors import ERROR_RESPONSES
 from mixloom.server.idempotency import create_once
@@ -23,19 +23,7 @@ from mixloom.storage import files, tenants
 router = APIRouter(tags=["files"], responses=ERROR_RESPONSES)
 
 PURPOSES = ("fine-tune",)
-_READ_CHUNK = 1024 * 1024
-
-
-def _read_capped(upload: UploadFile, cap: int) -> bytes:
-    """At most cap + 1 bytes: enough to tell that the file is over the cap."""
-    chunks, size = [], 0
-    while size <= cap:
-        chunk = upload.file.read(min(_READ_CHUNK, cap + 1 - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
+_COPY_CHUNK = 1024 * 1024  # per request in memory while the upload is copied and hashed
 
 
 def _clean_filename(name: str | None) -> str:
@@ -52,83 +40,106 @@ def upload_file(
     purpose: Annotated[str, Form(max_length=64)],
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
-    """Upload a JSONL data file. Every line is checked; all problems come back at once."""
+    """Upload a JSONL data file. Every line is checked; all problems come back at once.
+
+    The body never sits in memory whole: Starlette spools it to a temporary file, which is
+    copied in 1 MiB chunks to a `.part` file beside the files, validated from there line
+    by line, and renamed into place only when it is valid and within the tenant's quota.
+    On any failure the `.part` file is removed.
+    """
     settings = ctx.settings
     if purpose not in PURPOSES:
         raise ValidationError(f"unknown purpose {purpose!r}; use 'fine-tune'", where="purpose")
     cap = min(settings.max_upload_bytes, tenant.max_file_bytes or settings.max_upload_bytes)
     filename = _clean_filename(file.filename)
-    data = _read_capped(file, cap)
-    if len(data) > cap:
-        raise TooLargeError(
-            f"file {filename} is larger than the {cap} bytes allowed; split it into several files",
-            param="file",
-            code="file_too_large",
-        )
-    if not data:
-        raise ValidationError(
-            f"file {filename} is empty; upload one JSON object per line", where="file"
-        )
-    rows, problems = validate_jsonl_bytes(
-        data, filename=filename, max_lines=settings.max_file_lines
-    )
-    if problems:
-        raise DataError(problems)
-
-    sha256 = hashlib.sha256(data).hexdigest()
-    written: list[Path] = []
-
-    def create(session: Session) -> FilePublic:
-        tenants.lock_tenant(session=session, tenant_id=tenant.id)
-        used = tenants.tenant_usage(session=session, tenant_id=tenant.id)["stored_bytes"]
-        quota = tenant.max_total_bytes or settings.max_tenant_bytes
-        if used + len(data) > quota:
-            raise QuotaExceededError(
-                f"storing {len(data)} more bytes would exceed this tenant's {quota} bytes "
-                f"({used} in use); delete files you no longer need",
+    folder = settings.files_dir / tenant.id
+    folder.mkdir(parents=True, exist_ok=True)
+    file_id = files.new_file_id()
+    part = folder / f"{file_id}.part"
+    path = folder / f"{file_id}.jsonl"
+    try:
+        size, sha256 = _copy_capped(file, part, cap)
+        if size > cap:
+            raise TooLargeError(
+                f"file {filename} is larger than the {cap} bytes allowed; split it into "
+                "several files",
                 param="file",
-                code="storage_quota_exceeded",
+                code="file_too_large",
             )
-        file_id = files.new_file_id()
-        path = settings.files_dir / tenant.id / f"{file_id}.jsonl"
-        _write_atomically(path, data)
-        written.append(path)
-        record = files.create_file(
-            session=session,
-            file_id=file_id,
-            tenant_id=tenant.id,
-            filename=filename,
-            purpose=purpose,
-            size=len(data),
-            rows=rows,
-            sha256=sha256,
-            path=str(path),
+        if size == 0:
+            raise ValidationError(
+                f"file {filename} is empty; upload one JSON object per line", where="file"
+            )
+        with ctx.db.transaction() as session:  # before reading every line of a big file
+            tenants.check_storage(
+                session=session,
+                tenant_id=tenant.id,
+                default_max_bytes=settings.max_tenant_bytes,
+                adding=size,
+                what="this file",
+            )
+        rows, problems = validate_jsonl_file(
+            part, filename=filename, max_lines=settings.max_file_lines
         )
-        return FilePublic.of(record)
+        if problems:
+            raise DataError(problems)
 
-    def undo() -> None:
-        while written:
-            written.pop().unlink(missing_ok=True)
+        def create(session: Session) -> FilePublic:
+            tenants.lock_tenant(session=session, tenant_id=tenant.id)
+            tenants.check_storage(
+                session=session,
+                tenant_id=tenant.id,
+                default_max_bytes=settings.max_tenant_bytes,
+                adding=size,
+                what="this file",
+            )
+            os.replace(part, path)
+            record = files.create_file(
+                session=session,
+                file_id=file_id,
+                tenant_id=tenant.id,
+                filename=filename,
+                purpose=purpose,
+                size=size,
+                rows=rows,
+                sha256=sha256,
+                path=str(path),
+            )
+            return FilePublic.of(record)
 
-    return create_once(
-        ctx.db,
-        tenant_id=tenant.id,
-        key=idempotency_key,
-        path="/v1/files",
-        request={"purpose": purpose, "filename": filename, "sha256": sha256},
-        create=create,
-        undo=undo,
-    )
+        def undo() -> None:  # the transaction did not commit: back to .part, removed below
+            if path.exists():
+                os.replace(path, part)
+
+        return create_once(
+            ctx.db,
+            tenant_id=tenant.id,
+            key=idempotency_key,
+            path="/v1/files",
+            request={"purpose": purpose, "filename": filename, "sha256": sha256},
+            create=create,
+            undo=undo,
+        )
+    finally:
+        part.unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _copy_capped(upload: UploadFile, dest: Path, cap: int) -> tuple[int, str]:
+    """Copy at most cap + 1 bytes of the upload to dest (enough to tell that it is over the
+    cap), fsynced; returns (bytes copied, their sha256)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(dest, "wb") as out:
+        while size <= cap:
+            chunk = upload.file.read(min(_COPY_CHUNK, cap + 1 - size))
+            if not chunk:
+                break
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return size, digest.hexdigest()
 
 
 @router.get("/v1/files", response_model=FilesPublic)

@@ -252,3 +252,51 @@ def test_nul_bytes_and_odd_ids_are_400_or_404_on_every_backend(api: Api) -> None
         _error(api.create_job(h, "file-\x00"), 400)
         _error(api.create_job(h, fid, metadata={"k": "v\x00"}), 400)
         _error(c.post(JOBS, headers={**h, "Idempotency-Key": "k\x01"}, json={}), 400)
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        (b"[" * 100_000, "nested deeper than 64 levels"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "nested deeper than 64 levels"),
+        (b'{"prompt": "a", "completion": "b", "n": ' + b"7" * 5000 + b"}", "5,000 digits"),
+    ],
+    ids=["brackets_100k", "object_50k_deep", "int_5000_digits"],
+)
+def test_the_reported_lines_are_400_naming_the_line(api: Api, line: bytes, needle: str) -> None:
+    h = api.tenant()
+    data = b'{"prompt": "a", "completion": "b"}\n' * 3 + line + b"\n"
+    with unchanged(api):
+        err = _error(api.upload(h, data, filename="bad.jsonl"), 400)
+    assert err["message"].startswith("bad.jsonl:4: ") and needle in err["message"]
+
+
+JSON_BODY_CASES = [
+    (b"[" * 100_000, "nested deeper than 64 levels"),
+    (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "nested deeper than 64 levels"),
+    (b'{"seed": ' + b"9" * 5000 + b"}", "5,000 digits"),
+    (b'{"model": "\xff\xfe"}', "not UTF-8 (byte 0xff"),
+    (b'{"model": "\\ud800"}', "unpaired surrogate"),
+    (b'{"api_key": "a\\u0000"}', "NUL character"),
+    (b'{"seed": NaN}', "NaN is not a JSON value"),
+    (b'{"seed": 1e999}', "out of range"),
+    (b'{"model": ', "not valid JSON: Expecting value"),
+]
+
+
+@pytest.mark.parametrize(("body", "needle"), JSON_BODY_CASES, ids=lambda v: str(v)[:20])
+def test_bad_json_bodies_are_400_with_the_reason_on_every_route(
+    sqlite_api: Api, body: bytes, needle: str
+) -> None:
+    api, h = sqlite_api, sqlite_api.tenant()
+    jid = api.job_id(h)
+    json_h = {**h, "Content-Type": "application/json"}
+    with unchanged(api):
+        for method, url, headers in [
+            ("POST", JOBS, json_h),
+            ("POST", f"{JOBS}/{jid}/cancel", json_h),
+            ("POST", "/dashboard/session", {"Content-Type": "application/json"}),
+            ("POST", "/dashboard/session", {"Content-Type": "application/merge-patch+json"}),
+        ]:
+            err = _error(api.client.request(method, url, headers=headers, content=body), 400)
+            assert err["code"] == "invalid_json" and needle in err["message"], (url, err)

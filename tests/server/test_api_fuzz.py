@@ -7,6 +7,8 @@ On both backends: Postgres refuses some strings SQLite takes (NUL bytes). Bounde
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import schemathesis
 from api_support import Api
@@ -29,6 +31,7 @@ def test_fuzz_openapi_finds_no_server_error(api: Api) -> None:
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15
     failures: list[str] = []
+    cases: Counter[str] = Counter()
     for operation in operations:
 
         @given(case=operation.as_strategy())
@@ -40,10 +43,16 @@ def test_fuzz_openapi_finds_no_server_error(api: Api) -> None:
         )
         def fuzz(case: schemathesis.Case) -> None:
             case.headers = {**(case.headers or {}), **auth}
+            cases[case.operation.label] += 1
             case.validate_response(case.call(), checks=CHECKS)
 
         try:
             fuzz()
         except Exception as exc:  # the smallest failing example, after shrinking
             failures.append(f"{operation.label}: {exc}")
+    width = max(map(len, cases))
+    print(f"\n{'route':<{width}}  cases")  # shown with -rA or -s
+    for label in sorted(cases):
+        print(f"{label:<{width}}  {cases[label]:>5}")
     assert not failures, "\n\n".join(failures)
+    assert set(cases) == {op.label for op in operations}, "an operation ran no case"

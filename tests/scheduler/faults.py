@@ -55,7 +55,7 @@ from mixloom.storage.db import Database
 FINISHED = ("succeeded", "failed", "cancelled")
 # status changes every job goes through; the others (paused, queued again, failed) are what
 # a fault shows a tenant, at whatever level
-QUIET_STATUSES = ("Job created", "Job started", "Job running", "Job succeeded")
+QUIET_STATUSES = ("Job created", "Job started", "Job running", "Job succeeded", "Job resumed")
 LOG = Callable[[str], None]
 
 
@@ -226,6 +226,21 @@ def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
         subprocess.run(["mount", "-o", "remount,rw", str(path)], check=False)
         if subprocess.run(["umount", str(path)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def remount(path: Path, mode: str, timeout: float = 30) -> None:
+    """Remount `path` read-only ("ro") or writable ("rw"). Read-only fails with "busy"
+    while a file there is open for writing (a checkpoint being written): try again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run(
+            ["mount", "-o", f"remount,{mode}", str(path)], capture_output=True, text=True
+        )
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"mount -o remount,{mode} {path}: {done.stderr.strip()}")
+        time.sleep(0.02)
 
 
 def fill(path: Path) -> Path:
@@ -479,6 +494,7 @@ class Supervisor:
         self.crashes: list[tuple[str, int | None, str]] = []  # (worker, rc, last log line)
         self.resumed = 0
         self.resume_paused = True
+        self._looked = -1.0  # monotonic time paused jobs were last looked for
 
     def spawn(self) -> str:
         self.spawned += 1
@@ -497,11 +513,13 @@ class Supervisor:
             if any(n == name for n, _, _ in self.crashes):
                 continue
             lines = [x for x in self.c.log_text(name).splitlines() if x.strip()]
-            self.crashes.append((name, proc.returncode, lines[-1][:160] if lines else ""))
-            self.c.log(f"  worker {name} exited by itself (rc {proc.returncode}): {lines[-1:]} ")
+            last = lines[-1][:160] if lines else ""
+            self.crashes.append((name, proc.returncode, last))
+            self.c.log(f"  worker {name} exited by itself (rc {proc.returncode}): {last}")
             assert len(self.crashes) <= self.max_restarts, "workers keep crashing"
         self.fill()
-        if self.resume_paused:
+        if self.resume_paused and time.monotonic() - self._looked > 0.5:
+            self._looked = time.monotonic()
             states = self.c.jobs([j.job_id for j in jobs]) or {}
             for j in jobs:
                 if states.get(j.job_id, ("", None))[0] == "paused":
@@ -942,9 +960,9 @@ def datadir_unavailable(
         sup.resume_paused = False
         with Poller(jobs) as poller:
             at = sup.reach(jobs, steps // 3, timeout=300)
-            subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+            remount(data, "ro")
             _hold(sup, jobs, down_seconds)
-            subprocess.run(["mount", "-o", "remount,rw", str(data)], check=True)
+            remount(data, "rw")
             report.notes.append(
                 f"read-only at step {at} for {down_seconds:.0f} s: {_states(c, jobs)}"
             )

@@ -127,6 +127,11 @@ def stack(args: argparse.Namespace, tmp: Path) -> Iterator[tuple[str, str]]:
     env["MIXLOOM_DATA_DIR"] = str(tmp / "data")
     env["MIXLOOM_MAX_QUEUED_JOBS"] = "1000"
     env["OMP_NUM_THREADS"] = str(args.train_threads)
+    if args.tiny:
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny import save_tiny_base
+
+        env["MIXLOOM_BASE_MODEL"] = args.model = str(save_tiny_base(tmp / "tiny-base"))
     for pair in args.env:
         k, _, v = pair.partition("=")
         env[k] = v
@@ -186,7 +191,7 @@ def setup_tenants(
             t.file_ids.append(r.json()["id"])
             for _ in range(args.jobs_per_tenant):
                 body = {
-                    "model": MODEL,
+                    "model": args.model,
                     "training_file": t.file_ids[0],
                     "method": {"type": "lora", "lora": {"hyperparameters": lora}},
                 }
@@ -198,10 +203,10 @@ def setup_tenants(
         train_id = None
         if args.train:
             h = {"Authorization": f"Bearer {out[0].key}"}
-            hp = {**lora, "n_epochs": 1000, "max_seq_len": args.train_seq_len}
+            hp = {"r": 4, "n_epochs": 100, "max_seq_len": args.train_seq_len}
             hp["batch_size"] = args.train_batch
             body = {
-                "model": MODEL,
+                "model": args.model,
                 "training_file": out[0].file_ids[0],
                 "method": {"type": "lora", "lora": {"hyperparameters": hp}},
             }
@@ -260,7 +265,9 @@ class Conn:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, headers: str, body: bytes = b"") -> int:
+    async def request(
+        self, method: str, path: str, headers: str, body: bytes = b""
+    ) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
@@ -278,10 +285,10 @@ class Conn:
                 length = int(value)
             elif name == b"connection" and b"close" in value.lower():
                 close = True
-        await self.reader.readexactly(length)
+        data = await self.reader.readexactly(length)
         if close:
             self.close()
-        return status
+        return status, data
 
     def close(self) -> None:
         if self.writer is not None:
@@ -309,7 +316,7 @@ async def client(
     until: float,
     seed: int,
     samples: dict[str, list[float]],
-    errors: dict[str, int],
+    errors: dict[str, Any],
 ) -> None:
     rng = random.Random(seed)
     weights = [w for w, _ in MIX]
@@ -337,20 +344,21 @@ async def client(
             headers = auth + f"Content-Type: {content_type}\r\n"
         t0 = time.perf_counter()
         try:
-            status = await conn.request(method, path, headers, body)
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            status, data = await conn.request(method, path, headers, body)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
             conn.close()
-            status = 0
+            status, data = 0, repr(exc).encode()
         elapsed = time.perf_counter() - t0
         samples[group].append(elapsed)
         if status != 200:
             errors[f"{group} {status}"] += 1
+            errors.setdefault(f"{group} {status} first", data[:300].decode(errors="replace"))
     conn.close()
 
 
 def drive(port: int, tenants: list[Tenant], clients: int, seconds: float) -> dict[str, Any]:
     samples: dict[str, list[float]] = defaultdict(list)
-    errors: dict[str, int] = defaultdict(int)
+    errors: dict[str, Any] = defaultdict(int)
 
     async def main() -> None:
         until = time.perf_counter() + seconds
@@ -442,7 +450,9 @@ def table(clients: int, result: dict[str, Any]) -> str:
         errs = sum(
             n
             for k, n in result["errors"].items()
-            if k.split()[0] == g or (g == "all GETs" and not k.startswith("create"))
+            if isinstance(n, int)
+            and k.split()[0] == g
+            or (g == "all GETs" and not k.startswith("create"))
         )
         lines.append(
             f"{g:<14} {len(values) / wall:>8.1f} {pct(values, 0.5) * 1e3:>8.1f} "
@@ -462,7 +472,13 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--train", action="store_true", help="a training job runs during the load")
     p.add_argument("--quiet-seconds", type=float, default=30, help="training rate without load")
-    p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="train tests/tiny.py's 2-layer model (steps of milliseconds: the worker's own "
+        "Python and database work is what API load can starve) instead of SmolLM2-135M",
+    )
+    p.add_argument("--train-batch", type=int, default=1)
     p.add_argument("--train-seq-len", type=int, default=128)
     p.add_argument(
         "--train-threads", type=int, default=2, help="OMP_NUM_THREADS of the server/worker"
@@ -477,6 +493,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     p.add_argument("--profile", help="py-spy the server during the first load into this file")
     args = p.parse_args()
+    args.model = MODEL
 
     tmp = Path(tempfile.mkdtemp(prefix="mixloom-load-"))
     print(f"mode {args.mode}, logs in {tmp}, server from {args.pythonpath or REPO}", flush=True)

@@ -22,15 +22,19 @@ class StrictJSONError(ValueError):
     """Text that is not JSON we accept; the message says why (no trailing period)."""
 
 
-def loads(text: str) -> Any:
+def loads(text: str, *, non_finite: bool = False) -> Any:
     """Parse JSON text, refusing what RFC 8259 leaves undefined or Python mishandles.
 
     Raises StrictJSONError for invalid JSON (with the column), nesting deeper than
-    MAX_DEPTH, integers over MAX_INT_DIGITS digits, numbers out of a double's range,
-    NaN/Infinity, and strings holding an unpaired surrogate or a NUL character.
+    MAX_DEPTH, integers over MAX_INT_DIGITS digits, strings holding an unpaired surrogate
+    or a NUL character, and, unless `non_finite`, NaN/Infinity and numbers out of a
+    double's range (the API's request bodies allow them: their models name the field).
     """
+    numbers: dict[str, Any] = {}
+    if not non_finite:
+        numbers = {"parse_float": _float, "parse_constant": _constant}
     try:
-        value = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+        value = json.loads(text, parse_int=_int, **numbers)
     except json.JSONDecodeError as e:
         raise StrictJSONError(f"invalid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:

@@ -134,7 +134,7 @@ class ConcurrencyLimit:
 
 class JSONBodyCheck:
     """400 for a JSON body that `strict_json.loads` refuses (invalid UTF-8, nesting 100,000
-    deep, a 5,000-digit integer, NaN, a lone surrogate or NUL escape, ...), with the reason,
+    deep, a 5,000-digit integer, a lone surrogate or NUL escape, ...), with the reason,
     before FastAPI's `json.loads` meets it. The body is read here, within BodySizeLimit's
     limit (this must sit inside it), and handed on unchanged. `skip(method, path)`: routes
     whose bodies are not small JSON (uploads)."""
@@ -201,7 +201,7 @@ def _json_problem(body: bytes) -> str | None:
     except UnicodeDecodeError as e:
         return f"not UTF-8 (byte 0x{body[e.start]:02x} at byte {e.start + 1})"
     try:
-        strict_json.loads(text)
+        strict_json.loads(text, non_finite=True)  # the job's models name such a field
     except strict_json.StrictJSONError as e:
         return str(e).removeprefix("invalid JSON: ")
     return None

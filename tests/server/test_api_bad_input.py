@@ -278,8 +278,6 @@ JSON_BODY_CASES = [
     (b'{"model": "\xff\xfe"}', "not UTF-8 (byte 0xff"),
     (b'{"model": "\\ud800"}', "unpaired surrogate"),
     (b'{"api_key": "a\\u0000"}', "NUL character"),
-    (b'{"seed": NaN}', "NaN is not a JSON value"),
-    (b'{"seed": 1e999}', "out of range"),
     (b'{"model": ', "not valid JSON: Expecting value"),
 ]
 

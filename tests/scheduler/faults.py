@@ -53,8 +53,8 @@ from mixloom.storage import models as m
 from mixloom.storage.db import Database
 
 FINISHED = ("succeeded", "failed", "cancelled")
-# status changes every job goes through; the others (paused, queued again, failed) are what
-# a fault shows a tenant, at whatever level
+# status changes every job goes through, and a tenant's own resume; the others (paused,
+# queued again, failed) are what a fault shows a tenant, at whatever level
 QUIET_STATUSES = ("Job created", "Job started", "Job running", "Job succeeded", "Job resumed")
 LOG = Callable[[str], None]
 
@@ -812,18 +812,37 @@ def kill9(
     rows, specs = workload(steps, checkpoint_every)
     with _scenario(tmp, report, lease_seconds=lease_seconds, log=log) as (c, _, _):
         jobs = c.submit(rows, specs)
-        sup = Supervisor(c, "w", want=2)  # one trains, one stands by (already loaded)
-        sup.fill()
+        ids = [j.job_id for j in jobs]
+        sup = Supervisor(c, "w", want=2)
+
+        def standby() -> None:
+            """One worker trains, one stands by, loaded, to take the jobs over when their
+            leases expire. The standby starts once the trainer holds every job: two
+            workers started together would share the jobs, and one kill would take both."""
+            if not c.workers():
+                sup.spawn()
+
+                def held() -> bool:
+                    states = c.jobs(ids) or {}
+                    return bool(states) and all(
+                        st in FINISHED or (st == "running" and w in c.workers())
+                        for st, w in states.values()
+                    )
+
+                sup.wait(jobs, held, timeout=300)
+            sup.fill()
+
+        standby()
         actual = []
         for target in targets:
             at = sup.reach(jobs, target, timeout=300)
-            states = c.jobs([j.job_id for j in jobs]) or {}
+            states = c.jobs(ids) or {}
             holders = {w for st, w in states.values() if st == "running" and w}
             for name in holders & set(c.workers()):
                 c.kill(name)
             actual.append(at)
             log(f"  step {at} (target {target}): killed {sorted(holders)}")
-            sup.fill()
+            standby()
         sup.finish(jobs, timeout=600)
         report.notes.append(f"killed when the table showed steps {actual}")
         report.crashes = [

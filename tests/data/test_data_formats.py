@@ -13,6 +13,7 @@ from mixloom.data.formats import (
     load_jsonl,
     parse_jsonl_bytes,
     validate_jsonl_bytes,
+    validate_jsonl_file,
 )
 from mixloom.errors import DataError
 
@@ -236,3 +237,15 @@ def test_formats_module_imports_neither_torch_nor_transformers() -> None:
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_validate_jsonl_file_reports_long_lines_without_reading_them(tmp_path: Path) -> None:
+    path = tmp_path / "f.jsonl"
+    short = {"prompt": "a", "completion": "b"}
+    long = jsonl({"prompt": "x" * 5000, "completion": "b"}).rstrip(b"\n")
+    path.write_bytes(jsonl(short) + long + b"\n" + jsonl(short) + long)  # last: no newline
+    rows, problems = validate_jsonl_file(path, filename="f.jsonl", max_line_bytes=4096)
+    assert rows == 4
+    assert [p.where for p in problems] == ["f.jsonl:2", "f.jsonl:4"]
+    assert "longer than 4,096 bytes" in problems[0].message
+    assert validate_jsonl_file(path, filename="f.jsonl") == (4, [])

@@ -820,6 +820,7 @@ def kill9(
             leases expire. The standby starts once the trainer holds every job: two
             workers started together would share the jobs, and one kill would take both."""
             if not c.workers():
+                sup.want = 1  # (the supervisor would start the standby while waiting)
                 sup.spawn()
 
                 def held() -> bool:
@@ -830,6 +831,7 @@ def kill9(
                     )
 
                 sup.wait(jobs, held, timeout=300)
+            sup.want = 2
             sup.fill()
 
         standby()

@@ -166,8 +166,10 @@ _PR_SET_PDEATHSIG = 1
 
 class _Child:
     """One child process of `mixloom serve`, started again (after a growing delay) when it
-    exits. It gets SIGTERM if `serve` itself dies, and runs in its own session so that a
-    Ctrl-C reaches it once, from `serve`."""
+    exits. It gets SIGTERM if `serve` itself dies, and runs in its own process group so that
+    a Ctrl-C reaches it once, from `serve`. Not its own session: Linux's autogroup scheduling
+    shares the CPU between sessions whatever their nice values, which would undo
+    serve_api_nice."""
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], *, nice: int) -> None:
         self.name, self.cmd, self.env, self.nice = name, cmd, env, nice
@@ -203,7 +205,7 @@ class _Child:
         if now < self.restart_at:
             return
         self.proc = subprocess.Popen(
-            self.cmd, env=self.env, preexec_fn=self._preexec, start_new_session=True
+            self.cmd, env=self.env, preexec_fn=self._preexec, process_group=0
         )
         self.started_at = now
         self.log.info("%s process %d started", self.name, self.proc.pid)

@@ -21,8 +21,13 @@ pytestmark = pytest.mark.slow  # each runs a few minutes of training on a tiny m
 
 def test_postgres_restart_mid_run_jobs_finish_equal_and_api_recovers(tmp_path: Path) -> None:
     need(faults.services_problem())
+    # the last two outages outlast the worker's leases: when the database is back, either
+    # its heartbeat renews them first or its own lease expiry re-queues the jobs it holds
     r = faults.postgres_restart(
-        tmp_path, restarts=(("fast", 0.0), ("immediate", 3.0)), steps=40, lease_seconds=3.0
+        tmp_path,
+        restarts=(("fast", 0.0), ("immediate", 6.0), ("fast", 6.0)),
+        steps=48,
+        lease_seconds=3.0,
     )
     assert r.crashes == []
     assert r.statuses == {"succeeded": 3}, r.lost

@@ -132,12 +132,7 @@ async def current_tenant(
             "with `mixloom keys create TENANT`",
             code="missing_api_key",
         )
-    # async, and a cache hit stays on the event loop: no threadpool hop, no query
-    tenant = ctx.auth_cache.lookup(credential.kind, credential.secret)
-    if tenant is None:
-        tenant = await anyio.to_thread.run_sync(_authenticate, ctx.db, credential)
-        if tenant is not None:
-            ctx.auth_cache.store(credential.kind, credential.secret, tenant)
+    tenant = await resolve_credential(ctx, credential)
     if tenant is None:
         if credential.kind == "session":
             raise APIKeyError(
@@ -151,6 +146,17 @@ async def current_tenant(
         )
     request.state.credential = credential
     ctx.rate_limiter.take(tenant.id)
+    return tenant
+
+
+async def resolve_credential(ctx: ServerContext, credential: Credential) -> TenantRecord | None:
+    """The tenant a credential stands for, or None. Async, and a cache hit stays on the
+    event loop: no threadpool hop, no query."""
+    tenant = ctx.auth_cache.lookup(credential.kind, credential.secret)
+    if tenant is None:
+        tenant = await anyio.to_thread.run_sync(_authenticate, ctx.db, credential)
+        if tenant is not None:
+            ctx.auth_cache.store(credential.kind, credential.secret, tenant)
     return tenant
 
 

@@ -95,6 +95,7 @@ class Settings(ModelSettings, BaseSettings):
     # uploads in progress at once per API process (each spools to disk in 1 MiB chunks);
     # one more is answered 429 with Retry-After
     max_concurrent_uploads: int = 4
+    max_concurrent_uploads_per_tenant: int = 2  # of those, one tenant's at once
     max_file_lines: int = 200_000
     max_tenant_bytes: int = 1024 * 1024 * 1024
     max_queued_jobs: int = 50

@@ -16,8 +16,8 @@ from sqlalchemy.exc import DBAPIError
 
 import mixloom
 from mixloom.config import Settings, get_settings
-from mixloom.server.dashboard import install_dashboard
-from mixloom.server.deps import ServerContext
+from mixloom.server.dashboard import install_dashboard, scope_credential
+from mixloom.server.deps import ServerContext, authenticated
 from mixloom.server.errors import install_error_handlers
 from mixloom.server.headers import install_security_headers
 from mixloom.server.limits import (
@@ -77,7 +77,9 @@ def create_app(
         # sync routes run in anyio's threadpool (api_threads)
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         _prune_idempotency(ctx)
+        ctx.reads.open(pool_size=settings.api_threads, max_overflow=settings.api_threads)
         yield
+        await ctx.reads.close()
         if owns_bus:
             ctx.bus.close()
         if owns_db:
@@ -116,11 +118,19 @@ def create_app(
         ConcurrencyLimit,
         limited=is_upload,
         limit=settings.max_concurrent_uploads,
+        per_tenant=settings.max_concurrent_uploads_per_tenant,
+        tenant_of=lambda scope: _caller(ctx, scope),
         what="uploads",
     )
     install_security_headers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+async def _caller(ctx: ServerContext, scope: dict[str, Any]) -> str:
+    """The tenant id a request's headers authenticate, before its body is read (APIKeyError
+    as `deps.current_tenant` would raise it)."""
+    return (await authenticated(ctx, scope_credential(scope))).id
 
 
 def _prune_idempotency(ctx: ServerContext) -> None:

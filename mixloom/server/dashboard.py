@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from mixloom.jobspec import ALL_MODULES, LoraHyperparameters, MixLoraHyperparameters
-from mixloom.server.deps import SESSION_TOKEN_SCOPE_KEY, Context, ServerContext
+from mixloom.server.deps import SESSION_TOKEN_SCOPE_KEY, Context, Credential, ServerContext
 from mixloom.server.errors import error_response
 from mixloom.storage import sessions
 from mixloom.storage.records import TenantRecord
@@ -133,6 +133,19 @@ def _session_token(headers: list[tuple[bytes, bytes]]) -> str | None:
             if SESSION_COOKIE in jar:
                 return jar[SESSION_COOKIE].value
     return None
+
+
+def scope_credential(scope: dict[str, Any]) -> Credential | None:
+    """What a request's headers alone authenticate with: the bearer key, else the dashboard
+    session cookie (for middleware that must know the caller before the body is read)."""
+    headers: list[tuple[bytes, bytes]] = list(scope.get("headers") or [])
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, key = value.decode("latin-1").partition(" ")
+            key = key.strip()
+            return Credential("api_key", key) if scheme.lower() == "bearer" and key else None
+    token = _session_token(headers)
+    return Credential("session", token) if token else None
 
 
 class SessionAuth:

@@ -6,7 +6,7 @@ import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import anyio
 from fastapi import Depends, Header, Path, Query, Request
@@ -19,8 +19,10 @@ from mixloom.server.ratelimit import AuthCache, RateLimiter
 from mixloom.server.registry import ServedModel
 from mixloom.storage import sessions, tenants
 from mixloom.storage.bus import ProgressBus
-from mixloom.storage.db import Database
+from mixloom.storage.db import AsyncReads, Database
 from mixloom.storage.records import TenantRecord
+
+T = TypeVar("T")
 
 
 class TenantStreams:
@@ -65,8 +67,10 @@ class ServerContext:
     sse_streams: TenantStreams = field(init=False)
     auth_cache: AuthCache = field(init=False)
     rate_limiter: RateLimiter = field(init=False)
+    reads: AsyncReads = field(init=False)
 
     def __post_init__(self) -> None:
+        self.reads = AsyncReads(self.db)
         self.sse_limiter = anyio.CapacityLimiter(self.settings.sse_max_streams)
         self.sse_streams = TenantStreams(self.settings.sse_max_streams_per_tenant)
         self.auth_cache = AuthCache(self.settings.auth_cache_seconds)
@@ -79,6 +83,12 @@ class ServerContext:
         reads = copy.copy(self)
         reads.db = self.db.reading()
         return reads
+
+    async def read(self, fn: Callable[[Session], T]) -> T:
+        """`fn(session)` in a read-only transaction, from an async route: on Postgres on the
+        event loop (no threadpool hop), on SQLite in the threadpool. `fn` calls the sync
+        storage functions; build the response in it where that needs the session."""
+        return await self.reads.run(fn)
 
     def model(self, model_id: str) -> ServedModel | None:
         return next((m for m in self.models if m.id == model_id), None)
@@ -122,11 +132,22 @@ async def current_tenant(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> TenantRecord:
+    credential: Credential | None
     if credentials is not None and credentials.credentials:
         credential = Credential("api_key", credentials.credentials)
     elif token := request.scope.get(SESSION_TOKEN_SCOPE_KEY):
         credential = Credential("session", token)
     else:
+        credential = None
+    tenant = await authenticated(ctx, credential)
+    request.state.credential = credential
+    ctx.rate_limiter.take(tenant.id)
+    return tenant
+
+
+async def authenticated(ctx: ServerContext, credential: Credential | None) -> TenantRecord:
+    """The tenant a request's credential stands for; APIKeyError (401) saying what is wrong."""
+    if credential is None:
         raise APIKeyError(
             "missing API key: send `Authorization: Bearer <key>`; an admin creates keys "
             "with `mixloom keys create TENANT`",
@@ -144,8 +165,6 @@ async def current_tenant(
             "invalid API key: it is unknown or revoked; ask an admin for a new one",
             code="invalid_api_key",
         )
-    request.state.credential = credential
-    ctx.rate_limiter.take(tenant.id)
     return tenant
 
 

@@ -4,12 +4,13 @@ progress at once, and what a JSON body may hold."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import HTTPException
 
 from mixloom.data import strict_json
+from mixloom.errors import APIKeyError
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -91,8 +92,13 @@ class BodySizeLimit:
 
 class ConcurrencyLimit:
     """429 with Retry-After, before the body is read, for a request to a limited route while
-    `limit` others are in progress there. Answering at once (not queueing) keeps a waiting
-    client's connection, body and memory off the server; clients retry after the delay."""
+    `limit` others are in progress there, or `per_tenant` of the same tenant's. Answering at
+    once (not queueing) keeps a waiting client's connection, body and memory off the
+    server; clients retry after the delay.
+
+    `tenant_of(scope)` names the caller from its headers alone (APIKeyError: answered 401
+    here): FastAPI reads a body before its dependencies run, so without this a
+    caller with no key could hold every place while it sent a large body slowly."""
 
     def __init__(
         self,
@@ -101,35 +107,68 @@ class ConcurrencyLimit:
         limited: Callable[[str, str], bool],
         limit: int,
         what: str,
+        per_tenant: int | None = None,
+        tenant_of: Callable[[Scope], Awaitable[str]] | None = None,
         retry_after_s: int = 2,
     ) -> None:
         self.app = app
         self.limited = limited
         self.limit = limit
+        self.per_tenant = per_tenant
+        self.tenant_of = tenant_of
         self.what = what
         self.retry_after_s = retry_after_s
         self.active = 0  # one event loop: no lock needed
+        self.by_tenant: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.limited(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
+        tenant = None
+        if self.tenant_of is not None:
+            try:
+                tenant = await self.tenant_of(scope)
+            except APIKeyError as exc:
+                await _reply(
+                    send,
+                    401,
+                    exc.message,
+                    "authentication_error",
+                    code=exc.code,
+                    headers=[(b"www-authenticate", b"Bearer")],
+                )
+                return
+        mine = self.by_tenant.get(tenant, 0) if tenant is not None else 0
         if self.active >= self.limit:
+            busy = f"{self.limit} {self.what} are in progress, the most this server takes at once"
+        elif self.per_tenant is not None and mine >= self.per_tenant:
+            busy = f"{mine} of your {self.what} are in progress, the most one tenant may have"
+        else:
+            busy = None
+        if busy is not None:
             await _reply(
                 send,
                 429,
-                f"{self.limit} {self.what} are in progress, the most this server takes at "
-                f"once; retry in {self.retry_after_s} s",
+                f"{busy}; retry in {self.retry_after_s} s",
                 "quota_exceeded",
                 code="too_many_concurrent_uploads",
                 headers=[(b"retry-after", str(self.retry_after_s).encode())],
             )
             return
         self.active += 1
+        if tenant is not None:
+            self.by_tenant[tenant] = mine + 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+            if tenant is not None:
+                left = self.by_tenant[tenant] - 1
+                if left:
+                    self.by_tenant[tenant] = left
+                else:
+                    del self.by_tenant[tenant]
 
 
 class JSONBodyCheck:

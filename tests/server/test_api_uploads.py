@@ -17,6 +17,7 @@ from malformed_jsonl import FILENAME, cases, check
 from sqlalchemy import func, select
 
 from mixloom.data.formats import validate_jsonl_file
+from mixloom.errors import APIKeyError
 from mixloom.server.limits import ConcurrencyLimit
 from mixloom.server.routes import files as files_route
 from mixloom.storage import models as m
@@ -120,6 +121,75 @@ def test_concurrency_limit_counts_requests_in_progress_and_frees_their_places() 
 
     assert asyncio.run(scenario()) == [200, 200, 429, 200, 200]
     assert limit.active == 0
+
+
+def test_upload_places_are_per_tenant_and_need_a_key_before_the_body() -> None:
+    """One tenant cannot take every upload place, and a caller without a valid key gets a
+    401 before any byte of its body is read."""
+    release = asyncio.Event()
+    bodies_read: list[str] = []
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def tenant_of(scope: Any) -> str:
+        key = dict(scope["headers"]).get(b"authorization", b"").decode()
+        tenant = {"Bearer a": "tenant-a", "Bearer b": "tenant-b"}.get(key)
+        if tenant is None:
+            raise APIKeyError("invalid API key", code="invalid_api_key")
+        return tenant
+
+    limit = ConcurrencyLimit(
+        slow_app,
+        limited=lambda m, p: p == "/up",
+        limit=3,
+        per_tenant=2,
+        tenant_of=tenant_of,
+        what="uploads",
+    )
+
+    async def call(key: str) -> tuple[int, bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            bodies_read.append(key)
+            return {"type": "http.request", "body": b"x", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        headers = [(b"authorization", key.encode())] if key else []
+        scope = {"type": "http", "method": "POST", "path": "/up", "headers": headers}
+        await limit(scope, receive, send)
+        body = b"".join(m.get("body", b"") for m in sent[1:])
+        return int(sent[0]["status"]), body
+
+    async def scenario() -> list[int]:
+        a = [asyncio.create_task(call("Bearer a")) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        a_third, _ = await call("Bearer a")  # a's two places are taken
+        b = asyncio.create_task(call("Bearer b"))  # b still gets the third place
+        await asyncio.sleep(0.01)
+        no_key, text = await call("")
+        bad_key, _ = await call("Bearer nobody")
+        assert b"invalid_api_key" in text
+        release.set()
+        done = [s for s, _ in await asyncio.gather(*a, b)]
+        return [*done, a_third, no_key, bad_key]
+
+    assert asyncio.run(scenario()) == [200, 200, 200, 429, 401, 401]
+    assert "" not in bodies_read and "Bearer nobody" not in bodies_read
+    assert limit.active == 0 and limit.by_tenant == {}
+
+
+def test_upload_without_a_key_is_401_before_the_body(sqlite_api: Api) -> None:
+    r = sqlite_api.upload({"Authorization": "Bearer mxl-not-a-key"})
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert _stored(sqlite_api) == (0, [])
 
 
 def test_invalid_line_50000_of_a_big_file_leaves_nothing(sqlite_api: Api) -> None:

@@ -29,6 +29,7 @@ from mixloom.server.limits import (
 from mixloom.server.ratelimit import install_rate_limit_errors
 from mixloom.server.registry import served_models
 from mixloom.server.routes import files, jobs, models, stream, usage
+from mixloom.storage import files as files_store
 from mixloom.storage import idempotency, migrate
 from mixloom.storage.bus import ProgressBus, make_bus
 from mixloom.storage.db import Database
@@ -77,6 +78,8 @@ def create_app(
         # sync routes run in anyio's threadpool (api_threads)
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         _prune_idempotency(ctx)
+        if removed := files_store.remove_stale_parts(settings.files_dir):
+            log.info("removed %d upload(s) left unfinished by a process that died", removed)
         ctx.reads.open(pool_size=settings.api_threads, max_overflow=settings.api_threads)
         yield
         await ctx.reads.close()

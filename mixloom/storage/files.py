@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -13,6 +15,25 @@ from mixloom.storage.ids import new_id
 from mixloom.storage.records import TERMINAL_STATUSES, FileRecord
 
 FILE_STATUS_PROCESSED = "processed"  # validated line by line at upload; jobs may use it
+PART_SUFFIX = ".part"  # an upload being written; renamed into place once valid
+# An upload writes its .part file at least once a second while it lasts, so one untouched
+# this long belongs to a process that died mid-upload (other API processes may be writing
+# theirs right now).
+STALE_PART_SECONDS = 3600.0
+
+
+def remove_stale_parts(files_dir: Path, *, older_than_s: float = STALE_PART_SECONDS) -> int:
+    """Remove the .part files that uploads of dead processes left; returns how many."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for part in files_dir.glob(f"*/*{PART_SUFFIX}"):
+        try:
+            if part.stat().st_mtime < cutoff:
+                part.unlink()
+                removed += 1
+        except FileNotFoundError:  # finished or removed meanwhile
+            continue
+    return removed
 
 
 def new_file_id() -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from mixloom.data.formats import validate_jsonl_file
 from mixloom.errors import APIKeyError
 from mixloom.server.limits import ConcurrencyLimit
 from mixloom.server.routes import files as files_route
+from mixloom.storage import files
 from mixloom.storage import models as m
 
 pytestmark = pytest.mark.timeout(300)
@@ -301,3 +304,16 @@ def test_copy_reads_fixed_chunks(tmp_path: Path) -> None:
     upload = UploadFile(Recording(b"x" * (5 * 1024 * 1024)), filename="f.jsonl")
     files_route._copy_capped(upload, tmp_path / "f.part", cap=64 * 1024 * 1024)
     assert reads and max(reads) == 1024 * 1024 and -1 not in reads
+
+
+def test_unfinished_uploads_of_dead_processes_are_removed_at_start(tmp_path: Path) -> None:
+    folder = tmp_path / "files" / "tenant-1"
+    folder.mkdir(parents=True)
+    stale, fresh, done = folder / "file-a.part", folder / "file-b.part", folder / "file-c.jsonl"
+    for p in (stale, fresh, done):
+        p.write_bytes(b"{}\n")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    os.utime(done, (hours_ago, hours_ago))
+    assert files.remove_stale_parts(tmp_path / "files") == 1
+    assert not stale.exists() and fresh.exists() and done.exists()  # another process's upload

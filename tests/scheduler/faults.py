@@ -839,11 +839,13 @@ def kill9(
         for target in targets:
             at = sup.reach(jobs, target, timeout=300)
             states = c.jobs(ids) or {}
+            # (a killed worker's name stays on its jobs until their leases expire)
             holders = {w for st, w in states.values() if st == "running" and w}
-            for name in holders & set(c.workers()):
+            victims = sorted(holders & set(c.workers()))
+            for name in victims:
                 c.kill(name)
             actual.append(at)
-            log(f"  step {at} (target {target}): killed {sorted(holders)}")
+            log(f"  step {at} (target {target}): killed {victims}")
             standby()
         sup.finish(jobs, timeout=600)
         report.notes.append(f"killed when the table showed steps {actual}")

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixloom.errors import (
@@ -25,6 +26,7 @@ from mixloom.errors import (
     pydantic_problems,
 )
 from mixloom.server.schemas import ErrorResponse
+from mixloom.storage.outage import Outage
 
 log = logging.getLogger("mixloom.server")
 
@@ -41,7 +43,9 @@ ERROR_TYPES = {
     415: "invalid_request_error",
     429: "quota_exceeded",
     500: "server_error",
+    503: "server_error",
 }
+DATABASE_RETRY_AFTER_S = 2  # a database restart or failover takes seconds
 
 
 class ObjectGoneError(ObjectNotFoundError):
@@ -136,7 +140,56 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, message, code="internal_error")
 
 
+def database_outage() -> Outage:
+    return Outage(
+        "database",
+        meanwhile="requests are answered 503 with Retry-After until it is back",
+        logger=log,
+    )
+
+
+def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A lost or refused database connection (a restart, a failover, SQLite's lock wait
+    running out) is the server's state, not the request's: 503 with Retry-After, and one
+    log line for the outage, not a traceback per request."""
+    assert isinstance(exc, DBAPIError)
+    if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+        return _unexpected(request, exc)
+    outage: Outage = request.app.state.database_outage
+    outage.failed(exc.orig if exc.orig is not None else exc)
+    return error_response(
+        503,
+        f"the database is unavailable; retry in {DATABASE_RETRY_AFTER_S} s",
+        code="database_unavailable",
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
+class DatabaseRecovery:
+    """ASGI middleware: the first response that is not a 5xx after a database outage logs
+    that the database is back (`Outage.ok`, a no-op while nothing failed)."""
+
+    def __init__(self, app: Any, outage: Outage) -> None:
+        self.app = app
+        self.outage = outage
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.outage.since is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def watching_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] < 500:
+                self.outage.ok()
+            await send(message)
+
+        await self.app(scope, receive, watching_send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.state.database_outage = outage = database_outage()
+    app.add_middleware(DatabaseRecovery, outage=outage)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(ValidationError, _validation_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)

@@ -9,7 +9,7 @@ database holds every message, and readers fill gaps from it, so a lost or reorde
 message delays a stream but never corrupts it.
 
 So a Redis outage is no error to `RedisBus`'s callers: a publish or wake-up is dropped, a
-read waits out its timeout and returns nothing, and one `BusOutage` logs it once when it
+read waits out its timeout and returns nothing, and one `Outage` (storage/outage.py) logs it once when it
 starts, once a minute while it lasts, and once when Redis is back.
 """
 
@@ -21,15 +21,15 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any, Protocol
+
+from mixloom.storage.outage import OUTAGE_LOG_INTERVAL_S, Outage
 
 PROGRESS_KEY_PREFIX = "mixloom:progress:"  # + job id: a Redis stream per job
 PROGRESS_STREAM_MAXLEN = 2000  # messages kept per job on the bus (the database keeps all)
 PROGRESS_STREAM_TTL_S = 24 * 3600  # a job's stream expires this long after its last message
 WAKEUP_CHANNEL = "mixloom:wakeup"  # pub/sub channel: "a job became claimable"
 _INPROCESS_IDLE_TTL_S = 3600.0  # in-process buffers of jobs silent this long are dropped
-OUTAGE_LOG_INTERVAL_S = 60.0  # while Redis is down, a log line this often
 _REDIS_CONNECT_TIMEOUT_S = 2.0  # an unreachable host fails a call this soon
 
 log = logging.getLogger("mixloom.bus")
@@ -140,57 +140,15 @@ class InProcessBus:
         pass
 
 
-class BusOutage:
-    """The state of one Redis connection, for logging: a line when calls start failing, one
-    every `interval` s while they go on failing, one when a call succeeds again (a Redis
-    outage of 44 s once logged 3,300 tracebacks, one per failed call)."""
-
-    def __init__(
-        self,
-        *,
-        interval: float = OUTAGE_LOG_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.interval = interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        self.since: float | None = None  # when the outage began; None: Redis answers
-        self._failures = 0
-        self._logged_at = 0.0
-
-    def failed(self, exc: Exception) -> None:
-        with self._lock:
-            now = self._clock()
-            self._failures += 1
-            if self.since is None:
-                self.since = self._logged_at = now
-                log.warning(
-                    "progress bus: Redis is unreachable (%s); live streams and idle workers "
-                    "fall back to polling the database until it is back",
-                    exc,
-                )
-            elif now - self._logged_at >= self.interval:
-                self._logged_at = now
-                log.warning(
-                    "progress bus: Redis still unreachable after %.0f s (%d failed calls; "
-                    "last: %s)",
-                    now - self.since,
-                    self._failures,
-                    exc,
-                )
-
-    def ok(self) -> None:
-        if self.since is None:  # the common case, without the lock
-            return
-        with self._lock:
-            if self.since is None:
-                return
-            log.warning(
-                "progress bus: Redis is back after %.0f s (%d failed calls)",
-                self._clock() - self.since,
-                self._failures,
-            )
-            self.since, self._failures = None, 0
+def bus_outage(interval: float = OUTAGE_LOG_INTERVAL_S, **kw: Any) -> Outage:
+    return Outage(
+        "progress bus: Redis",
+        meanwhile="live streams and idle workers fall back to polling the database until it "
+        "is back",
+        logger=log,
+        interval=interval,
+        **kw,
+    )
 
 
 def _outage_errors() -> tuple[type[Exception], ...]:
@@ -246,7 +204,7 @@ class RedisBus:
     """Redis streams (`PROGRESS_KEY_PREFIX + job_id`), bounded and expiring. Connection
     errors never reach the caller (see the module's docstring); `ping` alone raises them."""
 
-    def __init__(self, url: str, *, outage: BusOutage | None = None) -> None:
+    def __init__(self, url: str, *, outage: Outage | None = None) -> None:
         import redis
 
         self._client = redis.Redis.from_url(
@@ -255,7 +213,7 @@ class RedisBus:
         self._pubsub: Any = None
         self._lock = threading.Lock()
         self._errors = _outage_errors()
-        self.outage = outage or BusOutage()
+        self.outage = outage or bus_outage()
 
     def ping(self) -> None:
         self._client.ping()

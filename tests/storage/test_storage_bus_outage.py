@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mixloom.storage.bus import BusOutage, RedisBus
+from mixloom.storage.bus import RedisBus, bus_outage
 from mixloom.storage.ids import new_id
 
 pytestmark = pytest.mark.timeout(60)
@@ -128,7 +128,7 @@ def test_an_outage_logs_once_and_its_end_once(
 
 def test_a_long_outage_logs_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
-    outage = BusOutage(interval=60, clock=lambda: now[0])
+    outage = bus_outage(interval=60, clock=lambda: now[0])
     caplog.set_level(logging.INFO, logger="mixloom.bus")
     for _ in range(1500):  # 150 s of failing calls, ten a second
         outage.failed(ConnectionError("Connection refused"))

@@ -54,6 +54,7 @@ from mixloom.storage import files, jobs, tenants
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
 from mixloom.storage.jobs import LeaseLostError
+from mixloom.storage.outage import Outage
 from mixloom.storage.records import CheckpointRecord, JobRecord, JobStatus, RequestedAction
 from mixloom.trainer.checkpoint import storage_problem, stored_bytes
 from mixloom.trainer.job import TrainingJob, TrainingState
@@ -140,6 +141,11 @@ class Worker:
         self._last_step_seconds = 0.0
         self._last_claim = -math.inf
         self._last_expire = -math.inf
+        self.database_outage = Outage(
+            "database",
+            meanwhile="jobs keep their state here and training waits for it",
+            logger=log,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -166,10 +172,9 @@ class Worker:
                 try:
                     stepped = self.tick()
                     failures = 0
-                except DBAPIError:  # the database restarts or fails over: keep the jobs
-                    log.exception(
-                        "database error; retrying in %.0f s", self.settings.worker_poll_seconds
-                    )
+                    self.database_outage.ok()
+                except DBAPIError as exc:  # the database restarts or fails over: keep the jobs
+                    self.database_outage.failed(exc.orig if exc.orig is not None else exc)
                     stop.wait(self.settings.worker_poll_seconds)
                     continue
                 except Exception:  # a bug: jobs' own errors never get here; keep serving
@@ -246,6 +251,10 @@ class Worker:
                 record.crashes,
                 record.status.value,
             )
+            h = self.held.get(record.id)
+            if h is not None:  # ours, not renewed in time (a database outage): drop our copy
+                h.lost = True
+                self._drop(h)
             self._publish(record.id, record.last_seq - 1)
         if any(r.status == JobStatus.QUEUED for r in expired):
             self._wake.set()
@@ -275,7 +284,10 @@ class Worker:
                     log.warning("%s", exc)
                     self.held[job_id].lost = True
             return
-        except Exception:  # the database is unreachable: stop stepping when the lease may lapse
+        except DBAPIError as exc:  # stop stepping when the lease may lapse (_usable)
+            self.database_outage.failed(exc.orig if exc.orig is not None else exc)
+            return
+        except Exception:
             log.exception("heartbeat for %s failed", job_id)
             return
         with self._lock:
@@ -399,6 +411,10 @@ class Worker:
     def _start(self, record: JobRecord, claimed_at: float) -> None:
         """Load the job's data and start it in the training session (from its last
         checkpoint, if it has one)."""
+        stale = self.held.get(record.id)
+        if stale is not None:  # its lease expired under us (a database outage): start afresh
+            stale.lost = True
+            self._drop(stale)
         hp = hyperparameters(record)
         self._orders += 1
         h = Held(
@@ -418,6 +434,7 @@ class Worker:
                     if record.validation_file_id
                     else None
                 )
+                recorded = jobs.last_checkpoint_step(session=session, job_id=record.id)
             rows = self.training.encode(train.path, hp)
             val_rows = self.training.encode(val.path, hp) if val else []
             job = self.training.add(
@@ -427,11 +444,14 @@ class Worker:
                 rows=rows,
                 validation_rows=val_rows,
                 folder=jobs_dir(self.settings) / record.id,
+                # a checkpoint written but never recorded (the worker died in between)
+                # lacks its step's metrics row: train from the last recorded one
+                resume_at_most=recorded,
             )
         except DBAPIError:
             raise
         except Exception as exc:
-            if isinstance(exc, DataError | ValueError) or (
+            if isinstance(exc, DataError) or (
                 isinstance(exc, OSError) and storage_problem(exc) is None
             ):
                 self._release(

@@ -630,6 +630,12 @@ def progress_since(
     return merged[:limit]
 
 
+def last_checkpoint_step(*, session: Session, job_id: str) -> int:
+    """The step of the job's newest recorded checkpoint (0: none)."""
+    step = session.scalar(select(func.max(m.Checkpoint.step)).where(m.Checkpoint.job_id == job_id))
+    return int(step or 0)
+
+
 def list_checkpoints(
     *, session: Session, job_id: str, after: str | None = None, limit: int = 10
 ) -> tuple[list[CheckpointRecord], bool]:

@@ -221,11 +221,18 @@ class Resume:
         return f"{bad}; {where}"
 
 
-def load_latest(root: str | Path) -> Resume:
+def load_latest(root: str | Path, *, at_most: int | None = None) -> Resume:
     """The newest checkpoint under root that verifies and loads; a corrupt one is logged,
-    removed (it would be refused again on every resume) and the one before it tried."""
+    removed (it would be refused again on every resume) and the one before it tried.
+    `at_most`: the newest step its owner recorded (the worker's database); a checkpoint
+    past it was written by a run that died before recording it (and its step's metrics),
+    so it is removed and that step trained again."""
     out = Resume()
     for n, p in checkpoints(root):
+        if at_most is not None and n > at_most:
+            log.info("checkpoint %s was never recorded; training its steps again", p)
+            shutil.rmtree(p, ignore_errors=True)
+            continue
         try:
             state = load_checkpoint(p)
         except CorruptCheckpointError as exc:

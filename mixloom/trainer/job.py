@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mixloom.data.tokenize import EncodedRow
+from mixloom.errors import DataError
 from mixloom.jobspec import LoraHyperparameters
 from mixloom.model.specs import AdapterSpec
 
@@ -70,7 +71,9 @@ class TrainingJob:
 
     def __post_init__(self) -> None:
         if not self.rows:
-            raise ValueError(f"job {self.name!r} has no training rows")
+            raise DataError(
+                f"job {self.name!r} has no training rows (every row was empty or dropped)"
+            )
 
     # -- schedule ----------------------------------------------------------------------
 

@@ -197,19 +197,21 @@ class TrainingSession:
         validation_rows: Sequence[EncodedRow] = (),
         folder: Path,
         resume: bool = True,
+        resume_at_most: int | None = None,
     ) -> TrainingJob:
         """Build the job's adapter and optimizer; with `resume`, continue from the newest
         checkpoint under `folder` that verifies (`resumes[name]` says which, and which newer
         ones were corrupt), after removing what unfinished writes left there. A job that had
         reached its end there (a final checkpoint whose result was never handed on) comes
-        back SUCCEEDED, to `finish`."""
+        back SUCCEEDED, to `finish`. `resume_at_most`: the newest checkpoint step recorded
+        elsewhere (checkpoint.load_latest)."""
         adapter = AdapterSpec.from_hyperparameters(name, hp, seed=seed)
         job = TrainingJob(name, adapter, hp, rows, seed=seed, validation_rows=list(validation_rows))
         found = Resume()
         if resume:
             remove_partials(folder / "checkpoints")
             remove_partials(folder)
-            found = load_latest(folder / "checkpoints")
+            found = load_latest(folder / "checkpoints", at_most=resume_at_most)
         try:
             self.trainer.add_job(job, resume=found.state)
         except BaseException:

@@ -424,3 +424,83 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(
         reference = train_reference(tmp_path, tiny_base, data, [spec])
         got = adapter_tensors(client.download_adapter(job_id, tmp_path / "a.zip"), tmp_path / "a")
         assert_same_tensors(got, reference["trunc"])
+
+
+def test_a_checkpoint_written_but_never_recorded_is_trained_again(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """A worker killed between writing a checkpoint and recording it (with its step's
+    metrics row): the next one resumes from the last recorded checkpoint, so every step
+    has its row and the result equals an uninterrupted run."""
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(24, seed=8))
+    spec = {"name": "unrec", "seed": 5, "method": _method(batch_size=2, checkpoint_every=3)}
+    with stack(tmp_path, tiny_base) as s:
+        client = s.client("unrecorded")
+        job_id = client.create_job(
+            training_file=client.upload_file(data).id,
+            model=client.list_models()[0].id,
+            method=spec["method"],
+            seed=spec["seed"],
+        ).id
+        s.start_worker(worker_id="first")
+        wait_for(lambda: len(metrics(client, job_id)) >= 7, every=0.01)
+        s.stop_workers()
+        steps = sorted(c.step_number for c in client.iter_checkpoints(job_id))
+        latest, previous = steps[-1], steps[-2]
+        with s.db.transaction() as session:  # as if killed before recording `latest`
+            session.execute(
+                m.Checkpoint.__table__.delete().where(
+                    m.Checkpoint.job_id == job_id, m.Checkpoint.step == latest
+                )
+            )
+            session.execute(
+                m.JobMetric.__table__.delete().where(
+                    m.JobMetric.job_id == job_id, m.JobMetric.step > previous
+                )
+            )
+        folder = s.settings.data_dir / "jobs" / job_id / "checkpoints" / f"step-{latest}"
+        assert folder.is_dir()
+
+        s.start_worker(worker_id="second")
+        wait_status(client, job_id, "succeeded")
+        events = _events(client, job_id)
+        assert any(f"resuming from the checkpoint at step {previous}" in e for e in events)
+        assert [x.step for x in metrics(client, job_id)] == list(range(1, 13))
+        reference = train_reference(tmp_path, tiny_base, data, [spec])
+        got = adapter_tensors(client.download_adapter(job_id, tmp_path / "a.zip"), tmp_path / "a")
+        assert_same_tensors(got, reference["unrec"])
+
+
+def test_a_job_whose_lease_expired_under_its_own_worker_is_claimed_again_and_finishes(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """A database outage longer than the lease: the jobs a worker holds are queued again
+    (by itself or another process); when it claims one back it drops its stale copy and
+    resumes, instead of failing the job as 'already training'."""
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(160, seed=9))
+    spec = {"name": "again", "seed": 6, "method": _method(batch_size=2, checkpoint_every=3)}
+    with stack(tmp_path, tiny_base) as s:
+        client = s.client("expired")
+        job_id = client.create_job(
+            training_file=client.upload_file(data).id,
+            model=client.list_models()[0].id,
+            method=spec["method"],
+            seed=spec["seed"],
+        ).id
+        worker = s.start_worker(worker_id="only")
+        wait_for(lambda: len(metrics(client, job_id)) >= 4, every=0.01)
+        # its renewals fail (the database is away) until the lease has run out: then the
+        # worker's own expiry pass queues the job again and its next claim takes it back
+        worker._renew = lambda job_id: None  # type: ignore[method-assign]
+        with s.db.transaction() as session:
+            row = session.get(m.Job, job_id)
+            assert row is not None and row.worker_id == "only"
+            row.lease_expires_at = datetime.now(UTC) - timedelta(seconds=1)
+        wait_for(
+            lambda: any("queued again" in e.lower() for e in _events(client, job_id)), timeout=60
+        )
+        wait_status(client, job_id, "succeeded")
+        reference = train_reference(tmp_path, tiny_base, data, [spec])
+        got = adapter_tensors(client.download_adapter(job_id, tmp_path / "a.zip"), tmp_path / "a")
+        assert_same_tensors(got, reference["again"])
+        assert [x.step for x in metrics(client, job_id)] == list(range(1, 81))

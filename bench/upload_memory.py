@@ -5,7 +5,7 @@
     python bench/upload_memory.py /tmp/old --label old    # the peer: an earlier revision
 
 The server runs from ROOT (a folder holding `mixloom/` and `migrations/`) on a temp SQLite,
-with max_concurrent_uploads = N so every upload is taken. RSS is the server's own:
+with max_concurrent_uploads (and its per-tenant share) = N so every upload is taken. RSS is the server's own:
 before, the peak (VmHWM) and 2 s after the last upload answered.
 """
 
@@ -52,6 +52,7 @@ def main() -> None:
         PYTHONPATH=str(root),
         MIXLOOM_DATA_DIR=str(tmp / "data"),
         MIXLOOM_MAX_CONCURRENT_UPLOADS=str(args.uploads),
+        MIXLOOM_MAX_CONCURRENT_UPLOADS_PER_TENANT=str(args.uploads),
         MIXLOOM_MAX_TENANT_BYTES=str(10**11),
     )
     with socket.socket() as s:

@@ -80,7 +80,7 @@ def create_app(
         _prune_idempotency(ctx)
         if removed := files_store.remove_stale_parts(settings.files_dir):
             log.info("removed %d upload(s) left unfinished by a process that died", removed)
-        ctx.reads.open(pool_size=settings.api_threads, max_overflow=settings.api_threads)
+        ctx.reads.open(connections=settings.api_threads)
         yield
         await ctx.reads.close()
         if owns_bus:

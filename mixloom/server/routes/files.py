@@ -143,7 +143,7 @@ def _copy_capped(upload: UploadFile, dest: Path, cap: int) -> tuple[int, str]:
 
 
 @router.get("/v1/files", response_model=FilesPublic)
-def list_files(
+async def list_files(
     ctx: Context,
     tenant: CurrentTenant,
     after: Cursor = None,
@@ -151,10 +151,11 @@ def list_files(
     purpose: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
 ) -> FilesPublic:
     """Newest first. `after`: the last id of the previous page."""
-    with ctx.db.transaction() as session:
-        page, has_more = files.list_files(
-            session=session, tenant_id=tenant.id, after=after, limit=limit, purpose=purpose
+    page, has_more = await ctx.read(
+        lambda s: files.list_files(
+            session=s, tenant_id=tenant.id, after=after, limit=limit, purpose=purpose
         )
+    )
     data = [FilePublic.of(f) for f in page]
     return FilesPublic(
         data=data,
@@ -165,9 +166,11 @@ def list_files(
 
 
 @router.get("/v1/files/{file_id}", response_model=FilePublic)
-def get_file(ctx: Context, tenant: CurrentTenant, file_id: FileId) -> FilePublic:
-    with ctx.db.transaction() as session:
-        return FilePublic.of(files.get_file(session=session, file_id=file_id, tenant_id=tenant.id))
+async def get_file(ctx: Context, tenant: CurrentTenant, file_id: FileId) -> FilePublic:
+    record = await ctx.read(
+        lambda s: files.get_file(session=s, file_id=file_id, tenant_id=tenant.id)
+    )
+    return FilePublic.of(record)
 
 
 @router.get(

@@ -49,7 +49,14 @@ from mixloom.server.schemas import (
     MetricsPublic,
 )
 from mixloom.storage import files, jobs, tenants
-from mixloom.storage.records import CheckpointRecord, JobRecord, JobStatus, TenantRecord
+from mixloom.storage.records import (
+    CheckpointRecord,
+    EventRecord,
+    JobRecord,
+    JobStatus,
+    MetricRecord,
+    TenantRecord,
+)
 
 router = APIRouter(tags=["fine_tuning"], responses=ERROR_RESPONSES)
 log = logging.getLogger("mixloom.server")
@@ -187,7 +194,7 @@ def create_job(
 
 
 @router.get(JOBS, response_model=JobsPublic)
-def list_jobs(
+async def list_jobs(
     ctx: Context,
     tenant: CurrentTenant,
     after: Cursor = None,
@@ -195,17 +202,21 @@ def list_jobs(
     status: JobStatus | None = None,
 ) -> JobsPublic:
     """Newest first. `after`: the last id of the previous page."""
-    with ctx.db.transaction() as session:
+
+    def read(session: Session) -> JobsPublic:
         page, has_more = jobs.list_jobs(
             session=session, tenant_id=tenant.id, after=after, limit=limit, status=status
         )
         return JobsPublic(data=[_public(session, j) for j in page], has_more=has_more)
 
+    return await ctx.read(read)
+
 
 @router.get(JOBS + "/{job_id}", response_model=JobPublic)
-def get_job(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
-    with ctx.db.transaction() as session:
-        return _public(session, jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id))
+async def get_job(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
+    return await ctx.read(
+        lambda s: _public(s, jobs.get_job(session=s, job_id=job_id, tenant_id=tenant.id))
+    )
 
 
 def _transition(ctx: ServerContext, tenant: TenantRecord, job_id: str, action: Any) -> JobPublic:
@@ -241,7 +252,7 @@ def resume_job(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
 
 
 @router.get(JOBS + "/{job_id}/events", response_model=EventsPublic)
-def list_events(
+async def list_events(
     ctx: Context,
     tenant: CurrentTenant,
     job_id: JobId,
@@ -255,16 +266,17 @@ def list_events(
         if match is None:
             raise ValidationError(f"{after!r} is not an event id (ftevent-N)", where="after")
         after_id = int(match.group(1))
-    with ctx.db.transaction() as session:
+
+    def read(session: Session) -> tuple[list[EventRecord], bool]:
         jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
-        page, has_more = jobs.list_events(
-            session=session, job_id=job_id, after=after_id, limit=limit
-        )
+        return jobs.list_events(session=session, job_id=job_id, after=after_id, limit=limit)
+
+    page, has_more = await ctx.read(read)
     return EventsPublic(data=[EventPublic.of(e) for e in page], has_more=has_more)
 
 
 @router.get(JOBS + "/{job_id}/metrics", response_model=MetricsPublic)
-def list_metrics(
+async def list_metrics(
     ctx: Context,
     tenant: CurrentTenant,
     job_id: JobId,
@@ -272,16 +284,17 @@ def list_metrics(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> MetricsPublic:
     """Oldest step first. `after`: the last step of the previous page."""
-    with ctx.db.transaction() as session:
+
+    def read(session: Session) -> tuple[list[MetricRecord], bool]:
         jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
-        page, has_more = jobs.list_metrics(
-            session=session, job_id=job_id, after_step=after, limit=limit
-        )
+        return jobs.list_metrics(session=session, job_id=job_id, after_step=after, limit=limit)
+
+    page, has_more = await ctx.read(read)
     return MetricsPublic(data=[MetricPublic.of(r) for r in page], has_more=has_more)
 
 
 @router.get(JOBS + "/{job_id}/checkpoints", response_model=CheckpointsPublic)
-def list_checkpoints(
+async def list_checkpoints(
     ctx: Context,
     tenant: CurrentTenant,
     job_id: JobId,
@@ -289,11 +302,15 @@ def list_checkpoints(
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> CheckpointsPublic:
     """Newest first. `after`: the last checkpoint id of the previous page."""
-    with ctx.db.transaction() as session:
+
+    def read(session: Session) -> tuple[JobRecord, list[CheckpointRecord], bool]:
         job = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
         page, has_more = jobs.list_checkpoints(
             session=session, job_id=job_id, after=after, limit=limit
         )
+        return job, page, has_more
+
+    job, page, has_more = await ctx.read(read)
     data = [CheckpointPublic.of(c, job) for c in page]
     return CheckpointsPublic(
         data=data,

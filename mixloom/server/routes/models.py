@@ -12,6 +12,6 @@ router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
 
 @router.get("/v1/models", response_model=ModelsPublic)
-def list_models(ctx: Context) -> ModelsPublic:
+async def list_models(ctx: Context) -> ModelsPublic:
     """Public (no API key): a job's `model` must name one of these."""
     return ModelsPublic(data=[ModelPublic.of(m, ctx.started_at) for m in ctx.models])

@@ -13,12 +13,11 @@ router = APIRouter(tags=["usage"], responses=ERROR_RESPONSES)
 
 
 @router.get("/v1/usage", response_model=UsagePublic)
-def get_usage(ctx: Context, tenant: CurrentTenant) -> UsagePublic:
+async def get_usage(ctx: Context, tenant: CurrentTenant) -> UsagePublic:
     """Stored bytes by kind (files, checkpoints, adapters: all count against
     max_total_bytes) and jobs, beside the tenant's quotas."""
     settings = ctx.settings
-    with ctx.db.transaction() as session:
-        usage = tenants.tenant_usage(session=session, tenant_id=tenant.id)
+    usage = await ctx.read(lambda s: tenants.tenant_usage(session=s, tenant_id=tenant.id))
     return UsagePublic(
         stored_bytes=usage["stored_bytes"],
         file_bytes=usage["file_bytes"],

@@ -160,7 +160,7 @@ class AsyncReads:
         self.db = db
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[Any] | None = None
-        self._slots = anyio.Semaphore(1)
+        self._slots: anyio.Semaphore | None = None
 
     def open(self, *, connections: int) -> None:
         if self.db.is_sqlite or self._engine is not None:
@@ -191,7 +191,7 @@ class AsyncReads:
             await engine.dispose()
 
     async def run(self, fn: Callable[[Session], T]) -> T:
-        if self._sessions is None:
+        if self._sessions is None or self._slots is None:
             return await anyio.to_thread.run_sync(self._run_sync, fn)
         async with self._slots:
             try:

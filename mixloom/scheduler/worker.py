@@ -492,7 +492,7 @@ class Worker:
 
         if not self._leased(h, start):
             return
-        _remove_checkpoint_files(later)
+        jobs.remove_stored_files(c.path for c in later)
         log.info("%s: started on worker %s (%s)", record.id, self.id, where)
         if job.state == TrainingState.SUCCEEDED:  # a worker died after the final checkpoint
             self._finish(h, job, self.training.validation_loss(record.id))
@@ -717,7 +717,7 @@ class Worker:
         ok = self._leased(h, write)
         if ok:
             h.last_ckpt_step = step
-            _remove_checkpoint_files(dropped)
+            jobs.remove_stored_files(c.path for c in dropped)
         return ok
 
     def _finish(self, h: Held, job: TrainingJob, val: float | None) -> None:
@@ -781,7 +781,7 @@ class Worker:
             )
 
         if self._leased(h, write):
-            _remove_checkpoint_files(dropped)
+            jobs.remove_stored_files(c.path for c in dropped)
             log.info("%s: succeeded", h.record.id)
             self._drop(h)
 
@@ -933,16 +933,3 @@ def _copy_synced(source: Path, target: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _remove_checkpoint_files(records: list[CheckpointRecord]) -> None:
-    """The archive and folder of checkpoints whose rows were deleted (after the commit: a
-    file left behind by a failed removal is only space, a row without files is an error)."""
-    for record in records:
-        path = Path(record.path)
-        try:
-            path.unlink(missing_ok=True)
-            if path.suffix == ".zip":
-                shutil.rmtree(path.with_suffix(""), ignore_errors=True)
-        except OSError:
-            log.exception("removing checkpoint %s of %s failed", record.step, record.job_id)

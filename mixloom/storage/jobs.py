@@ -20,7 +20,11 @@ number (`seq`), the id of the SSE stream. Functions flush but never commit: run 
 
 from __future__ import annotations
 
+import logging
+import shutil
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select
@@ -37,6 +41,8 @@ from mixloom.storage.records import (
     MetricRecord,
     RequestedAction,
 )
+
+log = logging.getLogger("mixloom.storage")
 
 
 class LeaseLostError(StateConflictError):
@@ -734,3 +740,20 @@ def delete_adapter(
     _event(session, row, f"Deleted the adapter, {freeing}", data={"bytes": freed}, now=now)
     session.flush()
     return path, freed
+
+
+def remove_stored_files(paths: Iterable[str]) -> None:
+    """After commit: the files of deleted records. A checkpoint is its archive and the
+    folder beside it (`step-N.zip`, `step-N/`: the adapter and trainer state); an adapter
+    archive stands alone. A file that cannot be removed is logged: a file left behind is
+    only space (no longer counted against the tenant's quota), a row without its files
+    would be an error."""
+    for name in paths:
+        path = Path(name)
+        try:
+            path.unlink(missing_ok=True)
+            folder = path.with_suffix("")
+            if path.suffix == ".zip" and folder.name.startswith("step-") and folder.is_dir():
+                shutil.rmtree(folder)
+        except OSError:
+            log.warning("could not remove %s of a deleted record", path, exc_info=True)

@@ -310,9 +310,9 @@ def test_retention_keeps_the_last_k_plus_best_on_disk_and_records_sizes(
         if len(rows) == 3:  # the best by validation loss, kept beyond the last 2
             assert rows[0].metrics["valid_loss"] <= min(r.metrics["valid_loss"] for r in rows)
         folder = s.settings.data_dir / "jobs" / job_id / "checkpoints"
-        assert sorted(p.name for p in folder.iterdir()) == sorted(
-            [f"step-{n}" for n in steps] + [f"step-{n}.zip" for n in steps]
-        )
+        kept = sorted([f"step-{n}" for n in steps] + [f"step-{n}.zip" for n in steps])
+        # files go after the commit that also marks the job succeeded: a moment later
+        wait_for(lambda: sorted(p.name for p in folder.iterdir()) == kept, timeout=10)
         for r in rows:
             path = Path(r.path)
             assert r.bytes == stored_bytes(path, path.with_suffix("")) > 0

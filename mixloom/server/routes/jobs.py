@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -368,21 +367,6 @@ def download_checkpoint(
     return _zip(ckpt.path, f"{job_id}-step-{ckpt.step}.zip")
 
 
-def _remove(paths: list[str], *, checkpoints: bool) -> None:
-    """After commit: the files of deleted records. A checkpoint is its zip and the folder
-    beside it (`step-N.zip`, `step-N/`: the adapter and trainer state). A file that cannot
-    be removed is logged; it no longer counts against the tenant's quota."""
-    for name in paths:
-        path = Path(name)
-        folder = path.with_suffix("")
-        try:
-            path.unlink(missing_ok=True)
-            if checkpoints and path.suffix == ".zip" and folder.is_dir():
-                shutil.rmtree(folder)
-        except OSError:
-            log.warning("could not remove %s of a deleted record", path, exc_info=True)
-
-
 def _delete_checkpoints(
     ctx: ServerContext, tenant: TenantRecord, job_id: str, checkpoint_id: str | None
 ) -> list[CheckpointRecord]:
@@ -391,7 +375,7 @@ def _delete_checkpoints(
         removed = jobs.delete_checkpoints(
             session=session, job_id=job_id, tenant_id=tenant.id, checkpoint_id=checkpoint_id
         )
-    _remove([c.path for c in removed], checkpoints=True)
+    jobs.remove_stored_files(c.path for c in removed)
     if removed:
         _notify(ctx, job_id, before.last_seq, wake=False)
     return removed
@@ -426,6 +410,6 @@ def delete_adapter(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> Adapte
         before = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
         path, freed = jobs.delete_adapter(session=session, job_id=job_id, tenant_id=tenant.id)
     if path is not None:
-        _remove([path], checkpoints=False)
+        jobs.remove_stored_files([path])
         _notify(ctx, job_id, before.last_seq, wake=False)
     return AdapterDeleted(id=job_id, bytes=freed)

@@ -490,7 +490,11 @@ def main() -> int:
     p.add_argument("--tenants", type=int, default=20)
     p.add_argument("--jobs-per-tenant", type=int, default=5)
     p.add_argument("--api-workers", type=int, default=1, help="mode api: `mixloom api --workers`")
-    p.add_argument("--log-level", default="info", help="the server's log level (requests are logged only with `mixloom api --access-log`)")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        help="the server's log level (requests are logged only with `mixloom api --access-log`)",
+    )
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--pythonpath", help="run the server from this checkout instead")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server")

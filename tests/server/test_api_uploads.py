@@ -9,6 +9,7 @@ import os
 import time
 import tracemalloc
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,13 @@ def test_upload_copy_and_validation_hold_a_chunk_not_the_file(tmp_path: Path) ->
     assert peak < 4 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB for a 16 MiB upload"
 
 
+def run_apart(coroutine: Any) -> Any:
+    """asyncio.run on a thread of its own: the session's browser (tests/dashboard) keeps an
+    event loop running on the main thread, where asyncio.run refuses to start another."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 @pytest.fixture
 def no_uploads_api(tmp_path: Path, sqlite_template: Path) -> Iterator[Api]:
     path = tmp_path / "mixloom.db"
@@ -122,7 +130,7 @@ def test_concurrency_limit_counts_requests_in_progress_and_frees_their_places() 
         done = [*await asyncio.gather(*first), refused, await other]
         return [*done, await call("/up")]  # the places are free again
 
-    assert asyncio.run(scenario()) == [200, 200, 429, 200, 200]
+    assert run_apart(scenario()) == [200, 200, 429, 200, 200]
     assert limit.active == 0
 
 
@@ -183,7 +191,7 @@ def test_upload_places_are_per_tenant_and_need_a_key_before_the_body() -> None:
         done = [s for s, _ in await asyncio.gather(*a, b)]
         return [*done, a_third, no_key, bad_key]
 
-    assert asyncio.run(scenario()) == [200, 200, 200, 429, 401, 401]
+    assert run_apart(scenario()) == [200, 200, 200, 429, 401, 401]
     assert "" not in bodies_read and "Bearer nobody" not in bodies_read
     assert limit.active == 0 and limit.by_tenant == {}
 
@@ -272,7 +280,7 @@ def test_client_disconnect_mid_body_leaves_nothing(sqlite_api: Api) -> None:
         "server": ("testserver", 80),
         "state": {},
     }
-    asyncio.run(api.app(scope, receive, send))
+    run_apart(api.app(scope, receive, send))
     statuses = [s["status"] for s in sent if s["type"] == "http.response.start"]
     assert all(400 <= s < 500 for s in statuses), statuses
     assert _stored(api) == (0, [])

@@ -360,9 +360,50 @@ async def client(
     conn.close()
 
 
-def drive(port: int, tenants: list[Tenant], clients: int, seconds: float) -> dict[str, Any]:
+async def stream(port: int, tenant: Tenant, job: str, until: float, out: dict[str, Any]) -> None:
+    """One SSE stream of a job, held until `until`: the time to its first frame (the job's
+    history is replayed at once), and whether it stayed open to the end."""
+    t0 = time.perf_counter()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError as exc:
+        out["refused"][repr(exc)] += 1
+        return
+    try:
+        writer.write(
+            f"GET {JOBS}/{job}/stream HTTP/1.1\r\nHost: l\r\n"
+            f"Authorization: Bearer {tenant.key}\r\nAccept: text/event-stream\r\n\r\n".encode()
+        )
+        status = int((await reader.readline()).split(b" ", 2)[1])
+        if status != 200:
+            out["refused"][str(status)] += 1
+            return
+        first = None
+        while (left := until - time.perf_counter()) > 0:
+            try:
+                line = await asyncio.wait_for(reader.readline(), left)
+            except TimeoutError:
+                break
+            if not line:
+                out["ended"] += 1
+                return
+            if first is None and line.startswith((b"id:", b"event:", b"data:")):
+                first = time.perf_counter() - t0
+                out["first"].append(first)
+        out["held"] += 1
+    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+        out["refused"][repr(exc)[:60]] += 1
+    finally:
+        writer.close()
+
+
+def drive(
+    port: int, tenants: list[Tenant], clients: int, seconds: float, streams: int = 0
+) -> dict[str, Any]:
     samples: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, Any] = defaultdict(int)
+    held: dict[str, Any] = {"n": streams, "first": [], "held": 0, "ended": 0}
+    held["refused"] = defaultdict(int)
 
     async def main() -> None:
         until = time.perf_counter() + seconds
@@ -370,7 +411,12 @@ def drive(port: int, tenants: list[Tenant], clients: int, seconds: float) -> dic
             *(
                 client(port, tenants[i % len(tenants)], until, i, samples, errors)
                 for i in range(clients)
-            )
+            ),
+            *(
+                stream(port, t, t.job_ids[i % len(t.job_ids)], until, held)
+                for i in range(streams)
+                for t in [tenants[i % len(tenants)]]
+            ),
         )
 
     try:
@@ -385,6 +431,7 @@ def drive(port: int, tenants: list[Tenant], clients: int, seconds: float) -> dic
     return {
         "samples": samples,
         "errors": errors,
+        "streams": held,
         "wall": wall,
         "generator_cpu": (time.process_time() - cpu0) / wall,
     }
@@ -464,6 +511,13 @@ def table(clients: int, result: dict[str, Any]) -> str:
         )
     if result["errors"]:
         lines.append("errors: " + json.dumps(dict(result["errors"])))
+    held = result["streams"]
+    if held["n"]:
+        lines.append(
+            f"SSE streams: {held['n']} opened beside the load, {held['held']} held to the end, "
+            f"{held['ended']} ended early, refused {dict(held['refused']) or 0}; first frame "
+            f"p50 {pct(held['first'], 0.5) * 1e3:.0f} ms, p99 {pct(held['first'], 0.99) * 1e3:.0f} ms"
+        )
     return "\n".join(lines)
 
 
@@ -474,6 +528,9 @@ def main() -> int:
     p.add_argument("--mode", choices=["api", "serve"], default="api")
     p.add_argument("--clients", type=int, nargs="+", default=[50, 200])
     p.add_argument("--seconds", type=float, default=30)
+    p.add_argument(
+        "--streams", type=int, default=0, help="SSE streams held open during each load window"
+    )
     p.add_argument("--train", action="store_true", help="a training job runs during the load")
     p.add_argument("--quiet-seconds", type=float, default=30, help="training rate without load")
     p.add_argument(
@@ -551,7 +608,7 @@ def main() -> int:
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
-                result = drive(port, tenant_list, n, args.seconds)
+                result = drive(port, tenant_list, n, args.seconds, args.streams)
                 after = meter.sample()
                 result["server_cpu"] = meter.since(before[0], after[0])
                 result["postgres_cpu"] = meter.since(before[1], after[1])

@@ -38,7 +38,7 @@ import shutil
 import threading
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,8 @@ class Held:
     last_metrics_at: float = -math.inf
     last_ckpt_step: int = -1  # of the last checkpoint recorded in the database
     oom_alone: int = 0
+    # metrics rows not yet stored (the database was away): written with the next ones
+    unstored_metrics: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
 
 def _available_ram() -> int:
@@ -339,7 +341,9 @@ class Worker:
                 new = jobs.progress_since(session=session, job_id=job_id, after_seq=after_seq)
             for record in new:
                 self.bus.publish(job_id, record.to_message())
-        except Exception:  # the database has them; streams catch up from it
+        except DBAPIError as exc:  # the database has them; streams catch up from it
+            self.database_outage.failed(exc.orig if exc.orig is not None else exc)
+        except Exception:
             log.exception("publishing progress of %s failed", job_id)
 
     # -- requests from the API ---------------------------------------------------------
@@ -626,11 +630,18 @@ class Worker:
 
     def _metrics(self, h: Held, step: int, values: dict[str, Any]) -> bool:
         """Store a step's metrics if the lease is still ours (a worker that lost it, frozen
-        past its lease, writes nothing the job's new holder will write again)."""
-        return self._leased(
-            h,
-            lambda s: jobs.add_metrics(session=s, job_id=h.record.id, step=step, values=values),
-        )
+        past its lease, writes nothing the job's new holder will write again). While the
+        database is away the rows wait here and go with the next write (False: not
+        stored now, or the lease is lost)."""
+        h.unstored_metrics.append((step, values))
+        rows = list(h.unstored_metrics)
+        try:
+            ok = self._leased(h, lambda s: _store_metrics(s, h.record.id, rows))
+        except DBAPIError as exc:
+            self.database_outage.failed(exc.orig if exc.orig is not None else exc)
+            return False
+        del h.unstored_metrics[: len(rows)]  # committed (or the lease is lost: not ours)
+        return ok
 
     def _out_of_memory(self, names: list[str], exc: BaseException) -> None:
         """After the session undid the failed step: retry with half the token budget; a job
@@ -751,6 +762,7 @@ class Worker:
         dropped: list[CheckpointRecord] = []
 
         def write(session: Any) -> None:
+            _store_metrics(session, h.record.id, h.unstored_metrics)
             jobs.add_checkpoint(
                 session=session,
                 job_id=h.record.id,
@@ -900,6 +912,11 @@ class Worker:
             except Exception:
                 log.exception("releasing %s at shutdown failed; its lease will expire", h.record.id)
         self.bus.wake()
+
+
+def _store_metrics(session: Any, job_id: str, rows: list[tuple[int, dict[str, Any]]]) -> None:
+    for step, values in rows:
+        jobs.add_metrics(session=session, job_id=job_id, step=step, values=values)
 
 
 def _zip_adapter(folder: Path, target: Path) -> Path:

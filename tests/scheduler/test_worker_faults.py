@@ -30,6 +30,7 @@ from helpers import (
     write_jsonl,
 )
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from mixloom.storage import files, jobs, tenants
 from mixloom.storage import models as m
@@ -504,3 +505,32 @@ def test_a_job_whose_lease_expired_under_its_own_worker_is_claimed_again_and_fin
         got = adapter_tensors(client.download_adapter(job_id, tmp_path / "a.zip"), tmp_path / "a")
         assert_same_tensors(got, reference["again"])
         assert [x.step for x in metrics(client, job_id)] == list(range(1, 81))
+
+
+def test_metrics_the_database_missed_are_written_once_it_is_back(
+    tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's metrics row whose write met a database outage is kept by the worker and
+    written with the next one: one row per step in the end, none lost."""
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(24, seed=10))
+    real = jobs.add_metrics
+    failed: list[int] = []
+
+    def flaky(*, session: Any, job_id: str, step: int, values: Any) -> Any:
+        if step in (3, 4) and step not in failed:
+            failed.append(step)
+            raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+        return real(session=session, job_id=job_id, step=step, values=values)
+
+    monkeypatch.setattr(jobs, "add_metrics", flaky)
+    with stack(tmp_path, tiny_base) as s:
+        client = s.client("outage")
+        job_id = client.create_job(
+            training_file=client.upload_file(data).id,
+            model=client.list_models()[0].id,
+            method=_method(batch_size=2),
+        ).id
+        s.start_worker()
+        wait_status(client, job_id, "succeeded")
+        assert failed == [3, 4]
+        assert [x.step for x in metrics(client, job_id)] == list(range(1, 13))

@@ -174,7 +174,6 @@ class Worker:
                 try:
                     stepped = self.tick()
                     failures = 0
-                    self.database_outage.ok()
                 except DBAPIError as exc:  # the database restarts or fails over: keep the jobs
                     self.database_outage.failed(exc.orig if exc.orig is not None else exc)
                     stop.wait(self.settings.worker_poll_seconds)
@@ -292,6 +291,7 @@ class Worker:
         except Exception:
             log.exception("heartbeat for %s failed", job_id)
             return
+        self.database_outage.ok()
         with self._lock:
             h = self.held.get(job_id)
             if h is not None:
@@ -845,6 +845,7 @@ class Worker:
             h.lost = True
             self._drop(h)
             return False
+        self.database_outage.ok()  # a write committed: the database is back, if it was away
         self._publish(h.record.id, seq)
         return True
 

@@ -378,15 +378,16 @@ async def stream(port: int, tenant: Tenant, job: str, until: float, out: dict[st
         if status != 200:
             out["refused"][str(status)] += 1
             return
-        first = None
+        first, finished = None, False
         while (left := until - time.perf_counter()) > 0:
             try:
                 line = await asyncio.wait_for(reader.readline(), left)
             except TimeoutError:
                 break
             if not line:
-                out["ended"] += 1
+                out["ended" if finished else "cut"] += 1
                 return
+            finished = finished or line.startswith(b"event: end")
             if first is None and line.startswith((b"id:", b"event:", b"data:")):
                 first = time.perf_counter() - t0
                 out["first"].append(first)
@@ -402,7 +403,7 @@ def drive(
 ) -> dict[str, Any]:
     samples: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, Any] = defaultdict(int)
-    held: dict[str, Any] = {"n": streams, "first": [], "held": 0, "ended": 0}
+    held: dict[str, Any] = {"n": streams, "first": [], "held": 0, "ended": 0, "cut": 0}
     held["refused"] = defaultdict(int)
 
     async def main() -> None:
@@ -514,8 +515,9 @@ def table(clients: int, result: dict[str, Any]) -> str:
     held = result["streams"]
     if held["n"]:
         lines.append(
-            f"SSE streams: {held['n']} opened beside the load, {held['held']} held to the end, "
-            f"{held['ended']} ended early, refused {dict(held['refused']) or 0}; first frame "
+            f"SSE streams: {held['n']} opened beside the load: {held['held']} held to the end, "
+            f"{held['ended']} closed after their end frame (the job had finished), "
+            f"{held['cut']} cut off, refused {dict(held['refused']) or 0}; first frame "
             f"p50 {pct(held['first'], 0.5) * 1e3:.0f} ms, p99 {pct(held['first'], 0.99) * 1e3:.0f} ms"
         )
     return "\n".join(lines)

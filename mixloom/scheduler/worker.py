@@ -804,7 +804,10 @@ class Worker:
         if isinstance(exc, QuotaExceededError):
             log.warning("%s: %s refused: %s", h.record.id, doing, exc)
             self._release(
-                h, JobStatus.PAUSED, f"Job paused while {doing}: {exc}; then resume the job"
+                h,
+                JobStatus.PAUSED,
+                f"Job paused while {doing}: {exc}; then resume the job",
+                level="warning",
             )
             return
         problem = storage_problem(exc)
@@ -815,6 +818,7 @@ class Worker:
                 JobStatus.PAUSED,
                 f"Job paused: storage unavailable: {problem}, while {doing}; resume it when "
                 "space is freed (it continues from its last checkpoint)",
+                level="warning",
             )
             return
         log.error("%s: %s failed", h.record.id, doing, exc_info=exc)
@@ -864,6 +868,7 @@ class Worker:
         message: str | None = None,
         *,
         error: dict[str, Any] | None = None,
+        level: str | None = None,
     ) -> None:
         if error is not None:
             error.setdefault("param", None)
@@ -876,6 +881,7 @@ class Worker:
                 status=status,
                 message=message,
                 error=error,
+                level=level,
             ),
         )
         log.info("%s: released as %s", h.record.id, status.value)

@@ -319,19 +319,21 @@ def release_job(
     status: JobStatus,
     message: str | None = None,
     error: dict[str, Any] | None = None,
+    level: str | None = None,
     now: datetime | None = None,
 ) -> JobRecord:
     """End the worker's lease, leaving the job `status`.
 
     succeeded | failed | cancelled: finished. paused: the API's resume re-queues it.
     queued: back in the queue at its old place (e.g. the worker shuts down).
-    `error` is {"message", "code", "param"} for failed jobs.
+    `error` is {"message", "code", "param"} for failed jobs. `level`: the event's (default:
+    error for a failed job, else info).
     """
     if status in (JobStatus.RUNNING, JobStatus.VALIDATING_FILES):
         raise ValueError(f"release_job cannot leave a job {status}")
     now = _now(now)
     row = _leased_row(session, job_id, worker_id)
-    level = "error" if status == JobStatus.FAILED else "info"
+    level = level or ("error" if status == JobStatus.FAILED else "info")
     text = (
         message
         or {

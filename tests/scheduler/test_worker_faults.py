@@ -220,6 +220,8 @@ def test_disk_full_pauses_the_job_that_fills_it_and_the_other_tenant_finishes(
             events
         )
         assert any("resume it when space is freed" in e for e in events), events
+        pause = next(e for e in big_client.iter_events(big) if "storage unavailable" in e.message)
+        assert pause.level == "warning"  # a fault the tenant should notice, not routine
         wait_status(small_client, small, "succeeded")
         assert s.threads[0].is_alive() and worker.ready.is_set()
         assert list(mount.glob(f"jobs/{big}/checkpoints/*")) == []  # no partial write left

@@ -64,6 +64,18 @@ def _remount(path: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
 
 
+def _create(client: Any, data: Path, spec: dict[str, Any]) -> str:
+    """A job of `spec` (method, seed; as train_reference takes it) on uploaded `data`."""
+    return str(
+        client.create_job(
+            training_file=client.upload_file(data).id,
+            model=client.list_models()[0].id,
+            method=spec["method"],
+            seed=spec["seed"],
+        ).id
+    )
+
+
 def _events(client: Any, job_id: str) -> list[str]:
     return [e.message for e in client.iter_events(job_id, page_size=100)]
 
@@ -398,12 +410,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(
     spec = {"name": "trunc", "seed": 5, "method": _method(batch_size=2, checkpoint_every=3)}
     with stack(tmp_path, tiny_base) as s:
         client = s.client("trunc")
-        job_id = client.create_job(
-            training_file=client.upload_file(data).id,
-            model=client.list_models()[0].id,
-            method=spec["method"],
-            seed=spec["seed"],
-        ).id
+        job_id = _create(client, data, spec)
         s.start_worker(worker_id="first")
         wait_for(lambda: len(metrics(client, job_id)) >= 7, every=0.01)
         s.stop_workers()  # checkpoints at the current step, queued again
@@ -439,12 +446,7 @@ def test_a_checkpoint_written_but_never_recorded_is_trained_again(
     spec = {"name": "unrec", "seed": 5, "method": _method(batch_size=2, checkpoint_every=3)}
     with stack(tmp_path, tiny_base) as s:
         client = s.client("unrecorded")
-        job_id = client.create_job(
-            training_file=client.upload_file(data).id,
-            model=client.list_models()[0].id,
-            method=spec["method"],
-            seed=spec["seed"],
-        ).id
+        job_id = _create(client, data, spec)
         s.start_worker(worker_id="first")
         wait_for(lambda: len(metrics(client, job_id)) >= 7, every=0.01)
         s.stop_workers()
@@ -484,12 +486,7 @@ def test_a_job_whose_lease_expired_under_its_own_worker_is_claimed_again_and_fin
     spec = {"name": "again", "seed": 6, "method": _method(batch_size=2, checkpoint_every=3)}
     with stack(tmp_path, tiny_base) as s:
         client = s.client("expired")
-        job_id = client.create_job(
-            training_file=client.upload_file(data).id,
-            model=client.list_models()[0].id,
-            method=spec["method"],
-            seed=spec["seed"],
-        ).id
+        job_id = _create(client, data, spec)
         worker = s.start_worker(worker_id="only")
         wait_for(lambda: len(metrics(client, job_id)) >= 4, every=0.01)
         # its renewals fail (the database is away) until the lease has run out: then the

@@ -135,3 +135,10 @@ class TooLargeError(RequestError):
 
 class APIKeyError(RequestError):
     """The API key is missing, malformed, unknown or revoked."""
+
+
+class GenerationError(RequestError):
+    """A generation request the inference engine cannot serve as asked: an empty prompt, a
+    prompt or `max_tokens` beyond the model's context, `n` or `logprobs` beyond the limits,
+    sampling settings out of range (a 400). `code` is "context_length_exceeded" for what
+    does not fit in the context or the engine's cache, "invalid_value" otherwise."""

@@ -43,6 +43,8 @@ class AdapterModel(nn.Module):
             recompute = next(model.parameters()).device.type == "cuda"
         self.state = FusedState(backend=backend, recompute=recompute)
         self.specs: dict[str, AdapterSpec] = {}
+        # adapter name -> its packing group (add_adapter): "" for training jobs
+        self.pack_groups: dict[str, str] = {}
         self.generators: dict[str, torch.Generator] = self.state.generators
         for layer in _layers(model):
             attn = layer.self_attn
@@ -74,8 +76,12 @@ class AdapterModel(nn.Module):
 
     # -- adapters ----------------------------------------------------------------------
 
-    def add_adapter(self, spec: AdapterSpec) -> None:
-        """Create the adapter's weights (deterministic from spec.seed) and its RNG stream."""
+    def add_adapter(self, spec: AdapterSpec, *, pack_group: str = "") -> None:
+        """Create the adapter's weights (deterministic from spec.seed) and its RNG stream.
+        `pack_group`: the adapters whose weights share blocks of memory (model/packing.py);
+        adding or removing one moves only its group's weights. The inference engine keeps its
+        adapters in a group of their own, so that loading one never moves (or copies) the
+        weights of the jobs being trained."""
         if spec.name in self.specs:
             raise ValueError(f"adapter {spec.name!r} already exists")
         init = torch.Generator().manual_seed(spec.seed)
@@ -97,7 +103,8 @@ class AdapterModel(nn.Module):
         self.specs[spec.name] = spec
         # on the host whatever the device: dropout draws seeds from it (no device work)
         self.generators[spec.name] = torch.Generator().manual_seed(spec.seed + 1)
-        self._repack()
+        self.pack_groups[spec.name] = pack_group
+        self._repack(pack_group)
 
     def remove_adapter(self, name: str) -> None:
         for layer in _layers(self.model):
@@ -112,23 +119,28 @@ class AdapterModel(nn.Module):
             mlp.specs.pop(name, None)
         self.specs.pop(name, None)
         self.generators.pop(name, None)
-        self._repack()
+        self._repack(self.pack_groups.pop(name, ""))
 
-    def _repack(self) -> None:
-        """Each projection's weights of every adapter back to back in one block, in the order
-        the adapters joined, which is the order of a fused batch (model/packing.py)."""
+    def _repack(self, pack_group: str) -> None:
+        """Each projection's weights of every adapter of the group back to back in one block,
+        in the order the adapters joined, which is the order of a fused batch
+        (model/packing.py)."""
+        names = {n for n, g in self.pack_groups.items() if g == pack_group}
         for layer in _layers(self.model):
             groups: list[list[LoraWeights]] = [
-                list(getattr(layer.self_attn, proj).adapters.values()) for proj in _ATTENTION
+                [w for n, w in getattr(layer.self_attn, proj).adapters.items() if n in names]
+                for proj in _ATTENTION
             ]
             mlp = layer.mlp
+            lora = [d for n, d in mlp.lora.items() if n in names]
+            moe = [m for n, m in mlp.moe.items() if n in names]
             for proj in _MLP:
-                groups.append([d[proj] for d in mlp.lora.values() if proj in d])
-                groups.append([m.experts[proj] for m in mlp.moe.values() if proj in m.experts])
+                groups.append([d[proj] for d in lora if proj in d])
+                groups.append([m.experts[proj] for m in moe if proj in m.experts])
             for group in groups:
                 repack([w.lora_A for w in group])
                 repack([w.lora_B for w in group])
-            repack([m.router for m in mlp.moe.values()])
+            repack([m.router for m in moe])
 
     def named_adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of one adapter in a fixed order; names are model-relative."""

@@ -223,11 +223,14 @@ def read_tensors(adapter_dir: str | Path) -> dict[str, Tensor]:
     raise ModelLoadError(f"{folder} holds no adapter_model.safetensors or adapter_model.bin")
 
 
-def load_adapter_into(model: AdapterModel, adapter_dir: str | Path, name: str) -> AdapterSpec:
-    """Add the adapter stored in adapter_dir to `model` under `name`, with its weights."""
+def load_adapter_into(
+    model: AdapterModel, adapter_dir: str | Path, name: str, *, pack_group: str = ""
+) -> AdapterSpec:
+    """Add the adapter stored in adapter_dir to `model` under `name`, with its weights
+    (`pack_group`: AdapterModel.add_adapter's)."""
     spec, _ = read_spec(adapter_dir, name)
     tensors = read_tensors(adapter_dir)
-    model.add_adapter(spec)
+    model.add_adapter(spec, pack_group=pack_group)
     state: dict[str, Tensor] = {}
     try:
         for key, p in model.named_adapter_parameters(name):

@@ -124,7 +124,7 @@ def adapter_bytes(model: AdapterModel, spec: AdapterSpec) -> int:
     layers = model.model.model.layers
     attn, mlp = layers[0].self_attn, layers[0].mlp.base
 
-    def lora(proj: torch.nn.Module, r: int, dora: bool) -> int:
+    def lora(proj: torch.nn.Linear, r: int, dora: bool) -> int:
         out_f, in_f = proj.weight.shape
         return r * (in_f + out_f) + (out_f if dora else 0)
 

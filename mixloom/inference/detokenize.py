@@ -40,15 +40,20 @@ class TextStream:
         return self._release()
 
     def flush(self) -> str:
-        """At the end: release what was held back for a stop string that never came."""
-        piece = self._text[self._released :]
-        self._released = len(self._text)
+        """At the end: release the rest, that is text held back for a stop string that never
+        came and a trailing unfinished character (as U+FFFD, as a whole decode gives it), up
+        to a stop string if one is there after all."""
+        if self._read < len(self._ids):
+            before = self._decode(self._prefix, self._read)
+            self._text += self._decode(self._prefix, len(self._ids))[len(before) :]
+            self._prefix = self._read = len(self._ids)
+        piece, _ = self._release(final=True)
         return piece
 
     def _decode(self, start: int, end: int) -> str:
         return str(self._tok.decode(self._ids[start:end], skip_special_tokens=True))
 
-    def _release(self) -> tuple[str, bool]:
+    def _release(self, final: bool = False) -> tuple[str, bool]:
         text, start = self._text, self._released
         found = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]
         if found:  # a stop string cannot start in released text: it would have been held
@@ -56,7 +61,7 @@ class TextStream:
             self._text = text[:end]
             self._released = end
             return text[start:end], True
-        end = len(text) - self._held(text)
+        end = len(text) - (0 if final else self._held(text))
         self._released = max(start, end)
         return text[start : self._released], False
 

@@ -397,7 +397,9 @@ class InferenceEngine:
         dev = self.model.device
         groups = []
         if decode:
-            groups.append(self._group([r for r, _ in decode], [[w.start] for _, w in decode], decode))
+            groups.append(
+                self._group([r for r, _ in decode], [[w.start] for _, w in decode], decode)
+            )
         for row, w in chunks:
             rows = list(range(row, row + w.take))
             groups.append(self._group(rows, [list(range(w.start, w.start + w.take))], [(row, w)]))
@@ -412,8 +414,8 @@ class InferenceEngine:
                 **{PLAN_KWARG: plan},
             )
             hidden = out.last_hidden_state[:, 0]  # (N, H)
-            rows = upload(torch.tensor(logit_rows, dtype=torch.int64), dev)  # may be none
-            hidden = hidden.index_select(0, rows)  # (L, H)
+            wanted = upload(torch.tensor(logit_rows, dtype=torch.int64), dev)  # may be none
+            hidden = hidden.index_select(0, wanted)  # (L, H)
             logits = self.model.lm_head(hidden).float()  # (L, V)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
@@ -429,7 +431,12 @@ class InferenceEngine:
         nb = self._kv().blocks_for(keys)
         table = [(w.sample.blocks + [0] * nb)[:nb] for _, w in items]
         dev = self.model.device
-        return QueryGroup(upload(rows, dev), upload(q_pos, dev), upload(table, dev), keys)
+        return QueryGroup(
+            upload(rows, dev),
+            upload(torch.tensor(q_pos), dev),
+            upload(torch.tensor(table), dev),
+            keys,
+        )
 
     @contextmanager
     def _borrowed(self, segments: list[Segment]) -> Iterator[None]:
@@ -503,16 +510,15 @@ class InferenceEngine:
         if logprob is not None:
             s.logprobs.append(logprob)
         text, reason = "", None
-        if token in request.stop_ids:
-            reason = FINISH_STOP
+        if token in request.stop_ids:  # not text: it ends the text there
+            text, reason = s.text.flush(), FINISH_STOP
         else:
             text, stopped = s.text.push(token)
             if stopped:
                 reason = FINISH_STOP
             elif len(s.generated) >= request.params.max_tokens:
-                reason = FINISH_LENGTH
+                text, reason = text + s.text.flush(), FINISH_LENGTH
         if reason is not None:
-            text += s.text.flush()
             s.finish_reason = reason
             self._kv().release(s.blocks)
             s.blocks = []

@@ -117,6 +117,21 @@ class Settings(ModelSettings, BaseSettings):
     sse_max_streams_per_tenant: int = 8
     sse_auth_check_seconds: float = 2.0  # an open stream ends this soon after its key is revoked
     dashboard_session_hours: float = 7 * 24  # a dashboard sign-in lasts this long
+    # inference (`/v1/chat/completions`, `/v1/completions`): the API stores a request, a
+    # worker holding its base decodes it between training steps (worker_role "all") or
+    # alone ("inference"); "training" workers decode nothing
+    worker_role: Literal["all", "training", "inference"] = "all"
+    inference_max_tokens: int = 4096  # max_tokens a request may ask for
+    inference_default_max_tokens: int = 512  # a chat request that names no max_tokens
+    inference_max_n: int = 8  # samples a request (n, times the prompts of a completion)
+    inference_max_requests_per_tenant: int = 16  # in flight at once; over it: 429
+    inference_queue_seconds: float = 30.0  # a request no worker takes this soon: 503
+    # a waiting request re-reads its chunks this often (a bus message, with Redis, sooner)
+    inference_poll_seconds: float = 0.1
+    inference_keep_seconds: float = 600.0  # finished requests (prompts, answers) are removed
+    inference_kv_cache_tokens: int = 16384  # a worker's KV cache, all running sequences
+    inference_max_batch_tokens: int = 512  # new tokens a decoding step: decode rows + prefill
+    inference_adapter_cache_gb: float = 1.0  # adapters a worker keeps loaded (LRU beyond)
     # tests/: the services integration tests use (each test session makes its own database)
     test_postgres_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     test_redis_url: str = "redis://127.0.0.1:6379/0"

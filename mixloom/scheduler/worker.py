@@ -48,6 +48,7 @@ from sqlalchemy.exc import DBAPIError
 from mixloom.config import Settings
 from mixloom.errors import DataError, QuotaExceededError
 from mixloom.scheduler import memory
+from mixloom.scheduler.inference import InferenceHost
 from mixloom.scheduler.policy import Candidate, compose_step
 from mixloom.scheduler.queue import claim_next, hyperparameters
 from mixloom.storage import files, jobs, tenants
@@ -77,6 +78,7 @@ ADAPTER_FILES = (
 OOM_RETRIES_ALONE = 3  # a job that runs out of memory this often on its own fails
 MIN_TOKEN_BUDGET = 256  # out-of-memory back-off halves the step budget down to this
 MAX_LOOP_BACKOFF = 60.0  # seconds between tries after unexpected errors in the loop
+INFERENCE_MIN_SLICE_S = 0.05  # decoding time a turn at least, when no training step ran
 
 
 def jobs_dir(settings: Settings) -> Path:
@@ -132,6 +134,9 @@ class Worker:
         self.model_id = settings.base_model
         self.base = base  # model.base.BaseModel; loaded in run() when not given
         self.training: TrainingSession  # made in run(), with the base model
+        self.inference: InferenceHost | None = (
+            None  # made in run(), unless worker_role is "training"
+        )
         self.held: dict[str, Held] = {}
         self.token_budget = settings.worker_step_token_budget
         self.steps = 0
@@ -191,10 +196,18 @@ class Worker:
                     stop.wait(wait)
                     continue
                 if not stepped:
-                    self._wake.wait(min(self.settings.worker_poll_seconds, 0.5))
+                    self._wake.wait(self._idle_wait())
         finally:
             self._shutdown()
             done.set()
+
+    def _idle_wait(self) -> float:
+        """How long an idle loop sleeps: new jobs are looked for every worker_poll_seconds
+        (a bus wake-up comes sooner), inference requests every inference_poll_seconds."""
+        wait = min(self.settings.worker_poll_seconds, 0.5)
+        if self.inference is not None:
+            wait = min(wait, self.settings.inference_poll_seconds)
+        return wait
 
     def _load(self) -> None:
         self.training = TrainingSession.load(
@@ -206,6 +219,16 @@ class Worker:
         )
         self.training.before_checkpoint = self._before_checkpoint
         base = self.base = self.training.base
+        if self.settings.worker_role != "training":
+            self.inference = InferenceHost(
+                self.settings,
+                db=self.db,
+                bus=self.bus,
+                worker_id=self.id,
+                base_id=self.model_id,
+                model=self.training.model,
+                tokenizer=base.tokenizer,
+            )
         params = list(base.model.parameters())
         base_bytes = sum(p.numel() * p.element_size() for p in params)
         self.shape = memory.ModelShape.from_config(
@@ -231,6 +254,13 @@ class Worker:
             self._last_expire = now
             self._expire()
         self._carry_out_requests()
+        # inference first, for as long as a training step takes: a request waits at most one
+        # training step for its first token, and training keeps half the time under load
+        decoded = self.inference is not None and self.inference.serve(
+            max(self._last_step_seconds, INFERENCE_MIN_SLICE_S)
+        )
+        if self.settings.worker_role == "inference":
+            return decoded
         if self._wake.is_set() or now - self._last_claim >= self.settings.worker_poll_seconds:
             self._wake.clear()
             self._last_claim = now
@@ -238,7 +268,7 @@ class Worker:
         names = self._compose()
         if names:
             self._step(names)
-        return bool(names)
+        return bool(names) or decoded
 
     def _expire(self) -> None:
         with self.db.transaction() as session:
@@ -259,6 +289,8 @@ class Worker:
             self._publish(record.id, record.last_seq - 1)
         if any(r.status == JobStatus.QUEUED for r in expired):
             self._wake.set()
+        if self.inference is not None:
+            self.inference.maintain()
 
     # -- leases ------------------------------------------------------------------------
 
@@ -895,7 +927,13 @@ class Worker:
             self.training.remove(h.record.id)
 
     def _shutdown(self) -> None:
-        """Checkpoint what can be checkpointed and put every held job back in the queue."""
+        """Checkpoint what can be checkpointed and put every held job back in the queue;
+        the inference requests in flight fail (with a message to send them again)."""
+        if self.inference is not None:
+            try:
+                self.inference.close()
+            except Exception:
+                log.exception("ending the inference requests at shutdown failed")
         for h in list(self.held.values()):
             job = h.job
             if h.lost or job is None:

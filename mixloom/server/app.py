@@ -28,7 +28,7 @@ from mixloom.server.limits import (
 )
 from mixloom.server.ratelimit import install_rate_limit_errors
 from mixloom.server.registry import served_models
-from mixloom.server.routes import files, jobs, models, stream, usage
+from mixloom.server.routes import files, inference, jobs, models, stream, usage
 from mixloom.storage import files as files_store
 from mixloom.storage import idempotency, migrate
 from mixloom.storage.bus import ProgressBus, make_bus
@@ -98,7 +98,14 @@ def create_app(
     app.state.read_ctx = ctx.reading()
     install_error_handlers(app)
     install_rate_limit_errors(app)
-    for router in (models.router, files.router, jobs.router, stream.router, usage.router):
+    for router in (
+        models.router,
+        files.router,
+        jobs.router,
+        stream.router,
+        usage.router,
+        inference.router,
+    ):
         app.include_router(router)
     install_dashboard(app)
 

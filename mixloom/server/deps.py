@@ -26,8 +26,8 @@ T = TypeVar("T")
 
 
 class TenantStreams:
-    """Open SSE streams per tenant, at most `limit` each, so that one tenant cannot take
-    every one of the server's stream slots (sse_max_streams)."""
+    """Open SSE streams (or inference requests in flight) per tenant, at most `limit` each,
+    so that one tenant cannot take every one of the server's slots (sse_max_streams)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -65,6 +65,7 @@ class ServerContext:
     started_at: int
     sse_limiter: anyio.CapacityLimiter = field(init=False)
     sse_streams: TenantStreams = field(init=False)
+    inference_slots: TenantStreams = field(init=False)  # inference requests in flight
     auth_cache: AuthCache = field(init=False)
     rate_limiter: RateLimiter = field(init=False)
     reads: AsyncReads = field(init=False)
@@ -73,6 +74,7 @@ class ServerContext:
         self.reads = AsyncReads(self.db)
         self.sse_limiter = anyio.CapacityLimiter(self.settings.sse_max_streams)
         self.sse_streams = TenantStreams(self.settings.sse_max_streams_per_tenant)
+        self.inference_slots = TenantStreams(self.settings.inference_max_requests_per_tenant)
         self.auth_cache = AuthCache(self.settings.auth_cache_seconds)
         self.rate_limiter = RateLimiter(
             self.settings.rate_limit_per_second, self.settings.rate_limit_burst

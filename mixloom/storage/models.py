@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -209,3 +210,46 @@ class IdempotencyRecord(Base):
     response_status: Mapped[int] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any]] = mapped_column(JsonType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class InferenceRequest(Base):
+    """A chat or completion request, from the API process to a worker holding its base: the
+    database carries it (and its answer) so that the API never loads a model."""
+
+    __tablename__ = "inference_requests"
+    __table_args__ = (Index("ix_inference_requests_status_base", "status", "base"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(255))  # as the caller named it (echoed back)
+    base: Mapped[str] = mapped_column(String(255))  # the base model's public id
+    # the fine-tuned model: its job and checkpoint step (None: the final adapter); the
+    # worker finds the weights from them
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # "chat" | "completion"
+    body: Mapped[dict[str, Any]] = mapped_column(JsonType)  # the validated request
+    status: Mapped[str] = mapped_column(String(16))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # choices, usage and timings when it succeeded; {message, code, param, status} when not
+    result: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class InferenceChunk(Base):
+    """What one decoding step added to a request's choices (a stream's next frame)."""
+
+    __tablename__ = "inference_chunks"
+    __table_args__ = (
+        UniqueConstraint("request_id", "seq", name="uq_inference_chunks_request_id_seq"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("inference_requests.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]] = mapped_column(JsonType)

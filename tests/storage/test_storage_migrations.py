@@ -22,6 +22,8 @@ TABLES = {
     "jobs",
     "job_events",
     "job_metrics",
+    "inference_requests",
+    "inference_chunks",
     "checkpoints",
     "idempotency_keys",
     "dashboard_sessions",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +40,13 @@ class Settings(ModelSettings, BaseSettings):
     redis_url: str | None = None  # unset: in-process progress bus
     # the embedded base model converted to a plain HF folder (default: $XDG_CACHE_HOME/mixloom)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # the base model's public id (GET /v1/models, a job's `model`, its fine-tuned model's
+    # id); unset: the embedded default's id, or MIXLOOM_BASE_MODEL's folder name
+    # (mixloom/model_ids.py). Model ids never show a server path.
+    base_model_alias: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = None
+    # the adapter a job trains when its method names none: OpenAI's `supervised` method
+    # without mixloom's `adapter` section, or OpenAI's older top-level `hyperparameters`
+    default_adapter: Literal["lora", "mixlora"] = "lora"
     # glibc malloc keeps freed memory (trainer/host.py; process-wide); unset: in `mixloom
     # train` on a CPU, never in `mixloom worker` / `serve`
     cpu_malloc_tuning: bool | None = None

@@ -47,6 +47,7 @@ from sqlalchemy.exc import DBAPIError
 
 from mixloom.config import Settings
 from mixloom.errors import DataError, QuotaExceededError
+from mixloom.model_ids import fine_tuned_model_id, served_base_id
 from mixloom.scheduler import memory
 from mixloom.scheduler.inference import InferenceHost
 from mixloom.scheduler.policy import Candidate, compose_step
@@ -782,8 +783,12 @@ class Worker:
         except Exception as exc:
             self._job_error(h, exc, f"writing the final adapter at step {job.step}")
             return
-        suffix = h.record.suffix or "mixloom"
-        name = f"ft:{self.model_id}:{suffix}:{h.record.id}"
+        name = fine_tuned_model_id(
+            base=served_base_id(self.settings),
+            org=h.record.tenant_id,
+            suffix=h.record.suffix,
+            job_id=h.record.id,
+        )
         took = time.time() - (h.record.started_at.timestamp() if h.record.started_at else 0)
         text = (
             f"Job succeeded: {job.step} steps, {job.tokens_seen:,} tokens"

@@ -195,7 +195,8 @@ class InferenceEngine:
             )
             for i in range(params.n)
         ]
-        stop_ids = frozenset(self.eos_ids) | frozenset(params.stop_token_ids)
+        eos = frozenset() if params.ignore_eos else self.eos_ids
+        stop_ids = eos | frozenset(params.stop_token_ids)
         request = _Request(handle, model, tokens, params, stop_ids, samples, on_delta)
         with self._wake:
             self._incoming.append(request)

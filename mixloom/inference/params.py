@@ -23,6 +23,7 @@ class SamplingParams:
     # None: no logprobs; 0: the chosen token's log-probability; k: also the k most likely
     # tokens' (under the model's own distribution: before temperature and top_p)
     logprobs: int | None = None
+    ignore_eos: bool = False  # go on past end-of-sequence tokens (benchmarks: equal lengths)
 
 
 @dataclass(frozen=True)

@@ -161,3 +161,14 @@ def test_the_engines_own_thread_serves_requests(
         engine.close()
     assert not engine.has_work
     assert not any(name.startswith("infer:") for name in engine.model.specs)  # left as found
+
+
+def test_ignore_eos_goes_on_past_the_end(base_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+    engine = make_engine(base_dir, adapter_dirs)
+    ended = engine.submit("moe-c", "Once upon a time", greedy(20))
+    on = engine.submit("moe-c", "Once upon a time", greedy(20, ignore_eos=True))
+    run_all(engine)
+    short, full = ended.result().choices[0], on.result().choices[0]
+    assert short.finish_reason == "stop" and short.token_ids[-1] in engine.eos_ids
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    assert full.token_ids[: len(short.token_ids)] == short.token_ids

@@ -4,6 +4,16 @@ Torch-free on purpose: the API process validates jobs with it and never imports 
 Hyperparameter names follow PEFT and MixLoRA. Unknown keys are errors, and so are numbers
 that are not finite (`Infinity`, `NaN`, `1e400`, which JSON parsers read as infinity).
 
+A method is an objective and an adapter, spelled one way for every pair (`Method`):
+
+    {"type": "supervised", "supervised": {
+        "hyperparameters": {"n_epochs": 3, "learning_rate_multiplier": 2},   # training
+        "adapter": {"type": "mixlora", "hyperparameters": {"num_experts": 8}}}}
+
+OpenAI's own body is that without `adapter` (the deployment's default adapter trains);
+mixloom's `{"type": "lora" | "mixlora"}` is
+supervised training of that adapter with every hyperparameter in one section.
+
 The bounds below hold everywhere (`mixloom train` too). A deployment bounds the costly ones
 further (`limit_problems`, from `config.Settings`; max_steps, checkpoint_every and
 keep_checkpoints only there): the API refuses a job over them.
@@ -11,6 +21,7 @@ keep_checkpoints only there): the API refuses a job over them.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -71,7 +82,9 @@ class TrainingHyperparameters(_Strict):
         return min(total, self.max_steps) if self.max_steps else total
 
 
-class LoraHyperparameters(TrainingHyperparameters):
+class LoraAdapterHyperparameters(_Strict):
+    """The adapter's own hyperparameters, PEFT's names (training ones are apart)."""
+
     r: Annotated[int, Field(ge=1, le=1024)] = 8
     lora_alpha: Annotated[float, Field(gt=0, le=65536)] = 16
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
@@ -81,7 +94,7 @@ class LoraHyperparameters(TrainingHyperparameters):
     lora_init: Literal["original", "gaussian"] = "original"
 
     @model_validator(mode="after")
-    def _known_modules(self) -> LoraHyperparameters:
+    def _known_modules(self) -> LoraAdapterHyperparameters:
         bad = [m for m in self.target_modules if m not in ALL_MODULES]
         if bad:
             raise ValueError(f"unknown target_modules {bad}; choose from {list(ALL_MODULES)}")
@@ -90,6 +103,10 @@ class LoraHyperparameters(TrainingHyperparameters):
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError("target_modules lists a module twice")
         return self
+
+
+class LoraHyperparameters(LoraAdapterHyperparameters, TrainingHyperparameters):
+    """A LoRA job's every hyperparameter: training ones first, then the adapter's."""
 
 
 class ExpertLora(_Strict):
@@ -108,7 +125,9 @@ class Routing(StrEnum):
     SWITCH = "switch"  # top-1
 
 
-class MixLoraHyperparameters(LoraHyperparameters):
+class MixLoraAdapterHyperparameters(LoraAdapterHyperparameters):
+    """MixLoRA's own hyperparameters: the attention LoRA's, the experts' and the router's."""
+
     num_experts: Annotated[int, Field(ge=1, le=64)] = 8
     routing: Routing = Routing.TOP_K
     top_k: Annotated[int, Field(ge=1, le=64)] = 2
@@ -119,7 +138,7 @@ class MixLoraHyperparameters(LoraHyperparameters):
     expert_lora: ExpertLora = ExpertLora()
 
     @model_validator(mode="after")
-    def _k_fits(self) -> MixLoraHyperparameters:
+    def _k_fits(self) -> MixLoraAdapterHyperparameters:
         if self.routing == Routing.TOP_K and self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
         return self
@@ -149,6 +168,129 @@ class MixLoraHyperparameters(LoraHyperparameters):
         return self.use_dora if e is None else e
 
 
+class MixLoraHyperparameters(MixLoraAdapterHyperparameters, LoraHyperparameters):
+    """A MixLoRA job's every hyperparameter: training ones first, then the adapter's."""
+
+
+AdapterType = Literal["lora", "mixlora"]
+DEFAULT_ADAPTER: AdapterType = "lora"  # config.Settings.default_adapter's default
+# learning_rate's default: OpenAI's learning_rate_multiplier scales it
+BASE_LEARNING_RATE: float = TrainingHyperparameters.model_fields["learning_rate"].default
+# OpenAI's hyperparameters that take "auto": it means mixloom's default for that field
+AUTO_FIELDS = frozenset({"n_epochs", "batch_size", "learning_rate_multiplier"})
+_ADAPTER_FIELDS = frozenset(MixLoraAdapterHyperparameters.model_fields)
+_LORA_FIELDS = frozenset(LoraAdapterHyperparameters.model_fields)
+_ADAPTER_CLASSES: dict[str, type[LoraAdapterHyperparameters]] = {
+    "lora": LoraAdapterHyperparameters,
+    "mixlora": MixLoraAdapterHyperparameters,
+}
+_JOB_CLASSES: dict[str, type[LoraHyperparameters]] = {
+    "lora": LoraHyperparameters,
+    "mixlora": MixLoraHyperparameters,
+}
+
+
+def _significant(x: float) -> float:
+    """12 significant digits: 3 x 2e-4 is 0.0006, not 0.0006000000000000001."""
+    return float(f"{x:.12g}")
+
+
+class SupervisedHyperparameters(TrainingHyperparameters):
+    """OpenAI's `supervised` hyperparameters (`n_epochs`, `batch_size`,
+    `learning_rate_multiplier`, each also "auto") and mixloom's other training ones. The
+    adapter's hyperparameters (`r`, `num_experts`, ...) go in the method's `adapter`."""
+
+    learning_rate_multiplier: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            le=10 / BASE_LEARNING_RATE,  # learning_rate's bound
+            description=f"OpenAI's name for the learning rate: learning_rate = "
+            f"learning_rate_multiplier x {BASE_LEARNING_RATE:g} (mixloom's default "
+            'learning_rate). Give this or learning_rate; the job shows both. "auto": 1.',
+        ),
+    ] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_values(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if not (k in AUTO_FIELDS and v == "auto")}
+        misplaced = sorted(k for k in data if k in _ADAPTER_FIELDS)
+        if misplaced:
+            raise ValueError(
+                f"{', '.join(misplaced)}: adapter hyperparameters go in the method's adapter "
+                'section, e.g. "adapter": {"type": "lora", "hyperparameters": {"r": 16}}'
+            )
+        lr, mult = data.get("learning_rate"), data.get("learning_rate_multiplier")
+        if _number(mult):
+            implied = _significant(mult * BASE_LEARNING_RATE)
+            if lr is None:
+                data["learning_rate"] = implied
+            elif _number(lr) and not math.isclose(lr, implied, rel_tol=1e-9):
+                raise ValueError(
+                    f"learning_rate ({lr:g}) and learning_rate_multiplier ({mult:g}, which "
+                    f"means {implied:g}) disagree; give one of them"
+                )
+        elif mult is None:
+            data["learning_rate_multiplier"] = (
+                _significant(lr / BASE_LEARNING_RATE) if _number(lr) and lr > 0 else 1.0
+            )
+        return data
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class AdapterSection(_Strict):
+    """mixloom's extension to OpenAI's methods: which adapter a method trains and its
+    hyperparameters. Spelled the same inside every method (`supervised`, and `dpo` later)."""
+
+    type: Annotated[
+        AdapterType,
+        Field(description='"lora" (PEFT LoRA) or "mixlora" (a mixture of LoRA experts)'),
+    ]
+    hyperparameters: Annotated[
+        MixLoraAdapterHyperparameters,
+        Field(
+            description="the adapter's hyperparameters by PEFT / MixLoRA names (r, lora_alpha, "
+            "lora_dropout, target_modules, ...; MixLoRA also num_experts, top_k, routing, "
+            "router_aux_loss_coef, expert_lora, ...); unset ones take their defaults"
+        ),
+    ] = MixLoraAdapterHyperparameters()
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> AdapterSection:
+        extra = sorted(self.hyperparameters.model_fields_set - _LORA_FIELDS)
+        if self.type == "lora" and extra:
+            raise ValueError(
+                f"{', '.join(extra)}: MixLoRA hyperparameters, but adapter.type is 'lora'; "
+                "set it to 'mixlora', or leave them out"
+            )
+        return self
+
+    @property
+    def settings(self) -> LoraAdapterHyperparameters:
+        """The hyperparameters of this adapter type alone, every one filled in."""
+        chosen = self.hyperparameters.model_dump(
+            include=set(_ADAPTER_CLASSES[self.type].model_fields)
+        )
+        return _ADAPTER_CLASSES[self.type].model_validate(chosen)
+
+
+class SupervisedMethodBody(_Strict):
+    hyperparameters: SupervisedHyperparameters = SupervisedHyperparameters()
+    adapter: Annotated[
+        AdapterSection | None,
+        Field(
+            description="mixloom's extension: the adapter to train (default: the deployment's "
+            "default adapter, MIXLOOM_DEFAULT_ADAPTER, LoRA unless the operator chose MixLoRA)"
+        ),
+    ] = None
+
+
 class LoraMethodBody(_Strict):
     hyperparameters: LoraHyperparameters = LoraHyperparameters()
 
@@ -158,22 +300,104 @@ class MixLoraMethodBody(_Strict):
 
 
 class Method(_Strict):
-    type: Literal["lora", "mixlora"]
+    """How a job trains: an objective and an adapter.
+
+    OpenAI's spelling: `{"type": "supervised", "supervised": {"hyperparameters": {...},
+    "adapter": {"type": "lora" | "mixlora", "hyperparameters": {...}}}}`, where
+    `hyperparameters` holds the training ones and `adapter` (mixloom's extension, optional)
+    the adapter's. mixloom's shorthand for supervised training: `{"type": "lora" |
+    "mixlora", "<type>": {"hyperparameters": {...every one...}}}`.
+    """
+
+    type: Annotated[
+        Literal["supervised", "lora", "mixlora"],
+        Field(
+            description='"supervised" (OpenAI\'s body; the adapter is its `adapter` section, '
+            'else the deployment\'s default), or mixloom\'s "lora" / "mixlora": supervised '
+            "training of that adapter with every hyperparameter in one section"
+        ),
+    ]
+    supervised: SupervisedMethodBody | None = None
     lora: LoraMethodBody | None = None
     mixlora: MixLoraMethodBody | None = None
 
     @model_validator(mode="after")
     def _body_matches_type(self) -> Method:
-        other = "mixlora" if self.type == "lora" else "lora"
-        if getattr(self, other) is not None:
-            raise ValueError(f"method.type is {self.type!r} but a {other!r} section is given")
+        for other in ("supervised", "lora", "mixlora"):
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"method.type is {self.type!r} but a {other!r} section is given")
         return self
 
     @property
+    def objective(self) -> Literal["supervised"]:
+        return "supervised"
+
+    @property
+    def adapter_type(self) -> AdapterType:
+        """The adapter this method trains ("lora" when a supervised body names none)."""
+        if self.type == "supervised":
+            adapter = (self.supervised or SupervisedMethodBody()).adapter
+            return adapter.type if adapter is not None else DEFAULT_ADAPTER
+        return self.type
+
+    @property
     def hyperparameters(self) -> LoraHyperparameters:
+        """Every hyperparameter of the job, training and adapter ones together."""
         if self.type == "lora":
             return (self.lora or LoraMethodBody()).hyperparameters
-        return (self.mixlora or MixLoraMethodBody()).hyperparameters
+        if self.type == "mixlora":
+            return (self.mixlora or MixLoraMethodBody()).hyperparameters
+        body = self.supervised or SupervisedMethodBody()
+        adapter = body.adapter or AdapterSection(type=DEFAULT_ADAPTER)
+        training = body.hyperparameters.model_dump(exclude={"learning_rate_multiplier"})
+        return _JOB_CLASSES[adapter.type].model_validate(
+            {**training, **adapter.settings.model_dump()}
+        )
+
+    def with_default_adapter(self, adapter: AdapterType) -> Method:
+        """This method with the adapter named: a supervised body without one trains
+        `adapter` (the deployment's default); other methods are returned as they are."""
+        if self.type != "supervised" or (self.supervised and self.supervised.adapter):
+            return self
+        body = self.supervised or SupervisedMethodBody()
+        named = body.model_copy(update={"adapter": AdapterSection(type=adapter)})
+        return self.model_copy(update={"supervised": named})
+
+    def where(self, name: str) -> str:
+        """The path of hyperparameter `name` (e.g. "r", "expert_lora.r") in this body."""
+        if self.type != "supervised":
+            return f"method.{self.type}.hyperparameters.{name}"
+        if name.split(".")[0] in _ADAPTER_FIELDS:
+            return f"method.supervised.adapter.hyperparameters.{name}"
+        return f"method.supervised.hyperparameters.{name}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The method as stored and shown: its own spelling, every hyperparameter filled in."""
+        if self.type != "supervised":
+            hp = self.hyperparameters.model_dump(mode="json")
+            return {"type": self.type, self.type: {"hyperparameters": hp}}
+        body = self.supervised or SupervisedMethodBody()
+        adapter = body.adapter or AdapterSection(type=DEFAULT_ADAPTER)
+        return {
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": body.hyperparameters.model_dump(mode="json"),
+                "adapter": {
+                    "type": adapter.type,
+                    "hyperparameters": adapter.settings.model_dump(mode="json"),
+                },
+            },
+        }
+
+    def openai_hyperparameters(self) -> dict[str, Any]:
+        """OpenAI's (older, top-level) `hyperparameters` of a job: n_epochs, batch_size and
+        learning_rate_multiplier, whichever spelling the method used."""
+        hp = self.hyperparameters
+        return {
+            "n_epochs": hp.n_epochs,
+            "batch_size": hp.batch_size,
+            "learning_rate_multiplier": _significant(hp.learning_rate / BASE_LEARNING_RATE),
+        }
 
 
 class JobSpec(_Strict):
@@ -224,7 +448,7 @@ def limit_problems(method: Method, settings: Settings) -> list[Problem]:
         if isinstance(value, int) and value > bound:
             problems.append(
                 Problem(
-                    f"method.{method.type}.hyperparameters.{name}",
+                    method.where(name),
                     f"{value} is more than this deployment allows: at most {bound} "
                     f"(MIXLOOM_{setting.upper()})",
                 )
@@ -240,7 +464,7 @@ def steps_problems(method: Method, settings: Settings, rows: int) -> list[Proble
         return []
     return [
         Problem(
-            f"method.{method.type}.hyperparameters.n_epochs",
+            method.where("n_epochs"),
             f"{hp.n_epochs} epoch(s) of {rows} rows at batch_size {hp.batch_size} make "
             f"{steps} optimizer steps, more than this deployment allows: at most {bound} "
             f"(MIXLOOM_MAX_JOB_STEPS); set max_steps, fewer n_epochs or a larger batch_size",

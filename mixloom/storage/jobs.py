@@ -67,9 +67,12 @@ def create_job(
     seed: int,
     suffix: str | None = None,
     metadata: dict[str, Any] | None = None,
+    model_name: str | None = None,
     now: datetime | None = None,
 ) -> JobRecord:
-    """A new job, queued at once: its files were validated line by line when uploaded."""
+    """A new job, queued at once: its files were validated line by line when uploaded.
+    `model` is the base as workers know it (MIXLOOM_BASE_MODEL, which may be a path);
+    `model_name` its public id, for the job's first event (default: `model`)."""
     now = _now(now)
     row = m.Job(
         id=new_id("ftjob"),
@@ -94,7 +97,7 @@ def create_job(
     _event(
         session,
         row,
-        f"Job created; queued for {model}",
+        f"Job created; queued for {model_name or model}",
         type="status",
         data={"status": JobStatus.QUEUED.value},
         now=now,
@@ -139,6 +142,22 @@ def list_jobs(
         query = query.where(m.Job.id < after)
     rows = list(session.scalars(query.order_by(m.Job.id.desc()).limit(limit + 1)))
     return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def list_fine_tuned(*, session: Session, tenant_id: str) -> list[JobRecord]:
+    """The tenant's fine-tuned models: its succeeded jobs whose adapter is not deleted,
+    newest first (GET /v1/models)."""
+    rows = session.scalars(
+        select(m.Job)
+        .where(
+            m.Job.tenant_id == tenant_id,
+            m.Job.status == JobStatus.SUCCEEDED.value,
+            m.Job.fine_tuned_model.is_not(None),
+            m.Job.adapter_path.is_not(None),
+        )
+        .order_by(m.Job.id.desc())
+    )
+    return [JobRecord.from_row(r) for r in rows]
 
 
 def queue_position(*, session: Session, job: JobRecord) -> int | None:
@@ -653,6 +672,17 @@ def list_checkpoints(
         query = query.where(m.Checkpoint.id < after)
     rows = list(session.scalars(query.order_by(m.Checkpoint.id.desc()).limit(limit + 1)))
     return [CheckpointRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def checkpoint_at_step(*, session: Session, job_id: str, step: int) -> CheckpointRecord | None:
+    """The job's checkpoint at `step` (the newest, if one was written twice), or None."""
+    row = session.scalar(
+        select(m.Checkpoint)
+        .where(m.Checkpoint.job_id == job_id, m.Checkpoint.step == step)
+        .order_by(m.Checkpoint.id.desc())
+        .limit(1)
+    )
+    return CheckpointRecord.from_row(row) if row is not None else None
 
 
 def get_checkpoint(*, session: Session, job_id: str, checkpoint_id: str) -> CheckpointRecord:

@@ -160,8 +160,8 @@ def test_job_create_rejects_wrong_types_and_unknown_keys(sqlite_api: Api) -> Non
             for param in params:
                 assert any(w.startswith(param) for w in where), (patch, err)
         r = api.client.post(JOBS, headers=h, json={"training_file": fid})
-        err = _error(r, 400)
-        assert {p["where"] for p in err["problems"]} == {"model", "method"}
+        err = _error(r, 400)  # method may be left out (OpenAI's body); model may not
+        assert err["param"] == "model" and "required" in err["message"]
 
 
 def test_job_create_checks_the_served_model_and_files(sqlite_api: Api) -> None:

@@ -33,6 +33,7 @@ from mixloom.server.deps import (
 )
 from mixloom.server.errors import ERROR_RESPONSES, ObjectGoneError
 from mixloom.server.idempotency import create_once
+from mixloom.server.registry import ServedModel, base_id_of, find_base, job_model_id
 from mixloom.server.schemas import (
     AdapterDeleted,
     CheckpointDeleted,
@@ -70,25 +71,30 @@ ZIP_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 def method_json(method: Method) -> dict[str, Any]:
     """The method with every hyperparameter filled in, as stored and shown."""
-    hp = method.hyperparameters.model_dump(mode="json")
-    return {"type": method.type, method.type: {"hyperparameters": hp}}
+    return method.to_json()
 
 
-def _check_against_model(ctx: ServerContext, body: JobCreate) -> None:
+def _check_against_model(ctx: ServerContext, body: JobCreate, method: Method) -> ServedModel:
     """The served model, and every hyperparameter under the deployment's bounds."""
-    problems = ProblemList(limit_problems(body.method, ctx.settings))
-    served = ctx.model(body.model)
+    problems = ProblemList(limit_problems(method, ctx.settings))
+    served = find_base(ctx.models, body.model)
     if served is None:
         names = ", ".join(m.id for m in ctx.models)
-        problems.add("model", f"this deployment does not serve {body.model!r}; use one of: {names}")
-    seq = body.method.hyperparameters.max_seq_len
+        problems.add(
+            "model",
+            f"this deployment does not fine-tune {body.model!r}; use one of: {names} "
+            "(GET /v1/models)",
+        )
+    seq = method.hyperparameters.max_seq_len
     context = served.max_position_embeddings if served else seq
     if ctx.settings.max_seq_len >= seq > context:
         problems.add(
-            f"method.{body.method.type}.hyperparameters.max_seq_len",
+            method.where("max_seq_len"),
             f"{seq} exceeds the {context} tokens {body.model} takes",
         )
     problems.raise_if_any(ConfigError)
+    assert served is not None
+    return served
 
 
 def _check_storage(ctx: ServerContext, session: Session, tenant: TenantRecord) -> None:
@@ -121,8 +127,12 @@ def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str
         ) from None
 
 
-def _public(session: Session, job: JobRecord) -> JobPublic:
-    return JobPublic.of(job, jobs.queue_position(session=session, job=job))
+def _public(ctx: ServerContext, session: Session, job: JobRecord) -> JobPublic:
+    return JobPublic.of(
+        job,
+        model=base_id_of(ctx.models, job.model),
+        queue_position=jobs.queue_position(session=session, job=job),
+    )
 
 
 def _notify(ctx: ServerContext, job_id: str, after_seq: int, *, wake: bool) -> None:
@@ -148,14 +158,17 @@ def _notify(ctx: ServerContext, job_id: str, after_seq: int, *, wake: bool) -> N
 def create_job(
     ctx: Context, tenant: CurrentTenant, body: JobCreate, idempotency_key: IdempotencyKey = None
 ) -> Any:
-    """Validate the job against the served base model and the tenant's files, and queue it."""
-    _check_against_model(ctx, body)
+    """Validate the job against the served base model and the tenant's files, and queue it.
+    A method that names no adapter (OpenAI's `supervised` body, or its older top-level
+    `hyperparameters`) trains the deployment's default adapter (MIXLOOM_DEFAULT_ADAPTER)."""
+    method = body.training_method.with_default_adapter(ctx.settings.default_adapter)
+    served = _check_against_model(ctx, body, method)
 
     def create(session: Session) -> JobPublic:
         rows = _check_file(session, tenant, body.training_file, "training_file")
         if body.validation_file is not None:
             _check_file(session, tenant, body.validation_file, "validation_file")
-        ProblemList(steps_problems(body.method, ctx.settings, rows)).raise_if_any(ConfigError)
+        ProblemList(steps_problems(method, ctx.settings, rows)).raise_if_any(ConfigError)
         tenants.lock_tenant(session=session, tenant_id=tenant.id)
         _check_storage(ctx, session, tenant)
         waiting = tenants.tenant_usage(session=session, tenant_id=tenant.id)
@@ -169,15 +182,16 @@ def create_job(
         job = jobs.create_job(
             session=session,
             tenant_id=tenant.id,
-            model=body.model,
+            model=served.source,  # what workers holding this base claim by
+            model_name=served.id,
             training_file_id=body.training_file,
             validation_file_id=body.validation_file,
-            method=method_json(body.method),
+            method=method_json(method),
             seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
             suffix=body.suffix,
             metadata=body.metadata,
         )
-        return _public(session, job)
+        return _public(ctx, session, job)
 
     created = create_once(
         ctx.db,
@@ -206,7 +220,7 @@ async def list_jobs(
         page, has_more = jobs.list_jobs(
             session=session, tenant_id=tenant.id, after=after, limit=limit, status=status
         )
-        return JobsPublic(data=[_public(session, j) for j in page], has_more=has_more)
+        return JobsPublic(data=[_public(ctx, session, j) for j in page], has_more=has_more)
 
     return await ctx.read(read)
 
@@ -214,7 +228,7 @@ async def list_jobs(
 @router.get(JOBS + "/{job_id}", response_model=JobPublic)
 async def get_job(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     return await ctx.read(
-        lambda s: _public(s, jobs.get_job(session=s, job_id=job_id, tenant_id=tenant.id))
+        lambda s: _public(ctx, s, jobs.get_job(session=s, job_id=job_id, tenant_id=tenant.id))
     )
 
 
@@ -222,7 +236,7 @@ def _transition(ctx: ServerContext, tenant: TenantRecord, job_id: str, action: A
     with ctx.db.transaction() as session:
         before = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
         job = action(session=session, job_id=job_id, tenant_id=tenant.id)
-        public = _public(session, job)
+        public = _public(ctx, session, job)
     requeued = job.status == JobStatus.QUEUED and before.status != JobStatus.QUEUED
     if job.last_seq != before.last_seq:
         _notify(ctx, job_id, before.last_seq, wake=requeued)
@@ -310,7 +324,8 @@ async def list_checkpoints(
         return job, page, has_more
 
     job, page, has_more = await ctx.read(read)
-    data = [CheckpointPublic.of(c, job) for c in page]
+    model = job_model_id(ctx.models, job)
+    data = [CheckpointPublic.of(c, model) for c in page]
     return CheckpointsPublic(
         data=data,
         has_more=has_more,
@@ -367,9 +382,11 @@ def download_checkpoint(
     return _zip(ckpt.path, f"{job_id}-step-{ckpt.step}.zip")
 
 
-def _delete_checkpoints(
+def delete_checkpoints_of(
     ctx: ServerContext, tenant: TenantRecord, job_id: str, checkpoint_id: str | None
 ) -> list[CheckpointRecord]:
+    """Delete a finished job's checkpoints (all, or one) and then their files; tell live
+    streams. Also DELETE /v1/models/{id} of a checkpoint model."""
     with ctx.db.transaction() as session:
         before = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
         removed = jobs.delete_checkpoints(
@@ -385,7 +402,7 @@ def _delete_checkpoints(
 def delete_checkpoints(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> CheckpointsDeleted:
     """Every checkpoint of a finished job (succeeded, failed or cancelled; 409 before),
     freeing their bytes from the storage quota. Again: an empty list."""
-    removed = _delete_checkpoints(ctx, tenant, job_id, None)
+    removed = delete_checkpoints_of(ctx, tenant, job_id, None)
     return CheckpointsDeleted(
         data=[CheckpointDeleted(id=c.id, bytes=c.bytes) for c in removed],
         bytes=sum(c.bytes for c in removed),
@@ -397,7 +414,7 @@ def delete_checkpoint(
     ctx: Context, tenant: CurrentTenant, job_id: JobId, checkpoint_id: CheckpointId
 ) -> CheckpointDeleted:
     """One checkpoint of a finished job (409 before); 404 once it is gone."""
-    (removed,) = _delete_checkpoints(ctx, tenant, job_id, checkpoint_id)
+    (removed,) = delete_checkpoints_of(ctx, tenant, job_id, checkpoint_id)
     return CheckpointDeleted(id=removed.id, bytes=removed.bytes)
 
 
@@ -406,10 +423,16 @@ def delete_adapter(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> Adapte
     """The final adapter of a finished job (409 before), freeing its bytes from the storage
     quota. The job stays, `fine_tuned_model` too; `adapter_deleted_at` is set and its
     download answers 410. Again: 0 bytes freed."""
+    return AdapterDeleted(id=job_id, bytes=delete_adapter_of(ctx, tenant, job_id))
+
+
+def delete_adapter_of(ctx: ServerContext, tenant: TenantRecord, job_id: str) -> int:
+    """Delete a finished job's final adapter and then its file; tell live streams. Returns
+    the bytes freed (0 when it was gone). Also DELETE /v1/models/{id} of a fine-tuned model."""
     with ctx.db.transaction() as session:
         before = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
         path, freed = jobs.delete_adapter(session=session, job_id=job_id, tenant_id=tenant.id)
     if path is not None:
         jobs.remove_stored_files([path])
         _notify(ctx, job_id, before.last_seq, wake=False)
-    return AdapterDeleted(id=job_id, bytes=freed)
+    return freed

@@ -13,21 +13,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
 
-from mixloom.errors import ObjectNotFoundError, ValidationError
+from mixloom.errors import ValidationError
 from mixloom.server.deps import Context, CurrentTenant, ServerContext
 from mixloom.server.errors import ERROR_RESPONSES, error_response
+from mixloom.server.registry import resolve_model
 from mixloom.storage import inference
-from mixloom.storage import models as m
 from mixloom.storage.inference import InferenceRecord, InferenceStatus
 from mixloom.storage.records import TenantRecord
 
@@ -209,7 +206,11 @@ async def _serve(
     body: _Body,
     job: dict[str, Any],
 ) -> Response:
-    target = await ctx.read(lambda session: _target(session, ctx, body.model, tenant.id))
+    target = await ctx.read(
+        lambda session: resolve_model(
+            session=session, models=ctx.models, model_id=body.model, tenant_id=tenant.id
+        )
+    )
     release = ctx.inference_slots.open(tenant.id)
     if release is None:
         return error_response(
@@ -229,7 +230,7 @@ async def _serve(
                     request_id=rid,
                     tenant_id=tenant.id,
                     model=body.model,
-                    base=target.base,
+                    base=target.source,  # what the workers holding it were given
                     job_id=target.job_id,
                     checkpoint_step=target.checkpoint_step,
                     kind=kind,
@@ -239,7 +240,7 @@ async def _serve(
         await anyio.to_thread.run_sync(submit)
         ctx.bus.wake()
         reader = _Reader(ctx, rid)
-        first = await reader.first(request, base=target.base)
+        first = await reader.first(request, base=target.base)  # the public id, in errors
         if isinstance(first, Response):
             release()
             return first
@@ -530,32 +531,3 @@ def _completion_logprobs(tokens: list[dict[str, Any]] | None) -> dict[str, Any] 
         "top_logprobs": [dict(t["top"]) for t in tokens],
         "text_offset": [t["offset"] for t in tokens],
     }
-
-
-@dataclass(frozen=True)
-class _Target:
-    base: str
-    job_id: str | None = None
-    checkpoint_step: int | None = None
-
-
-def _target(session: Session, ctx: ServerContext, model_id: str, tenant_id: str) -> _Target:
-    if ctx.model(model_id) is not None:
-        return _Target(model_id)
-    name, _, step = model_id.rpartition(":ckpt-step-")
-    if not name or not step.isdigit():
-        name, step = model_id, ""
-    job = session.scalar(
-        select(m.Job).where(
-            m.Job.tenant_id == tenant_id,
-            or_(m.Job.fine_tuned_model == name, m.Job.id == name),
-            m.Job.status == "succeeded",
-        )
-    )
-    if job is None or (not step and job.adapter_deleted_at is not None):
-        raise ObjectNotFoundError(
-            f"no model {model_id!r}: GET /v1/models lists the base models and your fine-tuned ones",
-            param="model",
-            code="model_not_found",
-        )
-    return _Target(job.model, job.id, int(step) if step else None)

@@ -107,12 +107,14 @@ class Api:
 
 def make_api(tmp_path: Path, url: str, redis: str | None, **overrides: Any) -> Iterator[Api]:
     settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=url,
-        redis_url=redis,
-        base_model=MODEL,
-        sse_poll_seconds=0.2,
-        **overrides,
+        **{
+            "data_dir": tmp_path / "data",
+            "database_url": url,
+            "redis_url": redis,
+            "base_model": MODEL,
+            "sse_poll_seconds": 0.2,
+            **overrides,
+        }
     )
     app = create_app(settings)
     with TestClient(app) as client:

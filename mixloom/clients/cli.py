@@ -17,7 +17,7 @@ from typing import Any
 from mixloom.clients.client import API_KEY_ENV, BASE_URL_ENV, DEFAULT_BASE_URL, Client
 from mixloom.clients.errors import APIError
 from mixloom.clients.progress import progress, total_steps
-from mixloom.clients.types import File, Job, Metric
+from mixloom.clients.types import File, Job, Metric, Model
 from mixloom.errors import MixloomError
 
 STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
@@ -37,11 +37,21 @@ def register(sub: Any) -> None:
     common.add_argument("--api-key", default=None, help=f"your API key (default ${API_KEY_ENV})")
     common.add_argument("--json", action="store_true", help="print the API's JSON objects")
 
-    models = sub.add_parser("models", help="base models the server fine-tunes")
+    models = sub.add_parser("models", help="base models and your fine-tuned models")
     msub = models.add_subparsers(dest="action", metavar="ACTION", required=True)
-    msub.add_parser("list", parents=[common], help="list served base models").set_defaults(
-        func=_models_list
+    msub.add_parser(
+        "list", parents=[common], help="list the base models, then your fine-tuned models"
+    ).set_defaults(func=_models_list)
+    mg = msub.add_parser("get", parents=[common], help="show one model (or a checkpoint model)")
+    mg.add_argument("model_id", help="a base model's id, or ft:... of yours")
+    mg.set_defaults(func=_models_get)
+    md = msub.add_parser(
+        "delete",
+        parents=[common],
+        help="delete a fine-tuned model's weights (the job stays), or a checkpoint model",
     )
+    md.add_argument("model_id", help="ft:... (a job's fine_tuned_model, or a checkpoint's)")
+    md.set_defaults(func=_models_delete)
 
     files = sub.add_parser("files", help="upload and manage JSONL training files")
     fsub = files.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -81,7 +91,16 @@ def register(sub: Any) -> None:
         "--hp target_modules=q_proj,v_proj (repeat)",
     )
     create.add_argument("--seed", type=int)
-    create.add_argument("--suffix")
+    create.add_argument(
+        "--suffix", help="up to 64 letters, digits, '_', '.', '-': part of the model's id"
+    )
+    create.add_argument(
+        "--metadata",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a pair kept and shown with the job (repeat; up to 16)",
+    )
     create.add_argument("--watch", action="store_true", help="then watch it to the end")
     create.set_defaults(func=_jobs_create)
     jl = jsub.add_parser("list", parents=[common], help="list your jobs, newest first")
@@ -154,12 +173,30 @@ def _file_row(f: File) -> list[str]:
     return [f.id, f.filename, str(f.rows), str(f.bytes), _when(f.created_at)]
 
 
+JOB_HEADER = ["ID", "STATUS", "METHOD", "MODEL", "SUFFIX", "TOKENS", "CREATED"]
+
+
 def _job_row(j: Job) -> list[str]:
     status = j.status + (f" ({j.requested_action} requested)" if j.requested_action else "")
-    return [j.id, status, j.method_type, j.model, str(j.trained_tokens or 0), _when(j.created_at)]
+    return [
+        j.id,
+        status,
+        j.method_label,
+        j.model,
+        j.suffix or "-",
+        str(j.trained_tokens or 0),
+        _when(j.created_at),
+    ]
 
 
 # --- models ---------------------------------------------------------------------------
+
+
+def _model_rows(models: list[Model]) -> None:
+    _table(
+        [[m.id, str(m.max_position_embeddings), m.owned_by, m.description] for m in models],
+        ["ID", "CONTEXT", "OWNER", "DESCRIPTION"],
+    )
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -168,10 +205,24 @@ def _models_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([m.raw for m in models])
     else:
-        _table(
-            [[m.id, str(m.max_position_embeddings), m.description] for m in models],
-            ["ID", "CONTEXT", "DESCRIPTION"],
-        )
+        _model_rows(models)
+    return 0
+
+
+def _models_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        model = client.get_model(args.model_id)
+    if args.json:
+        _print_json(model.raw)
+    else:
+        _model_rows([model])
+    return 0
+
+
+def _models_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        deleted = client.delete_model(args.model_id)
+    print(json.dumps(deleted.raw) if args.json else f"deleted {deleted.id}")
     return 0
 
 
@@ -255,8 +306,20 @@ def _file_id(client: Client, value: str) -> str:
     return value
 
 
+def parse_metadata(pairs: list[str]) -> dict[str, str] | None:
+    """["team=search", "run=3"] -> {"team": "search", "run": "3"}: values stay strings."""
+    out = {}
+    for text in pairs:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ClientCommandError(f"--metadata {text!r}: write KEY=VALUE, e.g. team=search")
+        out[key.strip()] = value
+    return out or None
+
+
 def _jobs_create(args: argparse.Namespace) -> int:
     hp = dict(parse_hyperparameter(h) for h in args.hp)
+    metadata = parse_metadata(args.metadata)
     with _client(args) as client:
         training = _file_id(client, args.training_file)
         validation = _file_id(client, args.validation_file) if args.validation_file else None
@@ -268,6 +331,7 @@ def _jobs_create(args: argparse.Namespace) -> int:
             hyperparameters=hp or None,
             seed=args.seed,
             suffix=args.suffix,
+            metadata=metadata,
         )
         if args.json:
             _print_json(job.raw)
@@ -289,9 +353,7 @@ def _jobs_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([j.raw for j in rows])
     else:
-        _table(
-            [_job_row(j) for j in rows], ["ID", "STATUS", "METHOD", "MODEL", "TOKENS", "CREATED"]
-        )
+        _table([_job_row(j) for j in rows], JOB_HEADER)
         if more:
             print(f"(more: --after {rows[-1].id}, or --all)")
     return 0
@@ -312,7 +374,11 @@ def _jobs_get(args: argparse.Namespace) -> int:
             return 0
         metrics = list(client.iter_metrics(job.id))
         p = progress(job, metrics, _training_rows(client, job))
-    print(f"{job.id}  {job.status}  {job.method_type} on {job.model}")
+    print(f"{job.id}  {job.status}  {job.method_label} on {job.model}")
+    if job.suffix:
+        print(f"  suffix: {job.suffix}")
+    for key, value in (job.metadata or {}).items():
+        print(f"  metadata {key}: {value}")
     if job.requested_action:
         print(f"  {job.requested_action} requested")
     if job.queue_position:
@@ -329,6 +395,8 @@ def _jobs_get(args: argparse.Namespace) -> int:
         print(f"  ETA {p.eta_s:.0f} s")
     if job.error:
         print(f"  error: {job.error.message}")
+    if job.fine_tuned_model:
+        print(f"  model: {job.fine_tuned_model}")
     if job.adapter_available:
         print(f"  adapter: mixloom adapters download {job.id}")
     return 0
@@ -340,7 +408,7 @@ def _transition(args: argparse.Namespace, action: str) -> int:
     if args.json:
         _print_json(job.raw)
     else:
-        _table([_job_row(job)], ["ID", "STATUS", "METHOD", "MODEL", "TOKENS", "CREATED"])
+        _table([_job_row(job)], JOB_HEADER)
     return 0
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import random
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -185,8 +186,21 @@ class Client:
     # --- models -----------------------------------------------------------------------
 
     def list_models(self) -> list[Model]:
-        """GET /v1/models: the base models a job may name."""
+        """GET /v1/models: the base models a job may name, then your fine-tuned models
+        (succeeded jobs whose adapter is not deleted), newest first."""
         return [Model.from_json(m) for m in self._json("GET", "/v1/models")["data"]]
+
+    def get_model(self, model_id: str) -> Model:
+        """GET /v1/models/{id}: a base model, or one of your fine-tuned models or
+        checkpoints (a job's `fine_tuned_model`, a checkpoint's
+        `fine_tuned_model_checkpoint`); NotFoundError for anything else."""
+        return Model.from_json(self._json("GET", _model_path(model_id)))
+
+    def delete_model(self, model_id: str) -> Deleted:
+        """DELETE /v1/models/{id}: a fine-tuned model's adapter (the job stays, with
+        `adapter_deleted_at` set) or a checkpoint model's checkpoint. Deleting again
+        answers the same; a base model is a BadRequestError."""
+        return Deleted.from_json(self._json("DELETE", _model_path(model_id)))
 
     # --- files ------------------------------------------------------------------------
 
@@ -264,7 +278,10 @@ class Client:
         """POST /v1/fine_tuning/jobs.
 
         `method` is "lora" or "mixlora" (with `hyperparameters` by PEFT/MixLoRA names), or a
-        whole method object as the API takes it. `model` defaults to the first served model.
+        whole method object as the API takes it (e.g. OpenAI's `{"type": "supervised",
+        "supervised": {"hyperparameters": {...}, "adapter": {"type": "mixlora", ...}}}`).
+        `model` defaults to the first served model. `suffix` goes into the fine-tuned
+        model's id; `metadata` (up to 16 string pairs) is kept and shown with the job.
         """
         if isinstance(method, str):
             method_body: dict[str, Any] = {"type": method}
@@ -442,6 +459,11 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
             self._sleep(poll)
+
+
+def _model_path(model_id: str) -> str:
+    # a model id is ':'-separated fields; one named before migration 0003 may hold a '/'
+    return "/v1/models/" + urllib.parse.quote(model_id, safe=":")
 
 
 def _new_key() -> str:

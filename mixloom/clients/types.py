@@ -21,12 +21,23 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Model:
+    """A base model, or one of your fine-tuned models (`fine_tuning_job_id` set) or their
+    checkpoints (`step_number` set too)."""
+
     id: str
     created: int
     max_position_embeddings: int
     description: str = ""
-    owned_by: str = "mixloom"
+    owned_by: str = "mixloom"  # a fine-tuned model: your tenant id
+    parent: str | None = None  # the base of a fine-tuned model; the model of a checkpoint
+    fine_tuning_job_id: str | None = None
+    step_number: int | None = None
+    adapter: str | None = None  # "lora" | "mixlora" for a fine-tuned model
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def fine_tuned(self) -> bool:
+        return self.fine_tuning_job_id is not None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Model:
@@ -75,6 +86,7 @@ class Job:
     error: JobError | None = None
     fine_tuned_model: str | None = None
     trained_tokens: int | None = None
+    organization_id: str | None = None  # the tenant that owns the job
     adapter_available: bool = False
     adapter_deleted_at: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -88,13 +100,38 @@ class Job:
 
     @property
     def method_type(self) -> str:
+        """ "supervised" (OpenAI's spelling), or mixloom's "lora" / "mixlora"."""
         return str(self.method.get("type", ""))
 
     @property
+    def _body(self) -> dict[str, Any]:
+        body = self.method.get(self.method_type)
+        return body if isinstance(body, dict) else {}
+
+    @property
+    def adapter_type(self) -> str:
+        """The adapter the job trains: "lora" or "mixlora"."""
+        adapter = self._body.get("adapter")
+        if isinstance(adapter, dict) and adapter.get("type"):
+            return str(adapter["type"])
+        return self.method_type
+
+    @property
+    def method_label(self) -> str:
+        """e.g. "mixlora", or "supervised/lora" for OpenAI's spelling."""
+        if self.adapter_type == self.method_type:
+            return self.method_type
+        return f"{self.method_type}/{self.adapter_type}"
+
+    @property
     def hyperparameters(self) -> dict[str, Any]:
-        body = self.method.get(self.method_type) or {}
-        hp = body.get("hyperparameters") if isinstance(body, dict) else None
-        return hp if isinstance(hp, dict) else {}
+        """Every hyperparameter, training and adapter ones together, whichever spelling."""
+        hp = self._body.get("hyperparameters")
+        out = dict(hp) if isinstance(hp, dict) else {}
+        adapter = self._body.get("adapter")
+        if isinstance(adapter, dict) and isinstance(adapter.get("hyperparameters"), dict):
+            out.update(adapter["hyperparameters"])
+        return out
 
     @property
     def finished(self) -> bool:
@@ -150,8 +187,8 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Deleted:
-    """What a DELETE removed: a checkpoint (ftckpt-...) or a job's adapter (the job's id),
-    and the bytes it freed from the storage quota."""
+    """What a DELETE removed: a checkpoint (ftckpt-...), a job's adapter (the job's id) or
+    a model (its id), and the bytes it freed from the storage quota (0 for a model)."""
 
     id: str
     object: str

@@ -4,13 +4,15 @@ and CLI tests; each test signs in as a tenant of its own."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from live_server import TRAIN_ROWS, LiveServer, live_api
+from live_server import TRAIN_ROWS, LiveServer, ScriptedWorker, live_api
 
 from mixloom.clients import Client
+from mixloom.model_ids import fine_tuned_model_id, served_base_id
+from mixloom.storage import jobs
 
 _names = itertools.count()
 
@@ -37,3 +39,26 @@ def train_file(tmp_path: Path) -> Path:
     path = tmp_path / "train.jsonl"
     path.write_bytes(TRAIN_ROWS)
     return path
+
+
+@pytest.fixture
+def finish(server: LiveServer) -> Callable[[str], str]:
+    """Train a job with the scripted worker (4 steps, a checkpoint at step 2) and record the
+    fine-tuned model the real worker would name; returns its id."""
+
+    def run(job_id: str) -> str:
+        assert ScriptedWorker(server, steps=4, tick=0.01).run_job(job_id) == "succeeded"
+        with server.db.transaction() as session:
+            job = jobs.get_job(session=session, job_id=job_id)
+            name = fine_tuned_model_id(
+                base=served_base_id(server.settings),
+                org=job.tenant_id,
+                suffix=job.suffix,
+                job_id=job.id,
+            )
+            jobs.set_adapter_path(
+                session=session, job_id=job_id, path=str(job.adapter_path), fine_tuned_model=name
+            )
+        return name
+
+    return run

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,37 @@ def test_delete_adapter_and_checkpoints_then_usage(
     assert code == 0 and "checkpoints" in out and "QUOTA" in out and "largest upload" in out
     usage = _json(cli, "usage")
     assert usage["stored_bytes"] == usage["file_bytes"] > 0
+
+
+def test_suffix_metadata_and_models(
+    cli: Any, train_file: Path, finish: Callable[[str], str]
+) -> None:
+    file_id = _json(cli, "files", "upload", str(train_file))["id"]
+    job = _json(
+        cli, "jobs", "create", "--training-file", file_id, "--suffix", "cli-bot",
+        "--metadata", "team=search", "--metadata", "run=3",
+    )  # fmt: skip
+    assert (job["suffix"], job["metadata"]) == ("cli-bot", {"team": "search", "run": "3"})
+    code, out, _ = cli("jobs", "get", job["id"])
+    assert "suffix: cli-bot" in out and "metadata team: search" in out and "metadata run: 3" in out
+    code, out, _ = cli("jobs", "list")
+    assert "cli-bot" in out and "SUFFIX" in out
+    code, _, err = cli("jobs", "create", "--training-file", file_id, "--metadata", "team")
+    assert code == 2 and "write KEY=VALUE" in err
+
+    name = finish(job["id"])
+    code, out, _ = cli("jobs", "get", job["id"])
+    assert f"model: {name}" in out
+    code, out, _ = cli("models", "list")
+    assert code == 0 and "smollm2-135m" in out and name in out and job["organization_id"] in out
+    assert _json(cli, "models", "get", name)["fine_tuning_job_id"] == job["id"]
+    code, out, _ = cli("models", "delete", name)
+    assert code == 0 and out.strip() == f"deleted {name}"
+    assert _json(cli, "models", "delete", name) == {"id": name, "object": "model", "deleted": True}
+    code, _, err = cli("models", "get", name)
+    assert code == 2 and "was deleted" in err
+    code, _, err = cli("models", "delete", "smollm2-135m")
+    assert code == 2 and "cannot be deleted" in err
 
 
 def test_errors_print_the_server_message(cli: Any, train_file: Path, monkeypatch: Any) -> None:

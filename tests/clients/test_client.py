@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from live_server import TRAIN_ROWS, LiveServer, ScriptedWorker, free_port, live_api, serve_asgi
@@ -32,6 +33,67 @@ def test_models(client: Client) -> None:
     models = client.list_models()
     assert [m.id for m in models] == ["smollm2-135m"]
     assert models[0].max_position_embeddings > 0
+
+
+def test_openai_method_suffix_metadata_and_fine_tuned_models(
+    server: LiveServer, client: Client, train_file: Path, finish: Callable[[str], str]
+) -> None:
+    f = client.upload_file(train_file)
+    method = {
+        "type": "supervised",
+        "supervised": {
+            "hyperparameters": {"n_epochs": 2, "learning_rate_multiplier": "auto"},
+            "adapter": {"type": "mixlora", "hyperparameters": {"num_experts": 4}},
+        },
+    }
+    job = client.create_job(
+        training_file=f.id, method=method, suffix="bot", metadata={"team": "search"}
+    )
+    assert (job.method_type, job.adapter_type, job.method_label) == (
+        "supervised",
+        "mixlora",
+        "supervised/mixlora",
+    )
+    assert (job.hyperparameters["n_epochs"], job.hyperparameters["num_experts"]) == (2, 4)
+    assert (job.suffix, job.metadata, job.organization_id) == ("bot", {"team": "search"}, ANY)
+    name = finish(job.id)
+    assert (
+        client.get_job(job.id).fine_tuned_model
+        == name
+        == f"ft:smollm2-135m:{job.organization_id}:bot:{job.id}"
+    )
+
+    listed = client.list_models()
+    assert [m.id for m in listed] == ["smollm2-135m", name] and not listed[0].fine_tuned
+    model = client.get_model(name)
+    assert model == listed[1] and model.fine_tuned
+    assert (model.parent, model.adapter, model.owned_by) == (
+        "smollm2-135m",
+        "mixlora",
+        job.organization_id,
+    )
+    (ckpt,) = client.iter_checkpoints(job.id)
+    step = client.get_model(ckpt.fine_tuned_model_checkpoint)
+    assert (step.parent, step.step_number) == (name, ckpt.step_number)
+
+    with Client(server.url, server.new_key("tenant-other"), max_retries=0) as other:
+        with pytest.raises(NotFoundError) as hidden:
+            other.get_model(name)
+        assert hidden.value.code == "model_not_found"
+        assert [m.id for m in other.list_models()] == ["smollm2-135m"]
+
+    assert client.delete_model(ckpt.fine_tuned_model_checkpoint).deleted
+    gone = client.delete_model(name)
+    assert (gone.id, gone.object, gone.deleted) == (name, "model", True)
+    assert client.delete_model(name) == gone
+    with pytest.raises(NotFoundError) as deleted:
+        client.get_model(name)
+    assert deleted.value.code == "model_deleted"
+    assert [m.id for m in client.list_models()] == ["smollm2-135m"]
+    assert client.get_job(job.id).adapter_deleted_at is not None
+    with pytest.raises(BadRequestError) as base:
+        client.delete_model("smollm2-135m")
+    assert base.value.code == "model_not_deletable"
 
 
 def test_file_routes(client: Client, train_file: Path, tmp_path: Path) -> None:

@@ -299,6 +299,13 @@ class MixLoraMethodBody(_Strict):
     hyperparameters: MixLoraHyperparameters = MixLoraHyperparameters()
 
 
+_SECTIONS: dict[str, type[_Strict]] = {
+    "supervised": SupervisedMethodBody,
+    "lora": LoraMethodBody,
+    "mixlora": MixLoraMethodBody,
+}
+
+
 class Method(_Strict):
     """How a job trains: an objective and an adapter.
 
@@ -362,6 +369,34 @@ class Method(_Strict):
         body = self.supervised or SupervisedMethodBody()
         named = body.model_copy(update={"adapter": AdapterSection(type=adapter)})
         return self.model_copy(update={"supervised": named})
+
+    def within_context(self, context: int) -> Method:
+        """This method with max_seq_len lowered to `context` (the base model's) when the
+        body left it unset and its default is longer; a value given is kept, and refused
+        by the caller if it does not fit."""
+        hp = self._section_hyperparameters()
+        if "max_seq_len" in hp.model_fields_set:
+            return self
+        if not 8 <= context < hp.max_seq_len:  # 8: max_seq_len's own lower bound
+            return self
+        given = hp.model_dump(exclude_unset=True)
+        fitted = type(hp).model_validate({**given, "max_seq_len": context})
+        if self.type == "supervised":
+            body = (self.supervised or SupervisedMethodBody()).model_copy(
+                update={"hyperparameters": fitted}
+            )
+            return self.model_copy(update={"supervised": body})
+        section = LoraMethodBody if self.type == "lora" else MixLoraMethodBody
+        return self.model_copy(
+            update={self.type: section.model_validate({"hyperparameters": fitted})}
+        )
+
+    def _section_hyperparameters(self) -> TrainingHyperparameters:
+        """The training hyperparameters as the body gave them (`model_fields_set`: the
+        ones it named)."""
+        section: Any = getattr(self, self.type) or _SECTIONS[self.type]()
+        hp: TrainingHyperparameters = section.hyperparameters
+        return hp
 
     def where(self, name: str) -> str:
         """The path of hyperparameter `name` (e.g. "r", "expert_lora.r") in this body."""

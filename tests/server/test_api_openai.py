@@ -377,12 +377,16 @@ def test_a_name_given_out_before_migration_0003_still_finds_its_model(sqlite_api
         assert found["id"].startswith(model), (legacy, found)
 
 
+def job_body(model: str, file_id: str) -> dict[str, Any]:
+    return {"model": model, "training_file": file_id}
+
+
 def test_a_local_base_is_named_by_its_folder_or_alias(
     tmp_path: Path, sqlite_template: Path
 ) -> None:
     folder = tmp_path / "models" / "Tiny Llama:v2"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 256}))
     for alias, public in ((None, "Tiny-Llama-v2"), ("house-model", "house-model")):
         for api in _api(
             tmp_path / (alias or "plain"),
@@ -395,6 +399,16 @@ def test_a_local_base_is_named_by_its_folder_or_alias(
             fid = api.file_id(h)
             job = _ok(c.post(JOBS, headers=h, json={"model": public, "training_file": fid}))
             assert job["model"] == public
+            # max_seq_len left unset fits the base's context; one given must fit it
+            assert job["method"]["supervised"]["hyperparameters"]["max_seq_len"] == 256
+            long = {"type": "lora", "lora": {"hyperparameters": {"max_seq_len": 512}}}
+            err = _error(
+                c.post(JOBS, headers=h, json={**job_body(public, fid), "method": long}), 400
+            )
+            assert (
+                err["param"] == "method.lora.hyperparameters.max_seq_len"
+                and "256" in err["message"]
+            )
             # MIXLOOM_BASE_MODEL as the operator wrote it is accepted too, and shown as the id
             by_path = _ok(
                 c.post(JOBS, headers=h, json={"model": str(folder), "training_file": fid})

@@ -74,10 +74,16 @@ def method_json(method: Method) -> dict[str, Any]:
     return method.to_json()
 
 
-def _check_against_model(ctx: ServerContext, body: JobCreate, method: Method) -> ServedModel:
-    """The served model, and every hyperparameter under the deployment's bounds."""
-    problems = ProblemList(limit_problems(method, ctx.settings))
+def _check_against_model(
+    ctx: ServerContext, body: JobCreate, method: Method
+) -> tuple[ServedModel, Method]:
+    """The served model, and every hyperparameter under the deployment's bounds; a
+    max_seq_len left unset is fitted to the model's context (a body written for another
+    model, as OpenAI's are, does not name one)."""
     served = find_base(ctx.models, body.model)
+    if served is not None:
+        method = method.within_context(served.max_position_embeddings)
+    problems = ProblemList(limit_problems(method, ctx.settings))
     if served is None:
         names = ", ".join(m.id for m in ctx.models)
         problems.add(
@@ -94,7 +100,7 @@ def _check_against_model(ctx: ServerContext, body: JobCreate, method: Method) ->
         )
     problems.raise_if_any(ConfigError)
     assert served is not None
-    return served
+    return served, method
 
 
 def _check_storage(ctx: ServerContext, session: Session, tenant: TenantRecord) -> None:
@@ -162,7 +168,7 @@ def create_job(
     A method that names no adapter (OpenAI's `supervised` body, or its older top-level
     `hyperparameters`) trains the deployment's default adapter (MIXLOOM_DEFAULT_ADAPTER)."""
     method = body.training_method.with_default_adapter(ctx.settings.default_adapter)
-    served = _check_against_model(ctx, body, method)
+    served, method = _check_against_model(ctx, body, method)
 
     def create(session: Session) -> JobPublic:
         rows = _check_file(session, tenant, body.training_file, "training_file")

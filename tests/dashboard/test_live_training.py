@@ -1,6 +1,7 @@
 """The dashboard over a real worker training a tiny model (the `mixloom serve` shape: API
 and worker in one process, SQLite, in-process bus): a job created from the form trains
-while its chart grows, then its adapter downloads from the job page."""
+while its chart grows, then its adapter downloads from the job page and the playground
+chats with it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 from dashboard.conftest import screenshot, sign_in
 from scheduler.helpers import arithmetic_rows, stack, write_jsonl
 from tiny import save_tiny_base
@@ -82,6 +84,37 @@ def test_form_job_trains_with_a_live_chart_then_downloads(browser: Any, tmp_path
             assert {"adapter_config.json", "adapter_model.safetensors"} <= names
             assert config["peft_type"] == "MIXLORA" and config["num_experts"] == 4
             screenshot(page, "dashboard-live-training-succeeded")
+
+            # the playground chats with the model just trained, streaming its answer: the
+            # same greedy answer the API gives
+            page.wait_for_selector("#playground:not([hidden])")
+            page.fill("#playground-prompt", "2+2")
+            page.fill("#playground-max-tokens", "12")
+            page.fill("#playground-temperature", "0")
+            page.click("#playground-send")
+            try:
+                page.wait_for_function(
+                    "() => document.querySelector('#playground-stats').textContent"
+                    ".includes('tokens/s')"
+                )
+            finally:
+                screenshot(page, "dashboard-playground")
+            shown = page.text_content("#playground-answer")
+            model = page.text_content("#playground p.mono")
+            direct = httpx.post(
+                f"{s.url}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={
+                    "model": model,
+                    "messages": [{"role": "user", "content": "2+2"}],
+                    "max_tokens": 12,
+                    "temperature": 0,
+                },
+                timeout=60,
+            ).json()
+            assert shown == direct["choices"][0]["message"]["content"]
+            stats = page.text_content("#playground-stats")
+            assert stats.startswith(f"{direct['usage']['completion_tokens']} tokens"), stats
         finally:
             context.close()
         assert errors == []

@@ -317,6 +317,7 @@ function renderJob(jobId) {
   const ckptBody = h('tbody');
   const ckptEmpty = h('div', { class: 'empty small' }, 'No checkpoints yet.');
   const details = h('dl', { class: 'kv', id: 'job-details' });
+  const playground = renderPlayground();
 
   view.append(
     h('div', { class: 'page-head' }, title, h('div', { class: 'actions' }, buttons.pause, buttons.resume, buttons.cancel, download)),
@@ -332,6 +333,7 @@ function renderJob(jobId) {
         h('section', { class: 'card' }, h('h2', {}, 'Checkpoints'),
           h('table', { class: 'responsive', id: 'checkpoints' }, h('thead', {}, h('tr', {}, h('th', {}, 'Step'), h('th', {}, 'Saved'), h('th', {}, 'Loss'), h('th', {}, ''))), ckptBody), ckptEmpty)),
       h('div', { class: 'stack' },
+        playground.card,
         h('section', { class: 'card' }, h('h2', {}, 'Shares steps with'), shared),
         h('section', { class: 'card' }, h('h2', {}, 'Events'), events),
         h('section', { class: 'card' }, h('h2', {}, 'Details'), details))));
@@ -359,6 +361,7 @@ function renderJob(jobId) {
     buttons.pause.disabled = !['queued', 'running'].includes(job.status) || !!job.requested_action;
     buttons.resume.disabled = !(job.status === 'paused' || job.requested_action === 'pause');
     download.hidden = !job.adapter_available;
+    playground.show(job.status === 'succeeded' && job.adapter_available ? job.fine_tuned_model : null);
     const notes = [];
     if (job.requested_action) notes.push(`${job.requested_action} requested; the worker carries it out within a heartbeat.`);
     if (job.status === 'queued' && job.queue_position) notes.push(`Queued: position ${job.queue_position}.`);
@@ -500,6 +503,116 @@ function renderJob(jobId) {
   const onResize = () => redraw();
   window.addEventListener('resize', onResize);
   onCleanup(() => window.removeEventListener('resize', onResize));
+}
+
+// --- playground ------------------------------------------------------------------------
+
+// A chat with a succeeded job's model: POST /v1/chat/completions with stream: true, the
+// answer drawn as its chunks come, then tokens/s (completion tokens over the time from the
+// first to the last chunk) and the time to the first one.
+function renderPlayground() {
+  let model = null;
+  let controller = null;
+  const prompt = h('textarea', { id: 'playground-prompt', rows: 3, placeholder: 'Ask the fine-tuned model something…' });
+  const maxTokens = h('input', { id: 'playground-max-tokens', type: 'number', min: 1, max: 4096, value: 128 });
+  const temperature = h('input', { id: 'playground-temperature', type: 'number', min: 0, max: 2, step: 0.1, value: 0.7 });
+  const send = h('button', { type: 'submit', class: 'primary', id: 'playground-send' }, 'Send');
+  const stop = h('button', { type: 'button', id: 'playground-stop', hidden: true, onclick: () => controller && controller.abort() }, 'Stop');
+  const answer = h('pre', { class: 'answer', id: 'playground-answer', hidden: true });
+  const stats = h('p', { class: 'small muted', id: 'playground-stats' });
+  const error = h('div', { class: 'alert', role: 'alert', hidden: true });
+  const form = h('form', { class: 'playground', onsubmit: (ev) => { ev.preventDefault(); run(); } },
+    prompt,
+    h('div', { class: 'row' },
+      h('label', {}, 'Max tokens ', maxTokens), h('label', {}, 'Temperature ', temperature), send, stop));
+  const modelName = h('p', { class: 'small muted mono' });
+  const card = h('section', { class: 'card', id: 'playground', hidden: true }, h('h2', {}, 'Try it'), modelName, form, error, answer, stats);
+
+  async function run() {
+    const text = prompt.value.trim();
+    if (!model || !text) return;
+    error.hidden = true;
+    answer.textContent = '';
+    answer.hidden = false;
+    stats.textContent = 'Waiting for the first token…';
+    send.disabled = true;
+    stop.hidden = false;
+    controller = new AbortController();
+    const started = performance.now();
+    let first = null;
+    let last = null;
+    let usage = null;
+    try {
+      const res = await fetch('/v1/chat/completions', {
+        method: 'POST',
+        credentials: 'same-origin',
+        signal: controller.signal,
+        headers: { 'Content-Type': 'application/json', 'X-Mixloom-Dashboard': '1' },
+        body: JSON.stringify({
+          model, stream: true, stream_options: { include_usage: true },
+          messages: [{ role: 'user', content: text }],
+          max_tokens: Number(maxTokens.value) || 128, temperature: Number(temperature.value) || 0,
+        }),
+      });
+      if (!res.ok) {
+        let body = null;
+        try { body = await res.json(); } catch (_) { body = null; }
+        throw new ApiError(res.status, body);
+      }
+      const reader = res.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = '';
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = buffer.indexOf('\n\n')) >= 0) {
+          const frame = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + 2);
+          if (!frame.startsWith('data: ') || frame === 'data: [DONE]') continue;
+          const chunk = JSON.parse(frame.slice(6));
+          if (chunk.error) throw new Error(chunk.error.message);
+          if (chunk.usage) usage = chunk.usage;
+          for (const c of chunk.choices || []) {
+            if (c.delta && c.delta.content) {
+              const now = performance.now();
+              if (first === null) first = now;
+              last = now;
+              answer.textContent += c.delta.content;
+            }
+          }
+        }
+      }
+      const ttft = first === null ? null : (first - started) / 1000;
+      const tokens = usage ? usage.completion_tokens : null;
+      // tokens after the first over the time they took; all in one burst: over the whole wait
+      const rate = !tokens ? null : last > first && tokens > 1
+        ? (tokens - 1) / ((last - first) / 1000) : tokens / ((performance.now() - started) / 1000);
+      stats.textContent = [
+        tokens !== null ? `${tokens} tokens` : null,
+        rate !== null ? `${rate.toFixed(1)} tokens/s` : null,
+        ttft !== null ? `first token after ${ttft.toFixed(2)} s` : null,
+      ].filter(Boolean).join(' · ');
+    } catch (e) {
+      if (e.name === 'AbortError') stats.textContent = 'Stopped.';
+      else { error.textContent = e.message; error.hidden = false; stats.textContent = ''; }
+    } finally {
+      send.disabled = false;
+      stop.hidden = true;
+      controller = null;
+    }
+  }
+
+  onCleanup(() => controller && controller.abort());
+  return {
+    card,
+    show(id) {
+      model = id;
+      card.hidden = !id;
+      modelName.textContent = id || '';
+    },
+  };
 }
 
 // --- new job -------------------------------------------------------------------------

@@ -50,6 +50,13 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
         ("--metrics-interval-seconds", "worker_metrics_interval_seconds", float, "metrics to the DB this often"),
         ("--max-jobs", "worker_max_jobs", int, "jobs admitted at once (default 32)"),
     ]  # fmt: skip
+    g.add_argument(
+        "--role",
+        dest="worker_role",
+        choices=["all", "training", "inference"],
+        help="all (default): train, and decode inference requests between steps; training: "
+        "train only; inference: decode only",
+    )
     for name, dest, kind, text in flags:
         g.add_argument(name, dest=dest, type=kind, help=text)
     g.add_argument("--log-level", default="info")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -86,7 +87,8 @@ class InferenceHost:
         self.engine = InferenceEngine(model, tokenizer, self._adapter_folder, self.config)
         self.served: dict[str, _Served] = {}
         self._last_poll = -math.inf
-        self._last_renew = time.monotonic()
+        self._gone: set[str] = set()  # requests heartbeat() found cancelled or lost
+        self._gone_lock = threading.Lock()
         self._adapters_dir = settings.cache_dir / "inference-adapters" / _safe(worker_id)
 
     @property
@@ -98,6 +100,10 @@ class InferenceHost:
     def serve(self, budget: float) -> bool:
         """Take new requests, then decode for up to `budget` seconds; True if it stepped."""
         now = time.monotonic()
+        with self._gone_lock:
+            gone, self._gone = self._gone, set()
+        for rid in gone:
+            self._cancel(rid)
         if now - self._last_poll >= self.settings.inference_poll_seconds:
             self._last_poll = now
             self._take()
@@ -113,8 +119,6 @@ class InferenceHost:
                 break
         if not self.engine.has_work:
             self._write()
-        if time.monotonic() - self._last_renew >= self.settings.worker_heartbeat:
-            self._renew()
         return stepped
 
     def maintain(self) -> None:
@@ -367,19 +371,22 @@ class InferenceHost:
         if ended:
             self.bus.publish(rid, {"id": 0, "event": "end", "data": {}})
 
-    def _renew(self) -> None:
-        self._last_renew = time.monotonic()
-        if not self.served:
+    def heartbeat(self) -> None:
+        """Renew this worker's lease on its requests (from the worker's heartbeat thread, so
+        that a long training step does not let them lapse); those cancelled by their caller
+        or no longer ours are stopped at the next turn of the loop."""
+        ids = list(self.served.copy())  # a copy is atomic; the loop thread changes it
+        if not ids:
             return
         with self.db.transaction() as session:
             gone = requests.renew(
                 session=session,
                 worker_id=self.worker_id,
-                request_ids=list(self.served),
+                request_ids=ids,
                 lease_seconds=self.settings.worker_lease_seconds,
             )
-        for rid in gone:
-            self._cancel(rid)
+        with self._gone_lock:
+            self._gone |= gone
 
 
 def _engine_key(record: InferenceRecord) -> str:

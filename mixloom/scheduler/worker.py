@@ -301,6 +301,13 @@ class Worker:
                 ids = [i for i, h in self.held.items() if not h.lost]
             for job_id in ids:
                 self._renew(job_id)
+            if self.inference is not None:
+                try:
+                    self.inference.heartbeat()
+                except DBAPIError as exc:
+                    self.database_outage.failed(exc.orig if exc.orig is not None else exc)
+                except Exception:
+                    log.exception("renewing the inference requests' leases failed")
 
     def _renew(self, job_id: str) -> None:
         started = time.monotonic()

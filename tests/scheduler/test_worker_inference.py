@@ -25,6 +25,7 @@ from helpers import (
     train_reference,
     wait_for,
     wait_status,
+    workers_by_step,
     write_jsonl,
 )
 
@@ -308,3 +309,41 @@ def test_training_beside_inference_gives_the_adapter_it_gives_alone(
     assert during > 0 and set(answered) == {200}  # answered while the job trained
     reference = train_reference(tmp_path, tiny_base, data, [spec])
     assert_same_tensors(adapter_tensors(archive, tmp_path / "beside"), reference["lora"], atol=0)
+
+
+def test_inference_and_training_workers_on_postgres_and_redis(
+    tmp_path: Path, tiny_base: Path, pg_url: str, redis: str
+) -> None:
+    """A split deployment: a training-only worker trains the job, an inference-only worker
+    answers for the model it produced (woken through Redis), each doing only its own part."""
+    from mixloom.storage import inference
+
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    with stack(tmp_path, tiny_base, database_url=pg_url, redis_url=redis) as s:
+        client = s.client("acme")
+        f = client.upload_file(data)
+        base_id = client.list_models()[0].id
+        s.start_worker(worker_id="trainer", worker_role="training")
+        s.start_worker(worker_id="decoder", worker_role="inference")
+        job = client.create_job(
+            training_file=f.id, model=base_id, method=MOE["method"], seed=MOE["seed"]
+        )
+        done = wait_status(client, job.id, "succeeded")
+        assert set(workers_by_step(s.db, job.id).values()) == {"trainer"}
+        http = _http(client)
+        body = {
+            "model": done.fine_tuned_model,
+            "messages": [{"role": "user", "content": "1+2"}],
+            "max_tokens": 10,
+            "temperature": 0,
+        }
+        whole = http.post("/v1/chat/completions", json=body).json()
+        streamed = list(_stream(http, "/v1/chat/completions", body))
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in streamed)
+        assert text == whole["choices"][0]["message"]["content"]
+        with s.db.transaction() as session:
+            served = {
+                inference.get(session=session, request_id=rid).worker_id
+                for rid in (whole["id"], streamed[0]["id"])
+            }
+        assert served == {"decoder"}

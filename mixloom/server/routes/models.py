@@ -11,7 +11,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials
-from sqlalchemy.orm import Session
 
 from mixloom.errors import RequestError
 from mixloom.server.deps import (
@@ -24,7 +23,7 @@ from mixloom.server.deps import (
     current_tenant,
 )
 from mixloom.server.errors import ERROR_RESPONSES
-from mixloom.server.registry import ResolvedModel, find_base, resolve_model
+from mixloom.server.registry import ResolvedModel, find_base, fine_tuned, resolve_model
 from mixloom.server.routes.jobs import delete_adapter_of, delete_checkpoints_of
 from mixloom.server.schemas import ModelDeleted, ModelPublic, ModelsPublic
 from mixloom.storage import jobs
@@ -69,20 +68,11 @@ async def list_models(ctx: Context, tenant: OptionalTenant) -> ModelsPublic:
     if tenant is None:
         return ModelsPublic(data=bases)
 
-    def read(session: Session) -> list[ModelPublic]:
-        out = []
-        for job in jobs.list_fine_tuned(session=session, tenant_id=tenant.id):
-            assert job.fine_tuned_model is not None
-            found = resolve_model(
-                session=session,
-                models=ctx.models,
-                model_id=job.fine_tuned_model,
-                tenant_id=tenant.id,
-            )
-            out.append(ModelPublic.resolved(found, ctx.started_at))
-        return out
-
-    return ModelsPublic(data=bases + await ctx.read(read))
+    owned = await ctx.read(
+        lambda session: jobs.list_fine_tuned(session=session, tenant_id=tenant.id)
+    )
+    tuned = [ModelPublic.resolved(fine_tuned(ctx.models, j), ctx.started_at) for j in owned]
+    return ModelsPublic(data=bases + tuned)
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelPublic)

@@ -48,6 +48,13 @@ def test_sign_in_jobs_table_laptop_and_phone(page: Any, server: LiveServer, api_
         training_file=f.id, method="mixlora", hyperparameters={"num_experts": 4}
     )
     client.pause_job(lora.id)
+    supervised = client.create_job(  # OpenAI's spelling, with mixloom's adapter section
+        training_file=f.id,
+        method={
+            "type": "supervised",
+            "supervised": {"adapter": {"type": "mixlora", "hyperparameters": {"num_experts": 3}}},
+        },
+    )
 
     sign_in(page, api_key)
     (cookie,) = page.context.cookies()
@@ -57,12 +64,14 @@ def test_sign_in_jobs_table_laptop_and_phone(page: Any, server: LiveServer, api_
 
     rows = page.locator("#jobs-table tbody tr")
     rows.first.wait_for()
-    assert rows.count() == 2
-    first = rows.nth(0)
+    assert rows.count() == 3
+    assert rows.nth(0).get_attribute("data-job-id") == supervised.id
+    assert "MixLoRA ×3" in rows.nth(0).inner_text()
+    first = rows.nth(1)
     assert first.get_attribute("data-job-id") == mix.id
     assert first.locator(".badge").inner_text() == "queued"
     assert "MixLoRA ×4" in first.inner_text()
-    assert rows.nth(1).locator(".badge").inner_text() == "paused"
+    assert rows.nth(2).locator(".badge").inner_text() == "paused"
     headers = page.locator("#jobs-table thead th").all_inner_texts()
     assert [h.lower() for h in headers] == [
         "job", "status", "method", "progress", "tokens/s", "eta", "created",

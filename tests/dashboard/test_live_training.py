@@ -115,6 +115,12 @@ def test_form_job_trains_with_a_live_chart_then_downloads(browser: Any, tmp_path
             assert shown == direct["choices"][0]["message"]["content"]
             stats = page.text_content("#playground-stats")
             assert stats.startswith(f"{direct['usage']['completion_tokens']} tokens"), stats
+
+            # a new job starts from a base model, never from a fine-tuned one
+            page.goto("/#/new")
+            page.wait_for_selector("#new-job-form")
+            offered = page.eval_on_selector_all("#f-model option", "os => os.map(o => o.value)")
+            assert offered == ["tiny-base"]
         finally:
             context.close()
         assert errors == []

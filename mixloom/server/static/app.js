@@ -89,10 +89,16 @@ function fmtBytes(b) {
   return `${b.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 function badge(status) { return h('span', { class: `badge ${status}`, 'data-status': status }, status.replace('_', ' ')); }
-function methodType(job) { return (job.method && job.method.type) || '—'; }
+// A job's method in either spelling: mixloom's {type: "lora"|"mixlora", <type>: {...}}, or
+// OpenAI's {type: "supervised", supervised: {hyperparameters, adapter: {type, hyperparameters}}}.
+function methodBody(job) { return (job.method && job.method[job.method.type]) || {}; }
+function methodType(job) {
+  const adapter = methodBody(job).adapter;
+  return (adapter && adapter.type) || (job.method && job.method.type) || '—';
+}
 function hyper(job) {
-  const body = job.method && job.method[methodType(job)];
-  return (body && body.hyperparameters) || {};
+  const body = methodBody(job);
+  return { ...(body.hyperparameters || {}), ...((body.adapter && body.adapter.hyperparameters) || {}) };
 }
 
 // The metric names of mixloom/trainer/session.py (OpenAI's where it has one): a number, or
@@ -654,7 +660,8 @@ function validateField(sp, raw) {
 async function renderNewJob() {
   document.title = 'New job · mixloom';
   if (!state.hp) state.hp = await api('GET', '/dashboard/hyperparameters');
-  const [models, files] = await Promise.all([api('GET', '/v1/models'), api('GET', '/v1/files?limit=100')]);
+  const [listed, files] = await Promise.all([api('GET', '/v1/models'), api('GET', '/v1/files?limit=100')]);
+  const models = { data: listed.data.filter((m) => !m.fine_tuning_job_id) }; // jobs start from a base
   const schema = state.hp.mixlora;
   const fields = new Map(); // name -> {wrap, input, error, spec}
   const banner = h('div', { class: 'alert', role: 'alert', id: 'form-error', hidden: true });

@@ -1,6 +1,6 @@
 """Python client and CLI for the mixloom REST API (HTTP only; no server code imported)."""
 
-from mixloom.clients.client import Client
+from mixloom.clients.client import Client, CompletionStream
 from mixloom.clients.errors import (
     APIConnectionError,
     APIError,
@@ -16,6 +16,8 @@ from mixloom.clients.errors import (
 )
 from mixloom.clients.types import (
     Checkpoint,
+    Completion,
+    CompletionChoice,
     Deleted,
     Event,
     File,
@@ -25,6 +27,7 @@ from mixloom.clients.types import (
     Model,
     Page,
     StreamMessage,
+    TextDelta,
     Usage,
 )
 
@@ -35,6 +38,9 @@ __all__ = [
     "BadRequestError",
     "Checkpoint",
     "Client",
+    "Completion",
+    "CompletionChoice",
+    "CompletionStream",
     "ConflictError",
     "Deleted",
     "Event",
@@ -51,5 +57,6 @@ __all__ = [
     "ServerError",
     "ServerProblem",
     "StreamMessage",
+    "TextDelta",
     "Usage",
 ]

@@ -24,13 +24,14 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 
-from mixloom.clients.errors import APIConnectionError, error_for
+from mixloom.clients.errors import APIConnectionError, ServerError, error_for
 from mixloom.clients.types import (
     Checkpoint,
+    Completion,
     Deleted,
     Event,
     File,
@@ -39,6 +40,7 @@ from mixloom.clients.types import (
     Model,
     Page,
     StreamMessage,
+    TextDelta,
     Usage,
 )
 
@@ -448,6 +450,65 @@ class Client:
                     raise APIConnectionError(f"lost the stream of job {job_id}: {exc}") from exc
                 self._sleep(self._delay(failures - 1, None))
 
+    # --- inference ------------------------------------------------------------------
+
+    @overload
+    def chat(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        stream: Literal[False] = False,
+        **params: Any,
+    ) -> Completion: ...
+
+    @overload
+    def chat(
+        self, model: str, messages: list[dict[str, Any]], *, stream: Literal[True], **params: Any
+    ) -> CompletionStream: ...
+
+    def chat(
+        self, model: str, messages: list[dict[str, Any]], *, stream: bool = False, **params: Any
+    ) -> Completion | CompletionStream:
+        """POST /v1/chat/completions: `messages` as OpenAI's ([{"role", "content"}]); params
+        are OpenAI's (max_tokens, temperature, top_p, n, seed, stop, logprobs, ...). With
+        `stream=True`, a CompletionStream: iterate it for TextDeltas as they come."""
+        return self._infer(
+            "/v1/chat/completions", {"model": model, "messages": messages, **params}, stream
+        )
+
+    @overload
+    def complete(
+        self, model: str, prompt: str | list[str], *, stream: Literal[False] = False, **params: Any
+    ) -> Completion: ...
+
+    @overload
+    def complete(
+        self, model: str, prompt: str | list[str], *, stream: Literal[True], **params: Any
+    ) -> CompletionStream: ...
+
+    def complete(
+        self, model: str, prompt: str | list[str], *, stream: bool = False, **params: Any
+    ) -> Completion | CompletionStream:
+        """POST /v1/completions: a raw prompt (no chat template), or a list of them."""
+        return self._infer("/v1/completions", {"model": model, "prompt": prompt, **params}, stream)
+
+    def _infer(
+        self, path: str, body: dict[str, Any], stream: bool
+    ) -> Completion | CompletionStream:
+        if not stream:
+            return Completion.from_json(self._json("POST", path, json_body=body))
+        # an error before the first token is an HTTP error (retried like any other); once
+        # the answer streams, nothing is sent again
+        response = self._send(
+            "POST",
+            path,
+            json_body={**body, "stream": True, "stream_options": {"include_usage": True}},
+            stream=True,
+            timeout=httpx.Timeout(self._http.timeout.connect, read=None),
+        )
+        return CompletionStream(response)
+
     def wait(self, job_id: str, *, poll: float = 2.0, timeout: float | None = None) -> Job:
         """Poll until the job is succeeded, failed or cancelled; TimeoutError after
         `timeout` seconds."""
@@ -459,6 +520,60 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
             self._sleep(poll)
+
+
+class CompletionStream:
+    """A streamed completion: iterate it for TextDeltas (chat: the assistant's text) as the
+    server sends them. Once iterated, `usage`, `time_to_first_token` (seconds from the
+    request) and `tokens_per_second` (completion tokens after the first, over the time they
+    took) are set; `close()` stops it early (the server stops decoding)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.id: str | None = None
+        self.model: str | None = None
+        self.usage: dict[str, int] | None = None
+        self.time_to_first_token: float | None = None
+        self.tokens_per_second: float | None = None
+        self._started = time.perf_counter()
+
+    def __iter__(self) -> Iterator[TextDelta]:
+        first = last = None
+        try:
+            for line in self._response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[len("data: ") :]
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:  # the answer failed after it began
+                    error = chunk["error"] or {}
+                    raise ServerError(
+                        str(error.get("message") or "the answer failed"),
+                        code=error.get("code"),
+                        body=chunk,
+                    )
+                self.id, self.model = chunk.get("id"), chunk.get("model")
+                if chunk.get("usage"):
+                    self.usage = chunk["usage"]
+                for c in chunk.get("choices", []):
+                    text = c["delta"].get("content") or "" if "delta" in c else c.get("text", "")
+                    if text:
+                        last = time.perf_counter()
+                        first = first or last
+                    if text or c.get("finish_reason"):
+                        yield TextDelta(c["index"], text, c.get("finish_reason"))
+        finally:
+            self._response.close()
+        if first is not None:
+            self.time_to_first_token = first - self._started
+        tokens = (self.usage or {}).get("completion_tokens")
+        if tokens and first is not None and last is not None and last > first and tokens > 1:
+            self.tokens_per_second = (tokens - 1) / (last - first)
+
+    def close(self) -> None:
+        self._response.close()
 
 
 def _model_path(model_id: str) -> str:

@@ -252,3 +252,49 @@ class StreamMessage:
     @property
     def job_event(self) -> Event | None:
         return Event.from_json(self.data) if self.event == "event" else None
+
+
+@dataclass(frozen=True)
+class CompletionChoice:
+    """One answer of a completion: `text` (for chat, the assistant message's content)."""
+
+    index: int
+    text: str
+    finish_reason: str | None  # "stop" | "length"
+    logprobs: Any = None  # OpenAI's shape for the route, when asked for
+
+
+@dataclass(frozen=True)
+class Completion:
+    """POST /v1/chat/completions or /v1/completions without streaming."""
+
+    id: str
+    model: str
+    choices: list[CompletionChoice]
+    usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def text(self) -> str:
+        """The first choice's text."""
+        return self.choices[0].text
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Completion:
+        choices = []
+        for c in data["choices"]:
+            message = c.get("message")
+            text = (message or {}).get("content") or "" if message is not None else c["text"]
+            choices.append(
+                CompletionChoice(c["index"], text, c.get("finish_reason"), c.get("logprobs"))
+            )
+        return cls(data["id"], data["model"], choices, dict(data.get("usage") or {}), raw=data)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """The text a streamed completion's next chunk added to choice `index`."""
+
+    index: int
+    text: str
+    finish_reason: str | None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mixloom.config import Settings
-from mixloom.errors import GenerationError, ObjectNotFoundError, RequestError
+from mixloom.errors import ObjectNotFoundError, RequestError
 from mixloom.inference import (
     FINISH_CANCELLED,
     Delta,
@@ -36,6 +36,7 @@ from mixloom.inference import (
     RequestHandle,
     SamplingParams,
 )
+from mixloom.inference.chat import chat_prompt_ids
 from mixloom.storage import inference as requests
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
@@ -173,7 +174,7 @@ class InferenceHost:
         )
         key = _engine_key(record)
         if record.kind == "chat":
-            prompts: list[str | list[int]] = [self._render(body["messages"])]
+            prompts: list[str | list[int]] = [chat_prompt_ids(self.tokenizer, body["messages"])]
         else:
             prompts = list(body["prompts"])
         served = _Served(record=record, handles=[])
@@ -194,22 +195,6 @@ class InferenceHost:
                 served.offsets[first + j] = 0
                 served.prompt_chars[first + j] = len(prompt) if isinstance(prompt, str) else 0
         return served
-
-    def _render(self, messages: list[dict[str, str]]) -> list[int]:
-        """The chat as the base model was tuned to read it, ready for the answer."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise GenerationError(
-                f"base model {self.base_id!r} has no chat template; use /v1/completions "
-                "with a prompt instead",
-                param="messages",
-                code="invalid_value",
-            )
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
 
     def _adapter_folder(self, key: str) -> Path | None:
         """The engine's loader: the adapter's folder, unpacked from its stored archive into

@@ -6,6 +6,7 @@ job trained while requests are decoded beside it ends with the adapter it has al
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import zipfile
@@ -347,3 +348,41 @@ def test_inference_and_training_workers_on_postgres_and_redis(
                 for rid in (whole["id"], streamed[0]["id"])
             }
         assert served == {"decoder"}
+
+
+def test_client_and_cli_chat_and_complete(
+    trained: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Client.chat` / `Client.complete` (whole and streamed), `mixloom chat` and `mixloom
+    generate --model` give the API's answer."""
+    from mixloom.cli import main
+
+    client: Client = trained["client"]
+    model = trained["models"]["lora"]
+    messages = [{"role": "user", "content": "3+3"}]
+    whole = client.chat(model, messages, max_tokens=8, temperature=0)
+    stream = client.chat(model, messages, stream=True, max_tokens=8, temperature=0)
+    deltas = list(stream)
+    assert "".join(d.text for d in deltas) == whole.text
+    assert deltas[-1].finish_reason == whole.choices[0].finish_reason
+    assert stream.usage == whole.usage and stream.time_to_first_token is not None
+    assert stream.id and stream.id != whole.raw["id"]
+
+    done = client.complete(model, ["1+1=", "2+2="], max_tokens=4, temperature=0)
+    assert [c.index for c in done.choices] == [0, 1]
+    alone = client.complete(model, "2+2=", max_tokens=4, temperature=0)
+    assert done.choices[1].text == alone.text
+
+    common = ["--base-url", client.base_url, "--api-key", str(client.api_key)]
+    assert (
+        main(["chat", model, "-m", "3+3", "--temperature", "0", "--max-tokens", "8", *common]) == 0
+    )
+    out, err = capsys.readouterr()
+    assert out == whole.text + "\n"
+    assert f"{whole.usage['completion_tokens']} tokens" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("3+3\n/exit\nnever sent\n"))
+    assert main(["chat", model, "--temperature", "0", "--max-tokens", "8", *common]) == 0
+    assert capsys.readouterr().out == whole.text + "\n"
+    generate = ["generate", "--model", model, "--prompt", "3+3", "--max-new-tokens", "8"]
+    assert main([*generate, *common]) == 0
+    assert capsys.readouterr().out == whole.text + "\n"

@@ -1,6 +1,7 @@
 """The official `openai` package, unchanged, against a live mixloom server (real uvicorn,
 SQLite, a real worker training a tiny base model): files, fine-tuning jobs with OpenAI's own
-bodies, their events and checkpoints, cancel, and the models routes."""
+bodies, their events and checkpoints, cancel, the models routes, and chat completions and
+completions of the model the job made."""
 
 from __future__ import annotations
 
@@ -149,6 +150,63 @@ def test_cancel_and_older_bodies(served: Served) -> None:
     assert cancelled.id == job.id and cancelled.status in ("cancelled", "running", "queued")
     assert _wait(client, job.id, "cancelled").fine_tuned_model is None
     assert job.id in [x.id for x in client.fine_tuning.jobs.list(limit=10)]
+
+
+def test_chat_and_completions(served: Served, tuned: tuple[openai.OpenAI, Any]) -> None:
+    """chat.completions (whole and streamed) and completions of the fine-tuned model, in the
+    SDK's own types (runs before the models test deletes the model)."""
+    client, job = tuned
+    model = job.fine_tuned_model
+    messages = [{"role": "user", "content": "2+3"}]
+    chat = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=0
+    )
+    assert (chat.object, chat.model) == ("chat.completion", model)
+    (choice,) = chat.choices
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    usage = chat.usage
+    assert usage is not None
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens > 0
+
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage == usage
+
+    completion = client.completions.create(
+        model=model, prompt="2+3=", max_tokens=5, temperature=0, logprobs=2
+    )
+    assert completion.object == "text_completion"
+    (c,) = completion.choices
+    assert c.logprobs is not None and c.logprobs.tokens and c.logprobs.top_logprobs
+    assert "".join(c.logprobs.tokens).startswith(c.text) or c.text == ""
+    assert all(len(top) <= 2 for top in c.logprobs.top_logprobs)
+    streamed = client.completions.create(
+        model=model, prompt="2+3=", max_tokens=5, temperature=0, stream=True
+    )
+    assert "".join(x.choices[0].text for x in streamed if x.choices) == c.text
+    assert client.chat.completions.create(model=BASE, messages=messages, max_tokens=2).choices
+
+    other = served.client("sdk-chat-other")
+    with pytest.raises(openai.NotFoundError) as hidden:
+        other.chat.completions.create(model=model, messages=messages)
+    assert hidden.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as absurd:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=10**9)
+    assert absurd.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.chat.completions.create(model=model, messages=[])
+    assert empty.value.param == "messages"
 
 
 def test_models_list_retrieve_and_delete(served: Served, tuned: tuple[openai.OpenAI, Any]) -> None:

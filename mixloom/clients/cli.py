@@ -149,7 +149,11 @@ def register(sub: Any) -> None:
         parents=[common],
         help="chat with a base model or one of your fine-tuned models (streams the answer)",
     )
-    chat.add_argument("model", help="a base model's id, or ft:... of yours (mixloom models list)")
+    chat.add_argument(
+        "model",
+        help="a base model's id, ft:... of yours (mixloom models list), or a job's id (ftjob-...): "
+        "the model it made",
+    )
     chat.add_argument("-m", "--message", help="send this one message, print the answer, exit")
     chat.add_argument("--system", help="a system message first")
     sampling_options(chat)
@@ -170,12 +174,21 @@ def _chat(args: argparse.Namespace) -> int:
     """One message (--message), or a conversation read from stdin line by line (interactive
     on a terminal: `/exit` or Ctrl-D ends it); the whole conversation goes with each turn."""
     client = _client(args)
+    model = args.model
+    if model.startswith("ftjob-"):
+        job = client.get_job(model)
+        if not job.fine_tuned_model:
+            raise ClientCommandError(
+                f"job {model} is {job.status} and has made no model yet; "
+                f"`mixloom jobs watch {model}` follows it"
+            )
+        model = job.fine_tuned_model
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
     interactive = args.message is None and sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {args.model}; /exit or Ctrl-D to end", file=sys.stderr)
+        print(f"chatting with {model}; /exit or Ctrl-D to end", file=sys.stderr)
     turns = iter([args.message]) if args.message is not None else _lines(interactive)
     for text in turns:
         if not text.strip():
@@ -183,7 +196,7 @@ def _chat(args: argparse.Namespace) -> int:
         if text.strip() in ("/exit", "/quit"):
             break
         messages.append({"role": "user", "content": text})
-        stream = client.chat(args.model, messages, stream=True, **_sampling(args))
+        stream = client.chat(model, messages, stream=True, **_sampling(args))
         messages.append({"role": "assistant", "content": print_stream(stream)})
     return 0
 

@@ -44,7 +44,7 @@ Sharing the model with training: inference adapters are named `infer:<n>` and pa
 from the training jobs' weights (AdapterModel pack groups), so loading and evicting them
 never moves a training job's parameters; a step runs under `torch.no_grad`, in eval mode,
 and restores FusedState and the model's attention implementation as it found them. Training
-results are bit for bit those without inference (tests/inference/test_training.py).
+results are bit for bit those without inference (tests/inference/test_engine_beside_training.py).
 
 Text: `prompt` as text is encoded with the tokenizer's special tokens; chat prompts should be
 rendered (chat template) and passed as token ids. Delta text never splits a character and

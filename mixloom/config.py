@@ -73,7 +73,9 @@ class Settings(ModelSettings, BaseSettings):
     worker_heartbeat_seconds: float | None = None  # default: worker_lease_seconds / 3
     worker_poll_seconds: float = 2.0  # look for new jobs this often (a bus wake-up comes sooner)
     worker_step_token_budget: int = 16384  # padded tokens (rows x widest row) per fused step
-    worker_memory_budget_gb: float | None = None  # default: 90% of GPU memory, or base + 80% RAM
+    # what training may hold; default: 90% of GPU memory, or base + 80% RAM, less what decoding
+    # may hold (inference_kv_cache_tokens' cache and inference_adapter_cache_gb)
+    worker_memory_budget_gb: float | None = None
     worker_metrics_interval_seconds: float = 1.0  # a job's step metrics reach the DB this often
     worker_max_jobs: int = 32  # jobs admitted at once (they share steps by fair share)
     # a job whose lease expired this often without checkpointing past its resume point (it

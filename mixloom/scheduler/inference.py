@@ -37,6 +37,7 @@ from mixloom.inference import (
     SamplingParams,
 )
 from mixloom.inference.chat import chat_prompt_ids
+from mixloom.inference.kvcache import KVCache
 from mixloom.storage import inference as requests
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
@@ -95,6 +96,13 @@ class InferenceHost:
     @property
     def busy(self) -> bool:
         return bool(self.served)
+
+    def reserved_bytes(self) -> int:
+        """The most decoding holds at once: the KV cache and the adapter cache's budget (the
+        worker admits training jobs into what is left)."""
+        model = self.engine.model
+        per_token = KVCache.bytes_per_token(model.config, model.lm_head.weight.dtype)
+        return per_token * self.config.kv_cache_tokens + self.config.adapter_cache_bytes
 
     # -- the worker loop's turn ----------------------------------------------------------
 

@@ -238,13 +238,16 @@ class Worker:
             base_bytes=base_bytes,
             recompute=self.training.model.state.recompute,
         )
-        if self.settings.worker_memory_budget_gb is not None:
+        if self.settings.worker_memory_budget_gb is not None:  # training's, as the operator says
             self.budget = int(self.settings.worker_memory_budget_gb * memory.GIB)
-        elif base.device.type == "cuda":
+            return
+        if base.device.type == "cuda":
             total = torch.cuda.get_device_properties(base.device).total_memory
             self.budget = int(0.9 * total)
         else:
             self.budget = base_bytes + int(0.8 * _available_ram())
+        if self.inference is not None:  # what decoding may hold, kept from training's share
+            self.budget -= self.inference.reserved_bytes()
 
     # -- one turn of the loop ----------------------------------------------------------
 

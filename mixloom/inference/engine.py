@@ -208,10 +208,6 @@ class InferenceEngine:
         """Requests are queued or running: `step()` has something to do."""
         return bool(self._incoming or self._waiting or self._running)
 
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
     # -- stepping ------------------------------------------------------------------------
 
     def step(self) -> StepStats:

@@ -64,11 +64,14 @@ def export_adapters(base_dir: Path, out: Path, specs: dict[str, AdapterSpec]) ->
 
 
 def make_engine(
-    base_dir: Path, folders: dict[str, Path], config: EngineConfig | None = None
+    base_dir: Path,
+    folders: dict[str, Path],
+    config: EngineConfig | None = None,
+    backend: str = "torch",
 ) -> InferenceEngine:
     """An engine on a fresh copy of the saved base; model ids: BASE and the folders' keys
     (any other id is unknown: the loader raises KeyError)."""
-    model = AdapterModel(AutoModelForCausalLM.from_pretrained(base_dir))
+    model = AdapterModel(AutoModelForCausalLM.from_pretrained(base_dir), backend=backend)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
 
     def loader(model_id: str) -> Path | None:

@@ -5,6 +5,7 @@ the others decode."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -93,3 +94,20 @@ def test_mixed_batch_equals_each_model_alone(base_dir: Path, adapter_dirs: dict[
         if model_id != BASE:  # the adapter changes what the model says
             assert got != reference(base_dir, adapter_dirs, BASE, ids, eos), model_id
     assert not engine.has_work and engine.adapters.loaded.keys() == set(SPECS)
+
+
+def test_the_triton_kernels_decode_as_the_torch_path(
+    base_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    """The worker's kernels on a GPU (here in Triton's interpreter: TRITON_INTERPRET=1)."""
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1", "scripts/test.sh sets TRITON_INTERPRET=1"
+    work = [("lora-b", prompt(8, 6)), ("moe-d", prompt(9, 9)), (BASE, prompt(10, 4))]
+    outputs = {}
+    for backend in ("torch", "triton"):
+        engine = make_engine(base_dir, adapter_dirs, backend=backend)
+        handles = [engine.submit(m, ids, greedy(4)) for m, ids in work]
+        while engine.has_work:
+            engine.step()
+        outputs[backend] = [h.result().choices[0].token_ids for h in handles]
+    assert outputs["triton"] == outputs["torch"]

@@ -500,6 +500,7 @@ class Client:
             return Completion.from_json(self._json("POST", path, json_body=body))
         # an error before the first token is an HTTP error (retried like any other); once
         # the answer streams, nothing is sent again
+        started = time.perf_counter()  # the server answers once the first token is decoded
         response = self._send(
             "POST",
             path,
@@ -507,7 +508,7 @@ class Client:
             stream=True,
             timeout=httpx.Timeout(self._http.timeout.connect, read=None),
         )
-        return CompletionStream(response)
+        return CompletionStream(response, started)
 
     def wait(self, job_id: str, *, poll: float = 2.0, timeout: float | None = None) -> Job:
         """Poll until the job is succeeded, failed or cancelled; TimeoutError after
@@ -528,14 +529,14 @@ class CompletionStream:
     request) and `tokens_per_second` (completion tokens after the first, over the time they
     took) are set; `close()` stops it early (the server stops decoding)."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, started: float) -> None:
         self._response = response
         self.id: str | None = None
         self.model: str | None = None
         self.usage: dict[str, int] | None = None
         self.time_to_first_token: float | None = None
         self.tokens_per_second: float | None = None
-        self._started = time.perf_counter()
+        self._started = started  # time.perf_counter() when the request was sent
 
     def __iter__(self) -> Iterator[TextDelta]:
         first = last = None

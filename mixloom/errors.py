@@ -142,3 +142,20 @@ class GenerationError(RequestError):
     prompt or `max_tokens` beyond the model's context, `n` or `logprobs` beyond the limits,
     sampling settings out of range (a 400). `code` is "context_length_exceeded" for what
     does not fit in the context or the engine's cache, "invalid_value" otherwise."""
+
+
+class EvaluationError(RequestError):
+    """An evaluation that cannot run as asked (a 400): an unknown task or split, a choice
+    file with bad rows (every problem is in `problems` and the message, each naming its
+    file and line), or a setting the protocol does not take. `code`: "unknown_task",
+    "unknown_split", "invalid_task_file" or "invalid_value"; `param`: the field the caller
+    took the task or setting from (the API names the body's field, the CLI its flag)."""
+
+    def __init__(
+        self, message: str | list[Problem], *, param: str | None = None, code: str | None = None
+    ) -> None:
+        self.problems = [Problem("", message)] if isinstance(message, str) else list(message)
+        lines = [str(p) for p in self.problems]
+        if len(lines) > 1:
+            lines = [f"{len(lines)} problems:", *(f"  - {line}" for line in lines)]
+        super().__init__("\n".join(lines), param=param, code=code)

@@ -15,6 +15,7 @@ _COMMAND_MODULES = [
     "mixloom.server.cli",  # api
     "mixloom.scheduler.cli",  # worker, serve
     "mixloom.clients.cli",  # models, files, jobs, adapters (HTTP client)
+    "mixloom.eval.cli",  # eval, data task
 ]
 
 

@@ -11,7 +11,9 @@
   choice (lm-eval's ``len(choice)``: for a fill-in task the choice is the filled context).
   Ties go to the first choice. ``num_fewshot`` examples come before the question, each
   "question answer\\n\\n", drawn as lm-eval draws them (``random.Random(1234)``, one draw per
-  question in order; k + 1 drawn and the question itself removed when the pool is its split).
+  question in order; k + 1 drawn and the question itself removed when the pool is its split,
+  as lm-eval does when a task's fewshot_split names the evaluated split -- left unset, lm-eval
+  0.4.13 draws from the same rows without removing the question).
 - ``paper``: the MixLoRA paper's instruction protocol (MoE-PEFT's commonsense tasks): the
   prompt lists the choices with labels (A)...; the model's next-token distribution at the
   answer position is compared over the labels' tokens, and the highest is the answer

@@ -388,6 +388,37 @@ def parse_choice_file(data: bytes, *, filename: str) -> list[Doc]:
     return docs
 
 
+# -- training rows ----------------------------------------------------------------------
+
+TRAINING_FORMATS = ("paper", "cloze")
+
+
+def training_rows(task: Task, fmt: str) -> list[dict[str, str]]:
+    """The task's rows as training JSONL objects ({"prompt", "completion"}, plus "source").
+
+    ``paper``: the MixLoRA paper's instruction prompt and " " + the answer's label (MoE-PEFT's
+    training text is prompt + " " + label). ``cloze``: lm-eval's context and " " + the right
+    choice (for a fill-in task: the sentence filled with the right option, and the rest).
+    The ``paper`` and ``cloze`` protocols of mixloom.eval score adapters trained on them.
+    """
+    if fmt not in TRAINING_FORMATS:
+        raise EvaluationError(
+            f"unknown format {fmt!r}; use one of {', '.join(TRAINING_FORMATS)}",
+            param="format",
+            code="invalid_value",
+        )
+    rows = []
+    for doc in task.docs:
+        if fmt == "paper":
+            prompt, completion = doc.instruction, f" {doc.labels[doc.gold]}"
+        elif doc.target is None:
+            prompt, completion = doc.query, f" {doc.choices[doc.gold]}"
+        else:
+            prompt, completion = doc.choices[doc.gold], f" {doc.target}"
+        rows.append({"prompt": prompt, "completion": completion, "source": doc.source})
+    return rows
+
+
 # -- the entry point --------------------------------------------------------------------
 
 

@@ -18,16 +18,17 @@
   prompt lists the choices with labels (A)...; the model's next-token distribution at the
   answer position is compared over the labels' tokens, and the highest is the answer
   (``acc`` only). The answer position is where the labels' tokens first differ (right
-  after the prompt when each label is one token, as in MoE-PEFT). The prompt is rendered exactly as mixloom renders the training row
-  ``{"prompt": instruction, "completion": " " + label}`` (``mixloom data task --format
-  paper``): through the tokenizer's chat template when it has one, as plain text otherwise,
-  so an adapter is asked in the form it was trained on.
+  after the prompt when each label is one token, as in MoE-PEFT). The prompt is rendered
+  exactly as mixloom renders the training row ``{"prompt": instruction, "completion": " " +
+  label}`` (``mixloom data task --format paper``): through the tokenizer's chat template
+  when it has one, as plain text otherwise, so an adapter is asked in the form it was
+  trained on.
 - ``cloze``: lm-eval's rule (``acc``, ``acc_norm``) on the rows of ``mixloom data task
   --format cloze`` (``{"prompt": context, "completion": " " + choice}``) rendered as mixloom
   trains on them; a choice's score is the log-probability of its completion's tokens (not
-  the end-of-turn or EOS token after them). With a tokenizer without a chat template this
-  is ``loglik`` bar the BOS token mixloom adds; with one, it scores adapters trained by
-  mixloom on cloze rows in their own form.
+  the end-of-turn or EOS token after them). Rendered as plain text it is ``loglik``'s text,
+  tokenised in two pieces (prompt, completion) as training does; through a chat template it
+  scores adapters trained by mixloom on cloze rows in their own form.
 """
 
 from __future__ import annotations

@@ -321,7 +321,7 @@ def test_inference_and_training_workers_on_postgres_and_redis(
 
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
     with stack(tmp_path, tiny_base, database_url=pg_url, redis_url=redis) as s:
-        client = s.client("acme")
+        client = s.client("acme-split")
         f = client.upload_file(data)
         base_id = client.list_models()[0].id
         s.start_worker(worker_id="trainer", worker_role="training")

@@ -437,57 +437,34 @@ def _chat_chunk(
 def _stream_chunk(
     kind: str, record: InferenceRecord, created: int, data: dict[str, Any]
 ) -> dict[str, Any]:
-    choices = []
-    for c in data["choices"]:
-        if kind == "chat":
-            choices.append(
-                {
-                    "index": c["index"],
-                    "delta": {"content": c["text"]} if c["text"] or not c["finish_reason"] else {},
-                    "logprobs": _chat_logprobs(c["logprobs"]),
-                    "finish_reason": c["finish_reason"],
-                }
-            )
-        else:
-            choices.append(
-                {
-                    "index": c["index"],
-                    "text": c["text"],
-                    "logprobs": _completion_logprobs(c["logprobs"]),
-                    "finish_reason": c["finish_reason"],
-                }
-            )
+    choices = [_choice(kind, c, chunk=True) for c in data["choices"]]
     return {**_envelope(kind, record, created, chunk=True), "choices": choices}
 
 
 def _complete(kind: str, record: InferenceRecord) -> dict[str, Any]:
     assert record.result is not None
-    created = int(record.created_at.timestamp())
-    choices = []
-    for c in record.result["choices"]:
-        if kind == "chat":
-            choices.append(
-                {
-                    "index": c["index"],
-                    "message": {"role": "assistant", "content": c["text"], "refusal": None},
-                    "logprobs": _chat_logprobs(c["logprobs"]),
-                    "finish_reason": c["finish_reason"],
-                }
-            )
-        else:
-            choices.append(
-                {
-                    "index": c["index"],
-                    "text": c["text"],
-                    "logprobs": _completion_logprobs(c["logprobs"]),
-                    "finish_reason": c["finish_reason"],
-                }
-            )
     return {
-        **_envelope(kind, record, created, chunk=False),
-        "choices": choices,
+        **_envelope(kind, record, int(record.created_at.timestamp()), chunk=False),
+        "choices": [_choice(kind, c, chunk=False) for c in record.result["choices"]],
         "usage": _usage(record),
     }
+
+
+def _choice(kind: str, c: dict[str, Any], *, chunk: bool) -> dict[str, Any]:
+    """A choice as the worker stored it ({index, text, finish_reason, logprobs}) in OpenAI's
+    shape: a chat's `delta` (a stream chunk) or `message`, a completion's `text`."""
+    out: dict[str, Any] = {"index": c["index"]}
+    if kind != "chat":
+        out["text"] = c["text"]
+        out["logprobs"] = _completion_logprobs(c["logprobs"])
+    elif chunk:  # the last chunk may carry only the finish reason
+        out["delta"] = {"content": c["text"]} if c["text"] or not c["finish_reason"] else {}
+        out["logprobs"] = _chat_logprobs(c["logprobs"])
+    else:
+        out["message"] = {"role": "assistant", "content": c["text"], "refusal": None}
+        out["logprobs"] = _chat_logprobs(c["logprobs"])
+    out["finish_reason"] = c["finish_reason"]
+    return out
 
 
 def _usage(record: InferenceRecord) -> dict[str, int]:

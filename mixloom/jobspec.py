@@ -54,6 +54,16 @@ class TrainingHyperparameters(_Strict):
     max_seq_len: Annotated[int, Field(ge=8, le=131072)] = 512
     max_steps: Annotated[int | None, Field(ge=1)] = None  # cap on optimizer steps
     train_on_inputs: bool = False  # False: loss only on completion/assistant tokens
+    rendering: Annotated[
+        Literal["chat", "plain"],
+        Field(
+            description='how rows become text: "chat" (default) renders them with the base '
+            'model\'s chat template when it has one; "plain" as raw text, prompt + completion '
+            "+ EOS (TRL's non-conversational rows; alpaca rows with a short instruction "
+            'prompt, chat rows as User:/Assistant: lines). {"text"} rows are always plain. '
+            "The adapter records the rendering it trained with, for inference and evaluation"
+        ),
+    ] = "chat"
     # optimizer steps; None: end only
     checkpoint_every: Annotated[int | None, Field(ge=1)] = None
     # checkpoints kept: the last K plus the best by validation loss; None: the deployment's

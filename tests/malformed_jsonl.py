@@ -136,7 +136,8 @@ def _generic() -> Iterator[Case]:
     ]:
         yield _case(name, _line(PC, line, "expected a JSON object"))
     yield _case("empty_object", _line(PC, b"{}", "unknown format"))
-    yield _case("unknown_keys", _line(PC, b'{"text": "x"}', "unknown format"))
+    yield _case("unknown_keys", _line(PC, b'{"body": "x"}', "unknown format"))
+    yield _case("text_among_prompts", _line(PC, b'{"text": "x"}', "this row is text"))
     yield _case("huge_unknown_key", _line(PC, _json({"k" * 100_000: 1}), "unknown format"))
     yield _case("mixed_formats", _line(PC, CHAT, "the file is prompt_completion"))
     yield _case(

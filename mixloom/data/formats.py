@@ -2,11 +2,13 @@
 
 Torch-free and transformers-free on purpose: the API process validates uploads with it.
 
-One JSON object per line, in one of three formats:
+One JSON object per line, in one of four formats:
 
 - chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
 - prompt/completion: ``{"prompt": "...", "completion": "..."}``
 - alpaca: ``{"instruction": "...", "input": "..." (optional), "output": "..."}``
+- text: ``{"text": "..."}`` (plain text, loss on every token: continued pretraining, a
+  style, raw completions)
 
 Decisions (the API documents the same):
 
@@ -17,7 +19,7 @@ Decisions (the API documents the same):
   mask differs per format.
 - Keys beyond those of the format (``"id"``, ``"metadata"``, ...) are ignored.
 - Content must be a non-empty string where the text is trained on or asked about: user
-  and assistant messages, ``completion``, ``instruction``, ``output``. A system message,
+  and assistant messages, ``completion``, ``instruction``, ``output``, ``text``. A system message,
   ``prompt`` and ``input`` may be empty.
 - Roles are system, user and assistant (no tool calls yet). A system message may only
   come first; a chat needs at least one assistant message, and every assistant message
@@ -57,11 +59,12 @@ class Format(StrEnum):
     CHAT = "chat"
     PROMPT_COMPLETION = "prompt_completion"
     ALPACA = "alpaca"
+    TEXT = "text"
 
 
 _EXPECTED_KEYS = (
     '{"messages": [...]} (chat), {"prompt", "completion"}, '
-    'or {"instruction", "input" (optional), "output"} (alpaca)'
+    '{"instruction", "input" (optional), "output"} (alpaca) or {"text"} (plain text)'
 )
 
 
@@ -70,7 +73,8 @@ class Example:
     """One training example, normalised to chat messages whatever its file format.
 
     prompt/completion becomes ``(("user", prompt), ("assistant", completion))``; alpaca
-    becomes ``(("user", instruction + "\\n\\n" + input), ("assistant", output))``.
+    becomes ``(("user", instruction + "\\n\\n" + input), ("assistant", output))``; text
+    becomes ``(("text", text),)``, one piece trained on whole.
     """
 
     messages: tuple[tuple[str, str], ...]  # (role, content)
@@ -271,6 +275,9 @@ def _parse_line(raw: bytes, where: str, problems: list[Problem]) -> Example | No
         return _parse_prompt_completion(obj, where, problems)
     if "instruction" in obj or "output" in obj:
         return _parse_alpaca(obj, where, problems)
+    if "text" in obj:
+        text = _text(obj, "text", f"{where}: text", problems, empty_ok=False)
+        return None if text is None else Example((("text", text),), Format.TEXT, where)
     keys = ", ".join(_show_key(k) for k in list(obj)[:10]) or "none"
     problems.append(Problem(where, f"unknown format: keys found {keys}; expected {_EXPECTED_KEYS}"))
     return None

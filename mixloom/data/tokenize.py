@@ -9,10 +9,18 @@ has weight 0. System and user
 text, and the template's role headers, do not. ``train_on_inputs=True`` trains on every
 token.
 
-With a chat template (instruction-tuned tokenizers) every format is rendered as a chat:
-prompt/completion and alpaca become one user and one assistant message. Without one:
-prompt/completion is the plain concatenation ``prompt + completion + EOS``; alpaca uses a
-short instruction prompt; chat uses ``User:``/``Assistant:`` lines.
+How rows become text is the job's ``rendering``:
+
+- ``chat`` (the default): with a chat template (instruction-tuned tokenizers) every format
+  but text is rendered as a chat: prompt/completion and alpaca become one user and one
+  assistant message.
+- ``plain``, or a tokenizer without a chat template: prompt/completion is the plain
+  concatenation ``prompt + completion + EOS`` (TRL's non-conversational rows); alpaca uses a
+  short instruction prompt; chat uses ``User:``/``Assistant:`` lines.
+
+Text rows (``{"text"}``) are always ``text + EOS``, every token a target. The rendering a
+dataset got (``EncodedDataset.rendering``, ``rendering_of``) is stored with the adapter, so
+that inference and evaluation prompt it the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from mixloom.data.formats import Example, Format
 from mixloom.errors import DataError
 
 IGNORE_INDEX = -100
+RENDERINGS = ("chat", "plain")
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,7 @@ class EncodedDataset(Sequence[EncodedRow]):
     n_truncated: int  # rows cut to max_seq_len (kept or dropped)
     n_dropped: int  # rows with no target token left, not in ``rows``
     warnings: list[str] = field(default_factory=list)
+    rendering: str = "chat"  # how the rows became text: "chat" or "plain" (rendering_of)
 
     @overload
     def __getitem__(self, i: int) -> EncodedRow: ...
@@ -71,15 +81,32 @@ class EncodedDataset(Sequence[EncodedRow]):
         return iter(self.rows)
 
 
+def rendering_of(examples: Sequence[Example], tokenizer: Any, rendering: str = "chat") -> str:
+    """How `examples` are rendered as the job asked (`rendering`): "chat" when they go
+    through the tokenizer's chat template, else "plain" (raw text: a job that asked for it,
+    a tokenizer without a template, or text rows)."""
+    if rendering not in RENDERINGS:
+        raise ValueError(f"rendering must be one of {RENDERINGS}, got {rendering!r}")
+    chat = rendering == "chat" and bool(getattr(tokenizer, "chat_template", None))
+    if chat and examples and all(e.format is Format.TEXT for e in examples):
+        return "plain"
+    return "chat" if chat else "plain"
+
+
 def encode_example(
-    example: Example, tokenizer: Any, *, max_seq_len: int, train_on_inputs: bool = False
+    example: Example,
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    train_on_inputs: bool = False,
+    rendering: str = "chat",
 ) -> EncodedRow:
     """Tokenise one example and build its labels; keep the first max_seq_len tokens."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
     input_ids: list[int] = []
     labels: list[int] = []
-    for ids, trainable in _token_segments(example, tokenizer):
+    for ids, trainable in _token_segments(example, tokenizer, rendering):
         input_ids += ids
         labels += ids if trainable or train_on_inputs else [IGNORE_INDEX] * len(ids)
     truncated = len(input_ids) > max_seq_len
@@ -92,6 +119,7 @@ def encode_dataset(
     *,
     max_seq_len: int,
     train_on_inputs: bool = False,
+    rendering: str = "chat",
 ) -> EncodedDataset:
     """Encode every example; drop (and count) rows with no target token left.
 
@@ -100,9 +128,14 @@ def encode_dataset(
     rows: list[EncodedRow] = []
     dropped: list[EncodedRow] = []
     n_truncated = 0
+    rendered = rendering_of(examples, tokenizer, rendering)
     for example in examples:
         row = encode_example(
-            example, tokenizer, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs
+            example,
+            tokenizer,
+            max_seq_len=max_seq_len,
+            train_on_inputs=train_on_inputs,
+            rendering=rendering,
         )
         n_truncated += row.truncated
         (rows if row.num_targets else dropped).append(row)
@@ -125,7 +158,7 @@ def encode_dataset(
             f"no example has a target token within max_seq_len={max_seq_len}; "
             "raise max_seq_len or shorten the prompts"
         )
-    return EncodedDataset(rows, len(examples), n_truncated, len(dropped), warnings)
+    return EncodedDataset(rows, len(examples), n_truncated, len(dropped), warnings, rendered)
 
 
 def collate(
@@ -161,8 +194,12 @@ def pad_id_of(tokenizer: Any) -> int:
 # --- segments: (token ids, carries loss) in order ---------------------------------------
 
 
-def _token_segments(example: Example, tokenizer: Any) -> list[tuple[list[int], bool]]:
-    if getattr(tokenizer, "chat_template", None):
+def _token_segments(
+    example: Example, tokenizer: Any, rendering: str = "chat"
+) -> list[tuple[list[int], bool]]:
+    if example.format is Format.TEXT:
+        return _text_segments(example, tokenizer)
+    if rendering == "chat" and getattr(tokenizer, "chat_template", None):
         texts = _chat_template_segments(example, tokenizer)
         return [(_encode(tokenizer, text), trainable) for text, trainable in texts if text]
     return _plain_segments(example, tokenizer)
@@ -252,12 +289,32 @@ def _span_by_search(
 _ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def _plain_segments(example: Example, tokenizer: Any) -> list[tuple[list[int], bool]]:
-    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+def _bos_segment(tokenizer: Any) -> list[tuple[list[int], bool]]:
+    """The BOS token when the tokenizer puts one before a text itself (LLaMA's does,
+    SmolLM2's and Qwen2's do not: their BOS is a chat marker), as TRL and a raw prompt at
+    inference get it."""
     bos = tokenizer.bos_token_id
-    segments: list[tuple[list[int], bool]] = []
-    if bos is not None and bos != tokenizer.eos_token_id:
-        segments.append(([int(bos)], False))
+    if bos is None or bos == tokenizer.eos_token_id:
+        return []
+    if list(tokenizer("", add_special_tokens=True)["input_ids"])[:1] != [bos]:
+        return []
+    return [([int(bos)], False)]
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+
+
+def _text_segments(example: Example, tokenizer: Any) -> list[tuple[list[int], bool]]:
+    """``BOS? text EOS``, all of it a target (the EOS too: the model learns where a text
+    ends)."""
+    ((_, text),) = example.messages
+    return [*_bos_segment(tokenizer), (_encode(tokenizer, text) + _eos(tokenizer), True)]
+
+
+def _plain_segments(example: Example, tokenizer: Any) -> list[tuple[list[int], bool]]:
+    eos = _eos(tokenizer)
+    segments = _bos_segment(tokenizer)
     if example.format is Format.CHAT:
         for i, (role, content) in enumerate(example.messages):
             if role == "assistant":

@@ -16,6 +16,7 @@ from mixloom.data.tokenize import (
     encode_dataset,
     encode_example,
     pad_id_of,
+    rendering_of,
 )
 from mixloom.errors import DataError
 
@@ -34,6 +35,7 @@ CHAT = Example(
 )
 PC = Example((("user", "2+2="), ("assistant", " 4")), Format.PROMPT_COMPLETION, "t.jsonl:1")
 ALPACA = Example((("user", "Sort\n\n3 1"), ("assistant", "1 3")), Format.ALPACA, "t.jsonl:1")
+TEXT = Example((("text", "Once upon a time"),), Format.TEXT, "t.jsonl:1")
 
 
 def target_spans(row: EncodedRow, tok: Any) -> list[str]:
@@ -109,27 +111,67 @@ def test_weight_zero_assistant_message_carries_no_loss(
 
 
 # --- no chat template -----------------------------------------------------------------
+# (the tiny tokenizer puts no BOS before a text itself, so plain rows start without one)
 
 
 def test_plain_prompt_completion_is_concatenated_with_eos(plain_tok: Any) -> None:
     row = encode(PC, plain_tok)
-    assert plain_tok.decode(row.input_ids) == "<s>2+2= 4</s>"
+    assert plain_tok.decode(row.input_ids) == "2+2= 4</s>"
     assert target_spans(row, plain_tok) == [" 4</s>"]
 
 
 def test_plain_alpaca_uses_an_instruction_prompt(plain_tok: Any) -> None:
     row = encode(ALPACA, plain_tok)
     text = plain_tok.decode(row.input_ids)
-    assert text == "<s>### Instruction:\nSort\n\n3 1\n\n### Response:\n1 3</s>"
+    assert text == "### Instruction:\nSort\n\n3 1\n\n### Response:\n1 3</s>"
     assert target_spans(row, plain_tok) == ["1 3</s>"]
 
 
 def test_plain_chat_uses_role_lines(plain_tok: Any) -> None:
     row = encode(CHAT, plain_tok)
     assert plain_tok.decode(row.input_ids) == (
-        "<s>Be brief.\n\nUser: Hi\nAssistant: Hello there</s>\nUser: Bye\nAssistant: See you</s>\n"
+        "Be brief.\n\nUser: Hi\nAssistant: Hello there</s>\nUser: Bye\nAssistant: See you</s>\n"
     )
     assert target_spans(row, plain_tok) == ["Hello there</s>", "See you</s>"]
+
+
+def test_plain_rows_start_with_bos_where_the_tokenizer_puts_one(plain_tok: Any) -> None:
+    from tokenizers import processors
+
+    plain_tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", plain_tok.bos_token_id)]
+    )  # as LLaMA's tokenizer does
+    assert plain_tok.decode(encode(PC, plain_tok).input_ids) == "<s>2+2= 4</s>"
+    assert plain_tok.decode(encode(TEXT, plain_tok).input_ids) == "<s>Once upon a time</s>"
+
+
+# --- rendering "plain" and text rows: no chat template even where there is one ----------
+
+
+def test_plain_rendering_skips_the_chat_template(chat_tok: Any) -> None:
+    row = encode(PC, chat_tok, rendering="plain")
+    assert chat_tok.decode(row.input_ids) == "2+2= 4</s>"  # prompt + completion + EOS
+    assert target_spans(row, chat_tok) == [" 4</s>"]
+    assert rendering_of([PC], chat_tok, "plain") == "plain"
+    assert rendering_of([PC], chat_tok) == "chat"  # the default for a templated tokenizer
+    chat = encode(CHAT, chat_tok, rendering="plain")
+    assert "<|im_start|>" not in chat_tok.decode(chat.input_ids)
+
+
+@pytest.mark.parametrize("fixture", ["chat_tok", "plain_tok"])
+def test_text_rows_train_on_every_token(request: pytest.FixtureRequest, fixture: str) -> None:
+    tok = request.getfixturevalue(fixture)
+    row = encode(TEXT, tok)
+    assert tok.decode(row.input_ids) == "Once upon a time</s>"
+    assert target_spans(row, tok) == ["Once upon a time</s>"]
+    assert row.num_targets == len(row.input_ids) - 1  # all but the first (nothing predicts it)
+    assert rendering_of([TEXT], tok) == "plain"
+    assert encode_dataset([TEXT], tok, max_seq_len=64).rendering == "plain"
+
+
+def test_unknown_rendering_is_refused(chat_tok: Any) -> None:
+    with pytest.raises(ValueError, match="rendering must be one of"):
+        encode_dataset([PC], chat_tok, max_seq_len=64, rendering="markdown")
 
 
 # --- options ----------------------------------------------------------------------------
@@ -198,6 +240,12 @@ def test_smollm2_chat_matches_its_own_template(smollm2_tok: Any) -> None:
 def test_smollm2_default_system_prompt_carries_no_loss(smollm2_tok: Any) -> None:
     row = encode(PC, smollm2_tok)
     assert "You are a helpful AI assistant" in smollm2_tok.decode(row.input_ids)
+    assert target_spans(row, smollm2_tok) == [" 4<|im_end|>"]
+
+
+def test_smollm2_plain_rendering_is_prompt_completion_eos(smollm2_tok: Any) -> None:
+    row = encode(PC, smollm2_tok, rendering="plain")
+    assert smollm2_tok.decode(row.input_ids) == "2+2= 4<|im_end|>"  # no system prompt, no BOS
     assert target_spans(row, smollm2_tok) == [" 4<|im_end|>"]
 
 

@@ -20,6 +20,11 @@ class ModelSettings(BaseModel):
     environment (Settings); `mixloom train` from its config's top level (TrainConfig)."""
 
     base_model: str = "smollm2-135m"  # "smollm2-135m" = the embedded default, or a path / hub id
+    # the base's public Hugging Face id, written into adapters (adapter_config.json's
+    # base_model_name_or_path) so that PEFT finds the base on another machine; unset: the
+    # embedded default's (HuggingFaceTB/SmolLM2-135M-Instruct), or base_model itself when it
+    # is a hub id. Set it when base_model is a local folder (else adapters name the folder).
+    base_model_hub_id: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
     kernel_backend: Literal["auto", "torch", "triton"] = "auto"

@@ -19,9 +19,11 @@ import email.utils
 import json
 import os
 import random
+import shutil
 import time
 import urllib.parse
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
@@ -392,21 +394,53 @@ class Client:
         dest: str | os.PathLike[str] = ".",
         *,
         checkpoint_id: str | None = None,
+        format: str | None = None,
+        extract: bool = False,
     ) -> Path:
-        """The adapter zip of a succeeded job, or of one checkpoint, into `dest` (a file
-        path, or a directory for the server's file name). ConflictError until it exists."""
+        """The adapter zip of a succeeded job, or of one checkpoint. `dest`: a file path, or
+        a directory (one that exists, or a path ending in '/': made) for the server's file
+        name. `format="mixlora"`: adapter_model.bin (what the `mixlora` package reads) in
+        place of the safetensors file. `extract`: unpack it instead, into `dest` as a
+        folder (a directory `dest`: a folder in it named after the archive); returns the
+        folder. ConflictError until the adapter exists."""
         if checkpoint_id:
             path = f"{JOBS}/{job_id}/checkpoints/{checkpoint_id}/adapter"
             default = f"{job_id}-{checkpoint_id}.zip"
         else:
             path, default = f"{JOBS}/{job_id}/adapter", f"{job_id}-adapter.zip"
-        return self._download(path, dest, default)
+        params = {"format": format} if format else None
+        if not extract:
+            return self._download(path, dest, default, params=params)
+        into_dir = _is_directory(dest)
+        target = Path(dest)
+        staging = (target if into_dir else target.parent) / f".{job_id}.download"
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            archive = self._download(path, staging, default, params=params)
+            folder = target / archive.stem if into_dir else target
+            with zipfile.ZipFile(archive) as zf:
+                unsafe = [n for n in zf.namelist() if n.startswith("/") or ".." in Path(n).parts]
+                if unsafe:
+                    raise ValueError(f"the archive names paths outside its folder: {unsafe[:3]}")
+                folder.mkdir(parents=True, exist_ok=True)
+                zf.extractall(folder)
+            return folder
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
-    def _download(self, path: str, dest: str | os.PathLike[str], default: str) -> Path:
-        response = self._send("GET", path, stream=True)
+    def _download(
+        self,
+        path: str,
+        dest: str | os.PathLike[str],
+        default: str,
+        *,
+        params: dict[str, Any] | None = None,
+    ) -> Path:
+        response = self._send("GET", path, params=params, stream=True)
         try:
             target = Path(dest)
-            if target.is_dir():
+            if _is_directory(dest):
+                target.mkdir(parents=True, exist_ok=True)
                 target = target / (_attachment_name(response) or default)
             part = target.with_name(target.name + ".part")
             with open(part, "wb") as out:
@@ -606,6 +640,13 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _is_directory(dest: str | os.PathLike[str]) -> bool:
+    """A download target that names a directory: one that exists, or a path written with a
+    trailing separator (`-o dl/`), which is made."""
+    text = os.fspath(dest)
+    return Path(text).is_dir() or text.endswith(("/", os.sep))
 
 
 def _attachment_name(response: httpx.Response) -> str | None:

@@ -1,15 +1,23 @@
 """Adapter files: LoRA in the PEFT layout, MixLoRA in the `mixlora` layout, plus
-`mixloom_adapter.json` holding the exact spec so that import restores every setting.
+`mixloom_adapter.json` holding the exact spec (so that import restores every setting), the
+base model's identities and the prompt rendering the job trained with (`read_metadata`).
 
 PEFT LoRA:  adapter_config.json (peft_type LORA) + adapter_model.safetensors with keys
             base_model.model.model.layers.{L}.{self_attn|mlp}.{proj}.lora_{A,B}.weight
             (+ .lora_magnitude_vector with DoRA).
 MixLoRA:    adapter_config.json (peft_type MIXLORA, routing_strategy, act_fn, ...) +
-            adapter_model.bin (torch.save) and adapter_model.safetensors with keys
+            adapter_model.safetensors with keys
             mixlora.layers.{L}.self_attn.{proj}.lora_{A,B}.weight,
             mixlora.layers.{L}.mlp.moe_gate.weight,
             mixlora.layers.{L}.mlp.{proj}.experts.{e}.lora_{A,B}.weight
-            (+ .lora_magnitude_vector with DoRA).
+            (+ .lora_magnitude_vector with DoRA). The `mixlora` package reads the same
+            tensors from adapter_model.bin (torch.save), written on request only
+            (`mixloom.interop.write_mixlora_bin`, `GET .../adapter?format=mixlora`): one copy
+            of the weights is stored, never two.
+
+`adapter_config.json`'s base_model_name_or_path is the base's public identity (a hub id,
+`BaseModel.hub_id`), so that PEFT finds the base on any machine; the folder it was loaded
+from here is in mixloom_adapter.json only.
 """
 
 from __future__ import annotations
@@ -31,6 +39,11 @@ from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.specs import AdapterSpec, LoraSpec
 
 SPEC_FILE = "mixloom_adapter.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MIXLORA_BIN_FILE = "adapter_model.bin"
+# How a job's rows became text (data/tokenize.py): "chat" (the base's chat template) or
+# "plain" (prompt + completion + EOS, raw text); inference and evaluation render alike
+RENDERINGS = ("chat", "plain")
 _ROUTING_NAMES = {
     Routing.TOP_K.value: "mixlora",
     Routing.TOP_P.value: "mixlora-dynamic",
@@ -121,8 +134,11 @@ def spec_to_json(spec: AdapterSpec) -> dict[str, Any]:
     return dataclasses.asdict(spec)
 
 
+_SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(AdapterSpec))
+
+
 def spec_from_json(data: dict[str, Any]) -> AdapterSpec:
-    data = dict(data)
+    data = {k: v for k, v in data.items() if k in _SPEC_FIELDS}
     data["lora"] = LoraSpec(**data["lora"])
     data["expert"] = LoraSpec(**data["expert"])
     data["targets"] = tuple(data["targets"])
@@ -134,28 +150,88 @@ def _act_name(model: AdapterModel) -> str:
     return getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", "silu")
 
 
-def save_adapter(model: AdapterModel, name: str, out_dir: str | Path, base_name: str) -> Path:
+def save_adapter(
+    model: AdapterModel,
+    name: str,
+    out_dir: str | Path,
+    base_name: str,
+    *,
+    base_path: str | None = None,
+    rendering: str = "chat",
+) -> Path:
     """Write one adapter's files into out_dir; each file lands whole (temp file + rename),
-    and other files in out_dir (metrics, checkpoints) are left alone."""
+    and other files in out_dir (metrics, checkpoints) are left alone.
+
+    `base_name`: the base's public identity (adapter_config.json's base_model_name_or_path);
+    `base_path`: where this machine loaded it from (mixloom_adapter.json only); `rendering`:
+    how the job's rows were rendered (RENDERINGS)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = model.specs[name]
     tensors = export_tensors(model, name)
     cfg = adapter_config(spec, base_name, _act_name(model))
+    meta = {
+        **spec_to_json(spec),
+        "base_model": {"name_or_path": base_name, "path": base_path or base_name},
+        "rendering": rendering,
+    }
 
     def put(fname: str, write: Any) -> None:
         tmp = out / f".{fname}.tmp{os.getpid()}"
         write(tmp)
         os.replace(tmp, out / fname)
 
-    put(
-        "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"})
-    )
-    if spec.is_mixlora:
-        put("adapter_model.bin", lambda p: torch.save(tensors, p))
-    put(SPEC_FILE, lambda p: p.write_text(json.dumps(spec_to_json(spec), indent=2)))
+    put(WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    (out / MIXLORA_BIN_FILE).unlink(missing_ok=True)  # an older export's second copy
+    put(SPEC_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
     put("adapter_config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterMetadata:
+    """What mixloom knows of a saved adapter beyond its weights (`read_metadata`)."""
+
+    spec: AdapterSpec
+    base_model_name_or_path: str  # the base's public identity (adapter_config.json's)
+    base_model_path: str | None  # where the base was loaded from where it trained
+    rendering: str  # "chat" | "plain": how its rows became text (RENDERINGS)
+
+
+def read_metadata(adapter_dir: str | Path) -> AdapterMetadata:
+    """The adapter's spec, its base model's identity and path, and its rendering. An
+    adapter that mixloom did not write (or wrote before these were recorded) has no path and
+    the chat rendering."""
+    folder = Path(adapter_dir)
+    spec, cfg = read_spec(folder)
+    meta: dict[str, Any] = {}
+    if (folder / SPEC_FILE).exists():
+        meta = json.loads((folder / SPEC_FILE).read_text())
+    base = meta.get("base_model") or {}
+    name = str(base.get("name_or_path") or cfg.get("base_model_name_or_path") or "")
+    rendering = meta.get("rendering", "chat")
+    return AdapterMetadata(
+        spec=spec,
+        base_model_name_or_path=name,
+        base_model_path=base.get("path"),
+        rendering=rendering if rendering in RENDERINGS else "chat",
+    )
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model to load an adapter on, as mixloom's loaders take it: the folder it was
+    trained on when this machine has it, else its public identity (the embedded default's
+    hub id loads the embedded copy when the Hugging Face cache lacks it: base.py)."""
+    meta = read_metadata(adapter_dir)
+    path = meta.base_model_path
+    if path and (Path(path) / "config.json").is_file():
+        return path
+    if not meta.base_model_name_or_path:
+        raise ModelLoadError(
+            f"{adapter_dir}: adapter_config.json names no base_model_name_or_path; give the "
+            "base model (a Hugging Face folder or hub id) explicitly"
+        )
+    return meta.base_model_name_or_path
 
 
 def _lora_from(cfg: dict[str, Any], where: Path) -> LoraSpec:
@@ -216,11 +292,36 @@ def read_spec(
 
 def read_tensors(adapter_dir: str | Path) -> dict[str, Tensor]:
     folder = Path(adapter_dir)
-    if (folder / "adapter_model.safetensors").exists():
-        return load_file(str(folder / "adapter_model.safetensors"))
-    if (folder / "adapter_model.bin").exists():
-        return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
-    raise ModelLoadError(f"{folder} holds no adapter_model.safetensors or adapter_model.bin")
+    if (folder / WEIGHTS_FILE).exists():
+        return load_file(str(folder / WEIGHTS_FILE))
+    if (folder / MIXLORA_BIN_FILE).exists():
+        return torch.load(folder / MIXLORA_BIN_FILE, map_location="cpu", weights_only=True)
+    raise ModelLoadError(f"{folder} holds no {WEIGHTS_FILE} or {MIXLORA_BIN_FILE}")
+
+
+def adapter_state_from_files(
+    model: AdapterModel, name: str, adapter_dir: str | Path, spec: AdapterSpec | None = None
+) -> dict[str, Tensor]:
+    """The weights stored in adapter_dir, named as `model.adapter_state_dict(name)` names
+    them (the adapter `name` must be in `model` with the folder's spec): a checkpoint's
+    trainer state keeps no second copy of them."""
+    spec = spec or model.specs[name]
+    tensors = read_tensors(adapter_dir)
+    state: dict[str, Tensor] = {}
+    for key, p in model.named_adapter_parameters(name):
+        parts = []
+        for fkey, _ in _ours_to_file_key(key, spec):
+            if fkey not in tensors:
+                raise ModelLoadError(f"{adapter_dir}: missing tensor {fkey!r}")
+            parts.append(tensors[fkey])
+        t = parts[0] if len(parts) == 1 else torch.stack(parts)
+        if t.shape != p.shape:
+            raise ModelLoadError(
+                f"{adapter_dir}: tensor for {key} has shape {tuple(t.shape)}, "
+                f"expected {tuple(p.shape)} (does the adapter match this base model?)"
+            )
+        state[key] = t
+    return state
 
 
 def load_adapter_into(
@@ -229,24 +330,9 @@ def load_adapter_into(
     """Add the adapter stored in adapter_dir to `model` under `name`, with its weights
     (`pack_group`: AdapterModel.add_adapter's)."""
     spec, _ = read_spec(adapter_dir, name)
-    tensors = read_tensors(adapter_dir)
     model.add_adapter(spec, pack_group=pack_group)
-    state: dict[str, Tensor] = {}
     try:
-        for key, p in model.named_adapter_parameters(name):
-            parts = []
-            for fkey, _ in _ours_to_file_key(key, spec):
-                if fkey not in tensors:
-                    raise ModelLoadError(f"{adapter_dir}: missing tensor {fkey!r}")
-                parts.append(tensors[fkey])
-            t = parts[0] if len(parts) == 1 else torch.stack(parts)
-            if t.shape != p.shape:
-                raise ModelLoadError(
-                    f"{adapter_dir}: tensor for {key} has shape {tuple(t.shape)}, "
-                    f"expected {tuple(p.shape)} (does the adapter match this base model?)"
-                )
-            state[key] = t
-        model.load_adapter_state_dict(name, state)
+        model.load_adapter_state_dict(name, adapter_state_from_files(model, name, adapter_dir))
     except ModelLoadError:
         model.remove_adapter(name)
         raise
@@ -308,11 +394,15 @@ def load_adapter_model(
 ) -> InferenceModel:
     """A causal LM whose `model(input_ids=...).logits` applies the adapter (LoRA or MixLoRA).
 
-    `base_model` is a model id/folder (as in `mixloom train`), a loaded HF model, or a
-    mixloom BaseModel. Dropout is off and routing is deterministic (eval mode).
+    `base_model` is a model id/folder (as in `mixloom train`), a loaded HF model, a mixloom
+    BaseModel, or None: the base the adapter names (`adapter_base`: the folder it trained
+    on when this machine has it, else its hub id). Dropout is off and routing is
+    deterministic (eval mode).
     """
     from mixloom.model.base import BaseModel, load_base_model
 
+    if base_model is None:
+        base_model = adapter_base(adapter_dir)
     if isinstance(base_model, BaseModel):
         hf = base_model.model
     elif isinstance(base_model, nn.Module):

@@ -39,6 +39,7 @@ from mixloom.inference import (
 from mixloom.inference.chat import chat_prompt_ids
 from mixloom.inference.kvcache import KVCache
 from mixloom.storage import inference as requests
+from mixloom.storage.archives import adapter_files
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
 from mixloom.storage.inference import InferenceRecord, InferenceStatus
@@ -205,8 +206,9 @@ class InferenceHost:
         return served
 
     def _adapter_folder(self, key: str) -> Path | None:
-        """The engine's loader: the adapter's folder, unpacked from its stored archive into
-        this worker's cache (the archive is what every worker can read)."""
+        """The engine's loader: the adapter's folder, copied from where it is stored (its
+        folder; a zip stored before one copy, unpacked) into this worker's cache, so that a
+        checkpoint rewritten or deleted meanwhile never changes what is loaded."""
         if key == BASE_KEY:
             return None
         job_id, _, step = key.partition("@")
@@ -224,8 +226,13 @@ class InferenceHost:
         if not (target / "adapter_config.json").exists():
             partial = target.with_name(target.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            with zipfile.ZipFile(archive) as z:
-                z.extractall(partial)
+            if Path(archive).is_dir():
+                partial.mkdir(parents=True)
+                for source in adapter_files(archive):
+                    shutil.copyfile(source, partial / source.name)
+            else:
+                with zipfile.ZipFile(archive) as z:
+                    z.extractall(partial)
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)
         return target

@@ -8,7 +8,9 @@ Loop (one thread; a heartbeat thread renews leases beside it):
 
 Two workers never train one job at once: a worker steps a job only while its lease is
 surely valid (renewed less than `lease - margin` seconds ago by its own clock), and writes
-metrics, a checkpoint or a result only in a transaction that re-checks the lease. A killed
+metrics, a checkpoint or a result only in a transaction that re-checks the lease. A lease is
+sized from the measured step time (LEASE_STEPS of the slowest recent steps, at least
+worker_lease_seconds), so a step outlives no lease on however slow a machine. A killed
 worker's jobs are re-queued by whichever process next runs `expire_leases` and resume from
 their last checkpoint, which holds everything a run needs (adapter, optimizer, schedule,
 RNG, data cursor), so the result equals an uninterrupted run; the metrics the dead worker
@@ -33,11 +35,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import threading
 import time
-import zipfile
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from mixloom.scheduler import memory
 from mixloom.scheduler.inference import InferenceHost
 from mixloom.scheduler.policy import Candidate, compose_step
 from mixloom.scheduler.queue import claim_next, hyperparameters
-from mixloom.storage import files, jobs, tenants
+from mixloom.storage import archives, files, jobs, tenants
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
 from mixloom.storage.jobs import LeaseLostError
@@ -70,13 +70,12 @@ from mixloom.trainer.session import (
 
 log = logging.getLogger("mixloom.worker")
 
-ADAPTER_FILES = (
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "mixloom_adapter.json",
-)
 OOM_RETRIES_ALONE = 3  # a job that runs out of memory this often on its own fails
+# A lease lasts at least this many of the slowest recent steps: a step that starts with the
+# margin left (at most half a lease) ends before the lease does even if no heartbeat gets
+# through meanwhile, however slow the machine (worker_lease_seconds is the shortest lease).
+LEASE_STEPS = 3
+RECENT_STEPS = 8  # the steps a lease is sized from
 MIN_TOKEN_BUDGET = 256  # out-of-memory back-off halves the step budget down to this
 MAX_LOOP_BACKOFF = 60.0  # seconds between tries after unexpected errors in the loop
 INFERENCE_MIN_SLICE_S = 0.05  # decoding time a turn at least, when no training step ran
@@ -146,7 +145,10 @@ class Worker:
         self._wake = threading.Event()
         self._notified: set[str] = set()
         self._orders = 0
-        self._last_step_seconds = 0.0
+        self._last_step_seconds = 0.0  # the fused step alone (inference gets as long)
+        self._last_step_wall = 0.0  # and what the session did after it (leases)
+        self._recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)
+        self._lease_seconds = settings.worker_lease_seconds
         self._last_claim = -math.inf
         self._last_expire = -math.inf
         self.database_outage = Outage(
@@ -298,6 +300,25 @@ class Worker:
 
     # -- leases ------------------------------------------------------------------------
 
+    @property
+    def lease_seconds(self) -> float:
+        """The lease this worker takes and renews: worker_lease_seconds, or LEASE_STEPS of
+        its slowest recent steps when that is longer (a slow machine needs no flag)."""
+        return self._lease_seconds
+
+    def _size_lease(self, step_seconds: float) -> None:
+        self._recent_steps.append(step_seconds)
+        lease = max(self.settings.worker_lease_seconds, LEASE_STEPS * max(self._recent_steps))
+        if lease > 1.25 * self._lease_seconds or lease < 0.8 * self._lease_seconds:
+            log.info(
+                "steps take up to %.1f s: leases are now %.0f s (%d steps), renewed every %.1f s",
+                max(self._recent_steps),
+                lease,
+                LEASE_STEPS,
+                self.settings.worker_heartbeat,
+            )
+            self._lease_seconds = lease
+
     def _heartbeats(self, done: threading.Event) -> None:
         while not done.wait(self.settings.worker_heartbeat):
             with self._lock:
@@ -316,11 +337,9 @@ class Worker:
         started = time.monotonic()
         try:
             with self.db.transaction() as session:
+                lease = self.lease_seconds
                 record = jobs.renew_lease(
-                    session=session,
-                    job_id=job_id,
-                    worker_id=self.id,
-                    lease_seconds=self.settings.worker_lease_seconds,
+                    session=session, job_id=job_id, worker_id=self.id, lease_seconds=lease
                 )
         except LeaseLostError as exc:
             with self._lock:
@@ -338,7 +357,7 @@ class Worker:
         with self._lock:
             h = self.held.get(job_id)
             if h is not None:
-                h.lease_ok_until = started + self.settings.worker_lease_seconds
+                h.lease_ok_until = started + lease
                 h.requested = record.requested_action
         if record.requested_action is not None:
             self._wake.set()
@@ -347,8 +366,8 @@ class Worker:
         """Lease time a job must have left to go into a step: the step's expected length
         and then some, but at most half a lease (longer steps renew before each step, and
         the heartbeat thread keeps renewing during it)."""
-        lease = self.settings.worker_lease_seconds
-        return min(0.5 * lease, 1.5 * self._last_step_seconds + 0.1 * lease)
+        lease = self.lease_seconds
+        return min(0.5 * lease, 1.5 * self._last_step_wall + 0.1 * lease)
 
     def _trainable(self, h: Held) -> bool:
         return (
@@ -443,7 +462,7 @@ class Worker:
                 result = claim_next(
                     session=session,
                     worker_id=self.id,
-                    lease_seconds=self.settings.worker_lease_seconds,
+                    lease_seconds=self.lease_seconds,
                     model=self.model_id,
                     fits=self._fits,
                     default_max_running=self.settings.max_running_jobs,
@@ -469,7 +488,7 @@ class Worker:
             None,
             self._orders,
             memory.job_state_bytes(self.shape, hp),
-            claimed_at + self.settings.worker_lease_seconds,
+            claimed_at + self.lease_seconds,
         )
         with self._lock:
             self.held[record.id] = h
@@ -576,6 +595,7 @@ class Worker:
         )
 
     def _step(self, names: list[str]) -> None:
+        started = time.monotonic()
         try:
             result = self.training.step(names)
         except Exception as exc:
@@ -585,7 +605,7 @@ class Worker:
             else:
                 self._find_culprit(names, exc)
             return
-        self._stepped_all(result)
+        self._stepped_all(result, time.monotonic() - started)
 
     def _find_culprit(self, names: list[str], exc: BaseException) -> None:
         """After the session undid a fused step that raised (not out of memory): each of its
@@ -596,6 +616,7 @@ class Worker:
             h = self.held.get(name)
             if h is None or not self._usable(h):
                 continue
+            started = time.monotonic()
             try:
                 result = self.training.step([name])
             except Exception as alone:
@@ -613,20 +634,15 @@ class Worker:
                     },
                 )
                 continue
-            self._stepped_all(result)
+            self._stepped_all(result, time.monotonic() - started)
 
-    def _stepped_all(self, result: SessionStep) -> None:
+    def _stepped_all(self, result: SessionStep, wall_seconds: float) -> None:
+        """`wall_seconds`: the whole step as the lease saw it (the fused step, and the
+        checkpoints and validation the session ran after it)."""
         self.steps += 1
-        seconds = result.report.seconds
-        self._last_step_seconds = seconds
-        if seconds > 0.5 * self.settings.worker_lease_seconds:
-            log.warning(
-                "a step took %.1f s, over half the %.0f s lease: a worker that dies holds its "
-                "jobs about that long, and a slow heartbeat could lose them; raise "
-                "--lease-seconds",
-                seconds,
-                self.settings.worker_lease_seconds,
-            )
+        self._last_step_seconds = result.report.seconds
+        self._last_step_wall = wall_seconds
+        self._size_lease(wall_seconds)
         for s in result.jobs:
             h = self.held.get(s.name)
             if h is None:
@@ -746,10 +762,11 @@ class Worker:
         return self._record_checkpoint(h, job.step, self.training.checkpoint(h.record.id))
 
     def _record_checkpoint(self, h: Held, step: int, folder: Path) -> bool:
-        """Zip a written checkpoint's adapter and record it with its size, if the lease is
-        still ours; then drop the checkpoints past retention (keep_checkpoints)."""
-        path = _zip_adapter(folder, folder.with_suffix(".zip"))
-        size = stored_bytes(folder, path)
+        """Record a written checkpoint (its folder, stored once: downloads zip it as they
+        stream) with its size, if the lease is still ours; then drop the checkpoints past
+        retention (keep_checkpoints)."""
+        path = folder
+        size = stored_bytes(folder)
         metrics = self.training.checkpoint_metrics(h.record.id)
         dropped: list[CheckpointRecord] = []
 
@@ -775,19 +792,16 @@ class Worker:
         return ok
 
     def _finish(self, h: Held, job: TrainingJob, val: float | None) -> None:
-        """The final checkpoint, the adapter archive, the job's result; a write that fails
-        pauses or fails this job alone (_job_error)."""
-        final = jobs_dir(self.settings) / h.record.id / "adapter.zip"
+        """The final checkpoint and the job's result; a write that fails pauses or fails this
+        job alone (_job_error). The final checkpoint's folder is the job's adapter too: the
+        adapter counts its adapter files, the checkpoint the trainer state beside them."""
         try:
             estimate = self.training.checkpoint_estimate(h.record.id)
-            self._check_storage(
-                h, estimate + estimate // 5, f"the final adapter at step {job.step}"
-            )
+            self._check_storage(h, estimate, f"the final adapter at step {job.step}")
             folder = self.training.finish(h.record.id)
-            path = _zip_adapter(folder, folder.with_suffix(".zip"))
-            _copy_synced(path, final)
-            ckpt_bytes = stored_bytes(folder, path)
-            adapter_bytes = final.stat().st_size
+            path = folder
+            adapter_bytes = archives.adapter_bytes(folder)
+            ckpt_bytes = stored_bytes(folder) - adapter_bytes
         except DBAPIError:
             raise
         except Exception as exc:
@@ -826,7 +840,7 @@ class Worker:
             jobs.set_adapter_path(
                 session=session,
                 job_id=h.record.id,
-                path=str(final),
+                path=str(path),
                 fine_tuned_model=name,
                 trained_tokens=job.tokens_seen,
                 bytes=adapter_bytes,
@@ -887,7 +901,7 @@ class Worker:
                     session=session,
                     job_id=h.record.id,
                     worker_id=self.id,
-                    lease_seconds=self.settings.worker_lease_seconds,
+                    lease_seconds=self.lease_seconds,
                 )
                 seq = before.last_seq
                 write(session)
@@ -977,36 +991,3 @@ class Worker:
 def _store_metrics(session: Any, job_id: str, rows: list[tuple[int, dict[str, Any]]]) -> None:
     for step, values in rows:
         jobs.add_metrics(session=session, job_id=job_id, step=step, values=values)
-
-
-def _zip_adapter(folder: Path, target: Path) -> Path:
-    """The adapter files of a checkpoint folder, at the root of a zip (written atomically,
-    fsynced)."""
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for name in ADAPTER_FILES:
-                    if (folder / name).exists():
-                        zf.write(folder / name, arcname=name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
-
-
-def _copy_synced(source: Path, target: Path) -> None:
-    """Copy a file into place atomically and durably (temp file, fsync, rename)."""
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

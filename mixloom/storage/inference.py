@@ -302,8 +302,9 @@ def prune(*, session: Session, older_than: datetime) -> int:
 
 
 def adapter_archive(*, session: Session, job_id: str, step: int | None) -> str | None:
-    """Where a fine-tuned model's weights are stored: the job's adapter archive (step None)
-    or its checkpoint's at `step`; None once deleted."""
+    """Where a fine-tuned model's weights are stored: the job's adapter (step None) or its
+    checkpoint's at `step`, each a folder (a zip, stored before one copy); None once
+    deleted."""
     if step is None:
         row = session.get(m.Job, job_id)
         if row is None or row.adapter_deleted_at is not None:

@@ -20,6 +20,7 @@ number (`seq`), the id of the SSE stream. Functions flush but never commit: run 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from collections.abc import Iterable
@@ -43,6 +44,12 @@ from mixloom.storage.records import (
 )
 
 log = logging.getLogger("mixloom.storage")
+
+# A checkpoint folder holds the adapter's files and these (trainer/checkpoint.py). A job's
+# final adapter is its last checkpoint's folder: the adapter owns the adapter files and
+# counts their bytes (adapter_bytes), that checkpoint only these (its `bytes`), so every
+# byte stored counts once. Deleting one of the two removes only what it owns.
+CHECKPOINT_STATE_FILES = ("trainer_state.pt", "progress.json", "manifest.json")
 
 
 class LeaseLostError(StateConflictError):
@@ -451,8 +458,9 @@ def set_adapter_path(
     bytes: int | None = None,
     now: datetime | None = None,
 ) -> JobRecord:
-    """Record the adapter zip the worker wrote (`bytes`: its size, counted against the
-    tenant's storage quota); the download route serves it."""
+    """Record the adapter the worker wrote: `path`, the folder of its final checkpoint (or,
+    stored before, a zip); `bytes`: its own files' size, counted against the tenant's storage
+    quota. The download route serves it."""
     row = _job_row(session, job_id, lock=True)
     row.adapter_path = path
     if bytes is not None:
@@ -540,9 +548,10 @@ def add_checkpoint(
     bytes: int = 0,
     now: datetime | None = None,
 ) -> CheckpointRecord:
-    """Record a checkpoint zip (adapter at `step`; `bytes`: its folder and zip on storage);
-    it is downloadable at once. A step past every recorded checkpoint is progress since
-    the job last resumed: its crash count goes back to 0."""
+    """Record a checkpoint (`path`: its folder, the adapter at `step` and the trainer state;
+    `bytes`: what it stores, less the adapter files when it is also the job's adapter); it
+    is downloadable at once. A step past every recorded checkpoint is progress since the
+    job last resumed: its crash count goes back to 0."""
     now = _now(now)
     row = _job_row(session, job_id, lock=True)
     last = session.scalar(select(func.max(m.Checkpoint.step)).where(m.Checkpoint.job_id == job_id))
@@ -605,8 +614,16 @@ def retain_checkpoints(*, session: Session, job_id: str, keep_last: int) -> list
 
 
 def _delete_checkpoint_rows(session: Session, rows: list[m.Checkpoint]) -> list[CheckpointRecord]:
-    out = [CheckpointRecord.from_row(r) for r in rows]
+    """Delete the rows; each returned record's `path` is what to remove after commit
+    (remove_stored_files): its folder, or only its trainer state when the folder is also
+    its job's adapter."""
+    out = []
     for r in rows:
+        record = CheckpointRecord.from_row(r)
+        job = session.get(m.Job, r.job_id)
+        if job is not None and job.adapter_path == r.path and job.adapter_deleted_at is None:
+            record = dataclasses.replace(record, path=str(Path(r.path) / CHECKPOINT_STATE_FILES[0]))
+        out.append(record)
         session.delete(r)
     session.flush()
     return out
@@ -734,9 +751,7 @@ def delete_checkpoints(
             param="checkpoint_id",
             code="checkpoint_not_found",
         )
-    removed = [CheckpointRecord.from_row(r) for r in rows]
-    for ckpt in rows:
-        session.delete(ckpt)
+    removed = _delete_checkpoint_rows(session, rows)
     if removed:
         steps = ", ".join(str(c.step) for c in removed)
         freed = sum(c.bytes for c in removed)
@@ -757,35 +772,56 @@ def delete_adapter(
     """Delete the record of a finished job's final adapter; the job stays, with
     `adapter_deleted_at` set (its download answers 410). Returns the file for the caller
     to remove after commit and the bytes freed: (None, 0) when there is none (deleted
-    before, or the job never wrote one)."""
+    before, or the job never wrote one). When its last checkpoint shares its folder, the
+    files stay with that checkpoint, which counts their bytes from now on (none freed)."""
     now = _now(now)
     row = _job_row(session, job_id, tenant_id, lock=True)
     _refuse_unfinished(row, "its adapter")
     path = row.adapter_path
     if path is None:
         return None, 0
-    freed = row.adapter_bytes or 0
+    size = row.adapter_bytes or 0
+    keeper = session.scalar(
+        select(m.Checkpoint).where(m.Checkpoint.job_id == job_id, m.Checkpoint.path == path)
+    )
     row.adapter_path = None
     row.adapter_deleted_at = now
     row.updated_at = now
-    freeing = f"freeing {freed:,} bytes"
-    _event(session, row, f"Deleted the adapter, {freeing}", data={"bytes": freed}, now=now)
+    if keeper is not None:
+        keeper.bytes = (keeper.bytes or 0) + size
+        message = (
+            f"Deleted the adapter; its weights stay with the checkpoint at step {keeper.step}, "
+            f"which now counts their {size:,} bytes (delete that checkpoint to free them)"
+        )
+        _event(session, row, message, data={"bytes": 0}, now=now)
+        session.flush()
+        return None, 0
+    freeing = f"freeing {size:,} bytes"
+    _event(session, row, f"Deleted the adapter, {freeing}", data={"bytes": size}, now=now)
     session.flush()
-    return path, freed
+    return path, size
 
 
 def remove_stored_files(paths: Iterable[str]) -> None:
-    """After commit: the files of deleted records. A checkpoint is its archive and the
-    folder beside it (`step-N.zip`, `step-N/`: the adapter and trainer state); an adapter
-    archive stands alone. A file that cannot be removed is logged: a file left behind is
-    only space (no longer counted against the tenant's quota), a row without its files
-    would be an error."""
+    """After commit: the files of deleted records. A checkpoint or an adapter is a folder
+    (`step-N/`: the adapter and, for a checkpoint, its trainer state), removed whole; a
+    checkpoint's `.../trainer_state.pt` (_delete_checkpoint_rows) removes its trainer state
+    alone, leaving the adapter it shares the folder with. Stored before one copy: a
+    checkpoint was `step-N.zip` beside its folder, an adapter a zip of its own. A file that
+    cannot be removed is logged: a file left behind is only space (no longer counted
+    against the tenant's quota), a row without its files would be an error."""
     for name in paths:
         path = Path(name)
         try:
-            path.unlink(missing_ok=True)
-            folder = path.with_suffix("")
-            if path.suffix == ".zip" and folder.name.startswith("step-") and folder.is_dir():
-                shutil.rmtree(folder)
+            if path.name == CHECKPOINT_STATE_FILES[0]:
+                for fname in CHECKPOINT_STATE_FILES:
+                    (path.parent / fname).unlink(missing_ok=True)
+            elif path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+                folder = path.with_suffix("")
+                if path.suffix == ".zip" and folder.name.startswith("step-") and folder.is_dir():
+                    shutil.rmtree(folder)
         except OSError:
             log.warning("could not remove %s of a deleted record", path, exc_info=True)

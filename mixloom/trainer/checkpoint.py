@@ -1,5 +1,7 @@
 """Checkpoints: the adapter in its export format plus everything needed to resume exactly
-(optimizer, LR schedule, RNG stream, data cursor), written atomically and verified.
+(optimizer, LR schedule, RNG stream, data cursor), written atomically and verified. The
+adapter's weights are stored once, in its export file: the trainer state holds the rest, and
+a resume reads the weights back from the export (`load_checkpoint` names the folder).
 
 A checkpoint folder `step-N/` is written as `step-N.partial<pid>/`: each file fsynced, a
 `manifest.json` (sha256 and size of every file) last, the whole re-read and the state loaded
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from mixloom.errors import MixloomError
-from mixloom.model.formats import save_adapter
+from mixloom.model.formats import WEIGHTS_FILE, save_adapter
 from mixloom.trainer.fused import FusedTrainer
 
 STATE_FILE = "trainer_state.pt"
@@ -93,19 +95,29 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(trainer: FusedTrainer, name: str, folder: str | Path, base_name: str) -> Path:
+def save_checkpoint(
+    trainer: FusedTrainer,
+    name: str,
+    folder: str | Path,
+    base_name: str,
+    *,
+    base_path: str | None = None,
+    rendering: str = "chat",
+) -> Path:
     """Write `folder` (adapter files, trainer_state.pt, progress.json, manifest.json) via a
     temp folder and a rename, verified before the rename, so that a reader never finds a
     half-written or unreadable checkpoint where it looks. An error leaves no temp folder and
-    the previous checkpoint (if any) in place."""
+    the previous checkpoint (if any) in place. `base_name`, `base_path`, `rendering`:
+    formats.save_adapter's."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + f".partial{os.getpid()}")
     old = folder.with_name(folder.name + f".old{os.getpid()}")
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_adapter(trainer.model, name, tmp, base_name)
+        save_adapter(trainer.model, name, tmp, base_name, base_path=base_path, rendering=rendering)
         state = trainer.job_state(name)
+        del state["adapter"]  # stored once: the export file beside it has the weights
         # serialised in memory, written here: a full disk is then an OSError (ENOSPC), not
         # torch's "unexpected pos"
         buffer = io.BytesIO()
@@ -159,15 +171,22 @@ def verify_checkpoint(folder: str | Path) -> None:
 
 
 def load_checkpoint(folder: str | Path) -> dict[str, Any]:
-    """The trainer state of a verified checkpoint (CorruptCheckpointError otherwise)."""
+    """The trainer state of a verified checkpoint (CorruptCheckpointError otherwise). Its
+    adapter weights are the folder's export file (`adapter_dir`, read by
+    FusedTrainer.add_job); a checkpoint written before that keeps them as `adapter`."""
     verify_checkpoint(folder)
     path = Path(folder) / STATE_FILE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if storage_problem(exc) and not isinstance(exc, RuntimeError):
             raise  # the disk failed, not the checkpoint
         raise CorruptCheckpointError(f"{STATE_FILE} cannot be loaded: {exc}") from exc
+    if "adapter" not in state:
+        if not (Path(folder) / WEIGHTS_FILE).is_file():
+            raise CorruptCheckpointError(f"{WEIGHTS_FILE} is missing")
+        state["adapter_dir"] = str(folder)
+    return state
 
 
 def checkpoint_step(path: Path) -> int | None:

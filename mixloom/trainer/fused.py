@@ -21,6 +21,7 @@ from torch import Tensor
 from mixloom.data.tokenize import IGNORE_INDEX, EncodedRow, collate
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.batch import Segment, upload
+from mixloom.model.formats import adapter_state_from_files
 from mixloom.trainer.job import TrainingJob, TrainingState
 from mixloom.trainer.loss import linear_cross_entropy
 
@@ -398,7 +399,10 @@ class FusedTrainer:
         }
 
     def _restore(self, job: TrainingJob, state: dict[str, Any]) -> None:
-        self.model.load_adapter_state_dict(job.name, state["adapter"])
+        adapter = state.get("adapter")
+        if adapter is None:  # a checkpoint keeps the weights in its export file only
+            adapter = adapter_state_from_files(self.model, job.name, state["adapter_dir"])
+        self.model.load_adapter_state_dict(job.name, adapter)
         job.optimizer.load_state_dict(state["optimizer"])
         job.scheduler.load_state_dict(state["scheduler"])
         self.model.generators[job.name].set_state(state["rng"])

@@ -1,4 +1,8 @@
-"""`mixloom train CONFIG`: train every job of a config fused, on one base model."""
+"""`mixloom train CONFIG`: train every job of a config fused, on one base model.
+
+Every path in a config (base_model when it is a folder, output_dir, each job's
+training_file and validation_file) is relative to the config file, so a config and the
+files beside it can move together."""
 
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ def read_config(path: str | Path) -> tuple[TrainConfig, list[JobSpec], Path]:
     for name in sorted({n for n in names if names.count(n) > 1}, key=str):
         problems.add(f"{path}: jobs", f"job name {name!r} is used twice; names must be unique")
     base = path.parent
+    cfg = cfg.model_copy(update={"base_model": _relative_to(base, cfg.base_model)})
     for i, job in parsed:
         for key in ("training_file", "validation_file"):
             value = getattr(job, key)
@@ -67,6 +72,19 @@ def read_config(path: str | Path) -> tuple[TrainConfig, list[JobSpec], Path]:
     jobs = [job for _, job in parsed]
     problems.raise_if_any(ConfigError)
     return cfg, jobs, base
+
+
+def _relative_to(base: Path, base_model: str) -> str:
+    """base_model as a folder relative to the config file when it names one there (or is
+    written as a path: './', '../', '~'); else as given (the embedded default, a hub id, an
+    absolute path)."""
+    given = Path(base_model).expanduser()
+    if given.is_absolute():
+        return str(given)
+    candidate = base / given
+    if base_model.startswith(("./", "../", "~")) or candidate.exists():
+        return str(candidate.resolve())
+    return base_model
 
 
 def train(
@@ -113,13 +131,20 @@ def train(
             print(f"{job.name}: resuming from its checkpoint at step {job.step}", file=sys.stderr)
     jobs = list(session.jobs.values())
 
+    # one bar in each job's own optimizer steps (the jobs step together, so the longest job
+    # is the run's length), each job's step and loss beside it
     bar = tqdm(
-        total=sum(j.total_steps for j in jobs),
-        initial=sum(j.step for j in jobs),
+        total=max(j.total_steps for j in jobs),
+        initial=max(j.step for j in jobs),
+        desc=f"{len(jobs)} job{'s' if len(jobs) > 1 else ''}",
         unit="step",
         disable=not progress,
         dynamic_ncols=True,
     )
+
+    def advance() -> None:
+        bar.update(max(j.step for j in jobs) - bar.n)
+
     finished: set[str] = set()
     last_loss: dict[str, float] = {}
     metric_files = {j.name: open(out_root / j.name / "metrics.jsonl", "a") for j in jobs}  # noqa: SIM115
@@ -137,7 +162,6 @@ def train(
         else:
             (folder / "error.txt").write_text((job.error or "failed") + "\n")
             bar.write(f"{job.name}: FAILED: {job.error}")
-            bar.update(job.total_steps - job.step)
 
     try:
         for job in jobs:
@@ -154,11 +178,15 @@ def train(
                 if s.metrics is not None:
                     record(s.name, s.step, s.metrics)
                     last_loss[s.name] = s.metrics["train_loss"]
-                    bar.update(1)
                 if s.job.state != TrainingState.RUNNING and s.name not in finished:
                     finish(s.job)
-            losses = " ".join(f"{k}={v:.3f}" for k, v in last_loss.items())
-            bar.set_postfix_str(f"{losses} {result.report.tokens_per_second:,.0f} tok/s")
+            advance()
+            each = " ".join(
+                f"{j.name} {j.step}/{j.total_steps}"
+                + (f" loss={last_loss[j.name]:.3f}" if j.name in last_loss else "")
+                for j in jobs
+            )
+            bar.set_postfix_str(f"{each} {result.report.tokens_per_second:,.0f} tok/s")
     finally:
         bar.close()
         for f in metric_files.values():

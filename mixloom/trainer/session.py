@@ -52,7 +52,7 @@ import torch
 from mixloom import kernels
 from mixloom.config import ModelSettings
 from mixloom.data.formats import load_jsonl
-from mixloom.data.tokenize import EncodedRow, encode_dataset, pad_id_of
+from mixloom.data.tokenize import EncodedDataset, EncodedRow, encode_dataset, pad_id_of
 from mixloom.jobspec import LoraHyperparameters
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.base import BaseModel, load_base_model
@@ -144,6 +144,7 @@ class TrainingSession:
         self.trainer = FusedTrainer(self.model, pad_id_of(base.tokenizer))
         self.worker_id = worker_id or default_worker_id()
         self._folders: dict[str, Path] = {}
+        self._renderings: dict[str, str] = {}  # how each job's rows became text
         self._pace: dict[str, _Pace] = {}
         self.resumes: dict[str, Resume] = {}  # where each job resumed, and what was refused
         # called as (job name, step) before a due checkpoint is written; what it raises is
@@ -162,7 +163,10 @@ class TrainingSession:
         """A session on `settings.base_model`, loaded here unless `base` is given."""
         if base is None:
             base = load_base_model(
-                settings.base_model, dtype=settings.dtype, device=settings.device
+                settings.base_model,
+                dtype=settings.dtype,
+                device=settings.device,
+                hub_id=settings.base_model_hub_id,
             )
         return cls(base, settings, worker_id=worker_id, tune_allocator=tune_allocator)
 
@@ -176,15 +180,15 @@ class TrainingSession:
 
     # -- joining and leaving -----------------------------------------------------------
 
-    def encode(self, path: str | Path, hp: LoraHyperparameters) -> list[EncodedRow]:
-        """A JSONL file's rows, tokenised for the job (DataError names every bad line)."""
-        return list(
-            encode_dataset(
-                load_jsonl(path),
-                self.base.tokenizer,
-                max_seq_len=hp.max_seq_len,
-                train_on_inputs=hp.train_on_inputs,
-            ).rows
+    def encode(self, path: str | Path, hp: LoraHyperparameters) -> EncodedDataset:
+        """A JSONL file's rows, tokenised for the job (DataError names every bad line), and
+        the rendering they got (`.rendering`, for `add`)."""
+        return encode_dataset(
+            load_jsonl(path),
+            self.base.tokenizer,
+            max_seq_len=hp.max_seq_len,
+            train_on_inputs=hp.train_on_inputs,
+            rendering=hp.rendering,
         )
 
     def add(
@@ -193,20 +197,26 @@ class TrainingSession:
         hp: LoraHyperparameters,
         *,
         seed: int,
-        rows: list[EncodedRow],
+        rows: Sequence[EncodedRow],
         validation_rows: Sequence[EncodedRow] = (),
         folder: Path,
         resume: bool = True,
         resume_at_most: int | None = None,
+        rendering: str | None = None,
     ) -> TrainingJob:
         """Build the job's adapter and optimizer; with `resume`, continue from the newest
         checkpoint under `folder` that verifies (`resumes[name]` says which, and which newer
         ones were corrupt), after removing what unfinished writes left there. A job that had
         reached its end there (a final checkpoint whose result was never handed on) comes
         back SUCCEEDED, to `finish`. `resume_at_most`: the newest checkpoint step recorded
-        elsewhere (checkpoint.load_latest)."""
+        elsewhere (checkpoint.load_latest). `rendering`: how the rows became text, recorded
+        with the adapter (default: that of `rows` when `encode` made them, else "chat")."""
         adapter = AdapterSpec.from_hyperparameters(name, hp, seed=seed)
-        job = TrainingJob(name, adapter, hp, rows, seed=seed, validation_rows=list(validation_rows))
+        if rendering is None:
+            rendering = rows.rendering if isinstance(rows, EncodedDataset) else "chat"
+        job = TrainingJob(
+            name, adapter, hp, list(rows), seed=seed, validation_rows=list(validation_rows)
+        )
         found = Resume()
         if resume:
             remove_partials(folder / "checkpoints")
@@ -220,6 +230,7 @@ class TrainingSession:
             raise
         folder.mkdir(parents=True, exist_ok=True)
         self._folders[name] = folder
+        self._renderings[name] = rendering
         self.resumes[name] = found
         self._pace[name] = _Pace(time.monotonic())
         if job.done:
@@ -230,6 +241,7 @@ class TrainingSession:
         """Forget the job (its adapter weights and optimizer state are freed)."""
         self.trainer.remove_job(name)
         self._folders.pop(name, None)
+        self._renderings.pop(name, None)
         self._pace.pop(name, None)
         self.resumes.pop(name, None)
 
@@ -340,14 +352,21 @@ class TrainingSession:
         """Write the job's checkpoint for its current step (between optimizer steps)."""
         job = self.trainer.jobs[name]
         folder = self._folders[name] / "checkpoints" / f"step-{job.step}"
-        return save_checkpoint(self.trainer, name, folder, self.base.name_or_path)
+        return save_checkpoint(self.trainer, name, folder, **self._adapter_names(name))
+
+    def _adapter_names(self, name: str) -> dict[str, str]:
+        """What an adapter file records of its base and rendering (formats.save_adapter)."""
+        return {
+            "base_name": self.base.hub_id,
+            "base_path": self.base.name_or_path,
+            "rendering": self._renderings.get(name, "chat"),
+        }
 
     def checkpoint_estimate(self, name: str) -> int:
-        """Bytes a checkpoint of the job will take, folder and archive, before writing it: the
-        adapter (fp32) four times over (adapter file, the state's copy, AdamW's two moments)
-        and once more in the archive."""
+        """Bytes a checkpoint of the job will take before writing it: the adapter (fp32)
+        three times over (its export file and AdamW's two moments)."""
         params = self.model.adapter_parameters(name)
-        return 5 * sum(p.numel() * 4 for p in params) + 64 * 1024
+        return 3 * sum(p.numel() * 4 for p in params) + 64 * 1024
 
     def checkpoint_metrics(self, name: str) -> dict[str, Any]:
         """What a checkpoint record carries: the last train_loss and a fresh valid_loss."""
@@ -363,4 +382,4 @@ class TrainingSession:
 
     def export(self, name: str, folder: Path) -> Path:
         """The job's adapter files (PEFT / MixLoRA format) written into `folder`."""
-        return save_adapter(self.model, name, folder, self.base.name_or_path)
+        return save_adapter(self.model, name, folder, **self._adapter_names(name))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tiny import tiny_llama
 from torch import Tensor, nn
 
+from mixloom.interop import mixlora_eval, write_mixlora_bin
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.formats import (
     SPEC_FILE,
@@ -48,16 +49,13 @@ def _export(base_dir, tmp_path, spec: AdapterSpec):  # type: ignore[no-untyped-d
 
 
 def _in_mixlora(folder: Path) -> nn.Module:
-    """The export loaded by the `mixlora` package, in eval mode with its dropout off."""
+    """The export loaded by the `mixlora` package (its .bin written as a user would, the
+    file GET .../adapter?format=mixlora serves), in eval mode with its dropout off."""
     from mixlora import MixLoraModelForCausalLM
 
+    write_mixlora_bin(folder)
     ref, _ = MixLoraModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
-    ref.eval()
-    for layer in ref.model.layers:  # the reference leaves expert dropout on in eval mode
-        for moe in layer.mlp.mixlora_moes.values():
-            for expert in moe.experts_.values():
-                expert.dropout_.eval()
-    return ref  # type: ignore[no-any-return]
+    return mixlora_eval(ref)  # type: ignore[no-any-return]
 
 
 def _as_mixlora_reads_it(folder: Path, out: Path) -> Path:
@@ -107,9 +105,9 @@ def test_mixlora_export_in_the_mixlora_package(base_dir, tmp_path, routing, vari
         top_p=0.6,
     )
     folder, trained = _export(base_dir, tmp_path, spec)
-    assert {"adapter_model.bin", "adapter_model.safetensors", "adapter_config.json"} <= {
-        p.name for p in folder.iterdir()
-    }
+    stored = {p.name for p in folder.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= stored
+    assert "adapter_model.bin" not in stored  # the weights are stored once
     ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
 
     def logits(model: nn.Module) -> Tensor:
@@ -135,6 +133,36 @@ def test_mixlora_export_in_the_mixlora_package(base_dir, tmp_path, routing, vari
         ref, ours(_as_mixlora_reads_it(folder, tmp_path / "as-read")), atol=1e-5, rtol=1e-5
     )
     assert (mine - ref).abs().max() > 1e-3  # so this export does not load equal
+
+
+def test_mixlora_eval_switches_off_the_packages_expert_dropout(base_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`model.eval()` leaves the `mixlora` package's expert dropout on (two calls differ);
+    `mixloom.interop.mixlora_eval` (the README's fix) makes them equal, and equal to ours."""
+    from mixlora import MixLoraModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraSpec(r=4, alpha=8, dropout=0.3)
+    spec = AdapterSpec(name="moe", kind="mixlora", lora=lora, expert=lora, num_experts=4)
+    folder, _ = _export(base_dir, tmp_path, spec)
+    bin_path = write_mixlora_bin(folder)
+    tensors = torch.load(bin_path, weights_only=True)
+    stored = load_file(str(folder / "adapter_model.safetensors"))
+    assert tensors.keys() == stored.keys()
+    for k, v in tensors.items():
+        assert torch.equal(v, stored[k])
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size()  # its bytes only
+    ref, _ = MixLoraModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref.eval()
+        assert not torch.equal(ref(input_ids=ids).logits, ref(input_ids=ids).logits)
+        assert mixlora_eval(ref) is ref
+        once, twice = ref(input_ids=ids).logits, ref(input_ids=ids).logits
+        ours = load_adapter_model(AutoModelForCausalLM.from_pretrained(base_dir), folder)
+        mine = ours(input_ids=ids).logits
+    assert torch.equal(once, twice)
+    torch.testing.assert_close(once, mine, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

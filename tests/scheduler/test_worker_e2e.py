@@ -134,9 +134,13 @@ def test_three_jobs_train_fused_and_match_mixloom_train(
         step3 = next(c for c in ckpts if c.step_number == 3)
         part = client.download_adapter(submitted["dyn"].id, tmp_path, checkpoint_id=step3.id)
         adapter_tensors(part, tmp_path / "dyn-step3")
+        # the `mixlora` package reads adapter_model.bin: the download made for it
+        for_mixlora = client.download_adapter(
+            submitted["moe"].id, tmp_path / "moe-mixlora", format="mixlora", extract=True
+        )
 
     _load_in_peft(tiny_base, folders["lora"])
-    _load_in_mixlora(folders["moe"])
+    _load_in_mixlora(for_mixlora)
 
 
 def _load_in_peft(base: Path, folder: Path) -> None:

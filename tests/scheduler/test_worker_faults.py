@@ -32,7 +32,7 @@ from helpers import (
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from mixloom.storage import files, jobs, tenants
+from mixloom.storage import archives, files, jobs, tenants
 from mixloom.storage import models as m
 from mixloom.storage.db import Database
 from mixloom.storage.ids import new_id
@@ -325,16 +325,25 @@ def test_retention_keeps_the_last_k_plus_best_on_disk_and_records_sizes(
         if len(rows) == 3:  # the best by validation loss, kept beyond the last 2
             assert rows[0].metrics["valid_loss"] <= min(r.metrics["valid_loss"] for r in rows)
         folder = s.settings.data_dir / "jobs" / job_id / "checkpoints"
-        kept = sorted([f"step-{n}" for n in steps] + [f"step-{n}.zip" for n in steps])
+        kept = sorted(f"step-{n}" for n in steps)  # each a folder, stored once (no zips)
         # files go after the commit that also marks the job succeeded: a moment later
         wait_for(lambda: sorted(p.name for p in folder.iterdir()) == kept, timeout=10)
+        assert sorted(p.name for p in (folder.parent).iterdir()) == ["checkpoints"]
+        with s.db.transaction() as session:
+            job = jobs.get_job(session=session, job_id=job_id)
+            assert job.adapter_path is not None
+        # the final adapter is the last checkpoint's folder: it counts the adapter files,
+        # that checkpoint the trainer state beside them, so every byte counts once
+        final = Path(job.adapter_path)
+        assert final == folder / "step-8"
+        assert job.adapter_bytes == archives.adapter_bytes(final) > 0
         for r in rows:
             path = Path(r.path)
-            assert r.bytes == stored_bytes(path, path.with_suffix("")) > 0
-        with s.db.transaction() as session:
-            job = session.get(m.Job, job_id)
-            assert job is not None and job.adapter_path is not None
-            assert job.adapter_bytes == Path(job.adapter_path).stat().st_size > 0
+            assert not path.suffix and path.is_dir()
+            shared = job.adapter_bytes if path == final else 0
+            assert r.bytes == stored_bytes(path) - shared > 0
+        usage = client.usage()
+        assert usage.checkpoint_bytes + usage.adapter_bytes == stored_bytes(folder)
 
 
 # --- the worker: a job whose step raises, leases, metrics -------------------------------------

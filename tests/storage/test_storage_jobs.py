@@ -248,3 +248,72 @@ def test_file_in_use_cannot_be_deleted(db: Database) -> None:
         with pytest.raises(ObjectNotFoundError):
             files.get_file(session=s, file_id=job.training_file_id, tenant_id=tenant)
         assert tenants.tenant_usage(session=s, tenant_id=tenant)["stored_bytes"] == 0
+
+
+# --- a final adapter shares its last checkpoint's folder: each byte counted once ---------
+
+
+def _succeeded_sharing_a_folder(db: Database, root) -> tuple[str, str, object]:  # type: ignore[no-untyped-def]
+    """A succeeded job whose adapter is its last checkpoint's folder (as the worker stores
+    it): the adapter counts its 110 bytes of adapter files, the checkpoint its 325 bytes of
+    trainer state."""
+    tenant = _tenant(db)
+    job = _job(db, tenant)
+    _claim(db, job.model)
+    folder = root / "step-2"
+    folder.mkdir()
+    for name, size in [
+        ("adapter_config.json", 10),
+        ("adapter_model.safetensors", 100),
+        ("trainer_state.pt", 300),
+        ("progress.json", 5),
+        ("manifest.json", 20),
+    ]:
+        (folder / name).write_bytes(b"x" * size)
+    with db.transaction() as s:
+        jobs.add_checkpoint(session=s, job_id=job.id, step=2, path=str(folder), bytes=325)
+        jobs.set_adapter_path(session=s, job_id=job.id, path=str(folder), bytes=110)
+        jobs.release_job(session=s, job_id=job.id, worker_id="w1", status=JobStatus.SUCCEEDED)
+    return tenant, job.id, folder
+
+
+def _usage(db: Database, tenant: str) -> tuple[int, int]:
+    with db.transaction() as s:
+        u = tenants.tenant_usage(session=s, tenant_id=tenant)
+    return u["checkpoint_bytes"], u["adapter_bytes"]
+
+
+def test_deleting_the_shared_final_checkpoint_keeps_the_adapter(db: Database, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    tenant, job_id, folder = _succeeded_sharing_a_folder(db, tmp_path)
+    assert _usage(db, tenant) == (325, 110)
+    with db.transaction() as s:
+        removed = jobs.delete_checkpoints(session=s, job_id=job_id, tenant_id=tenant)
+    jobs.remove_stored_files(c.path for c in removed)
+    assert [c.bytes for c in removed] == [325]
+    assert sorted(p.name for p in folder.iterdir()) == [  # the adapter is whole
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert _usage(db, tenant) == (0, 110)
+    with db.transaction() as s:
+        path, freed = jobs.delete_adapter(session=s, job_id=job_id, tenant_id=tenant)
+    assert (path, freed) == (str(folder), 110)
+    jobs.remove_stored_files([path])
+    assert not folder.exists() and _usage(db, tenant) == (0, 0)
+
+
+def test_deleting_the_shared_adapter_leaves_its_bytes_to_the_checkpoint(
+    db: Database, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    tenant, job_id, folder = _succeeded_sharing_a_folder(db, tmp_path)
+    with db.transaction() as s:
+        path, freed = jobs.delete_adapter(session=s, job_id=job_id, tenant_id=tenant)
+    assert (path, freed) == (None, 0)  # the checkpoint still holds those files
+    assert len(list(folder.iterdir())) == 5 and _usage(db, tenant) == (435, 0)
+    with db.transaction() as s:
+        events = jobs.list_events(session=s, job_id=job_id, limit=5)[0]
+        assert "stay with the checkpoint at step 2" in events[0].message
+        removed = jobs.delete_checkpoints(session=s, job_id=job_id, tenant_id=tenant)
+    assert [c.bytes for c in removed] == [435]
+    jobs.remove_stored_files(c.path for c in removed)
+    assert not folder.exists() and _usage(db, tenant) == (0, 0)

@@ -54,6 +54,34 @@ def test_checkpoint_has_a_manifest_and_a_damaged_file_is_refused(tmp_path: Path)
         load_checkpoint(folder)
 
 
+def test_a_checkpoint_stores_the_weights_once_and_resumes_from_them(tmp_path: Path) -> None:
+    """The trainer state keeps optimizer, schedule, RNG and cursor; the weights are only in
+    the adapter file beside it, and a resume reads them from there exactly."""
+    trainer = _trained(2)
+    folder = save_checkpoint(trainer, "lo", tmp_path / "step-2", "tiny")
+    saved = torch.load(folder / STATE_FILE, weights_only=True)
+    assert "adapter" not in saved and "optimizer" in saved
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        MANIFEST,
+        "mixloom_adapter.json",
+        "progress.json",
+        STATE_FILE,
+    ]
+    again = trainer_for(tiny_llama())
+    again.add_job(
+        make_job("lo", lora_hp(batch_size=2), seed=1, n_rows=8), resume=load_checkpoint(folder)
+    )
+    want, got = trainer.model.adapter_state_dict("lo"), again.model.adapter_state_dict("lo")
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    trainer.step()
+    again.step()
+    for k, v in trainer.model.adapter_state_dict("lo").items():
+        assert torch.equal(v, again.model.adapter_state_dict("lo")[k]), k
+
+
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     trainer = _trained(2)
     folder = save_checkpoint(trainer, "lo", tmp_path / "step-2", "tiny")

@@ -42,9 +42,11 @@ def test_train_two_jobs_writes_adapters_and_metrics(tmp_path: Path) -> None:
     ]
     # recompute: the CPU default keeps activations; this run takes the GPU default's path
     assert main(["train", str(_config(tmp_path, jobs, recompute=True)), "--no-progress"]) == 0
-    for name, weights in (("lo", "adapter_model.safetensors"), ("mx", "adapter_model.bin")):
+    for name in ("lo", "mx"):
         folder = tmp_path / "out" / name
-        assert (folder / weights).exists() and (folder / "adapter_config.json").exists()
+        assert (folder / "adapter_model.safetensors").exists()
+        assert (folder / "adapter_config.json").exists()
+        assert not (folder / "adapter_model.bin").exists()  # one copy of the weights
         lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         lines = [x for x in lines if x["step"] > 0]
         assert [x["step"] for x in lines] == [1, 2, 3, 4]
@@ -130,3 +132,74 @@ def test_generate_with_a_trained_adapter(
     ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
     out = reloaded.generate(ids, max_new_tokens=5, eos_token_id=tok.eos_token_id)
     assert text.strip() == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_a_moved_config_text_rows_plain_rendering_and_generate_from_a_zip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config's paths are relative to the config file (it moves with its files); {"text"}
+    rows and `rendering: plain` train without the chat template and the adapter records it;
+    the bar counts each job's own steps; `mixloom generate --adapter x.zip` finds the base the
+    adapter names and prompts it as the job trained."""
+    import zipfile
+
+    import torch
+
+    from mixloom.model.formats import load_adapter_model, read_metadata
+
+    project = tmp_path / "project"
+    save_tiny_base(project / "base")
+    (project / "data").mkdir()
+    (project / "data" / "text.jsonl").write_text(
+        "".join(json.dumps({"text": f"{a} plus {a} is {2 * a}."}) + "\n" for a in range(6))
+    )
+    (project / "data" / "pc.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": f"{a}+{a}=", "completion": str(2 * a)}) + "\n" for a in range(6)
+        )
+    )
+    hp = {"batch_size": 2, "max_steps": 3, "learning_rate": 3e-3, "warmup_ratio": 0.0}
+    config = {
+        "base_model": "base",  # a folder beside the config
+        "base_model_hub_id": "acme/tiny-chat",
+        "output_dir": "out",
+        "jobs": [
+            {"name": "text", "training_file": "data/text.jsonl", "method": {"type": "lora", "lora": {"hyperparameters": hp}}},
+            {"name": "plain", "training_file": "data/pc.jsonl", "method": {"type": "lora", "lora": {"hyperparameters": {**hp, "rendering": "plain"}}}},
+            {"name": "chat", "training_file": "data/pc.jsonl", "method": {"type": "lora", "lora": {"hyperparameters": hp}}},
+        ],
+    }  # fmt: skip
+    (project / "train.yaml").write_text(yaml.safe_dump(config))
+    moved = tmp_path / "moved"
+    shutil.copytree(project, moved)
+    shutil.rmtree(project)  # nothing may still point there
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    assert main(["train", str(moved / "train.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "3 jobs" in err and "3/3" in err and "9/9" not in err  # steps per job, not summed
+    out = moved / "out"
+    for name, rendering in (("text", "plain"), ("plain", "plain"), ("chat", "chat")):
+        meta = read_metadata(out / name)
+        assert meta.rendering == rendering, name
+        assert meta.base_model_name_or_path == "acme/tiny-chat"
+        assert meta.base_model_path == str((moved / "base").resolve())
+        config_json = json.loads((out / name / "adapter_config.json").read_text())
+        assert config_json["base_model_name_or_path"] == "acme/tiny-chat"
+
+    archive = tmp_path / "plain.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in (out / "plain").iterdir():
+            if p.is_file() and p.name != "metrics.jsonl":
+                zf.write(p, arcname=p.name)
+    args = ["generate", "--adapter", str(archive), "--prompt", "3+3=", "--max-new-tokens", "4"]
+    assert main(args) == 0  # no --base-model: the adapter's own
+    text = capsys.readouterr().out
+    model = load_adapter_model(str(moved / "base"), out / "plain")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(moved / "base")
+    ids = torch.tensor([tok("3+3=")["input_ids"]])  # the raw prompt, no chat template
+    greedy = model.generate(ids, max_new_tokens=4, eos_token_id=tok.eos_token_id)
+    assert text.strip() == tok.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
 from mixloom.errors import (
@@ -18,6 +18,7 @@ from mixloom.errors import (
     ObjectNotFoundError,
     ProblemList,
     QuotaExceededError,
+    RequestError,
     StateConflictError,
     ValidationError,
 )
@@ -48,7 +49,7 @@ from mixloom.server.schemas import (
     MetricPublic,
     MetricsPublic,
 )
-from mixloom.storage import files, jobs, tenants
+from mixloom.storage import archives, files, jobs, tenants
 from mixloom.storage.records import (
     CheckpointRecord,
     EventRecord,
@@ -64,9 +65,21 @@ log = logging.getLogger("mixloom.server")
 JOBS = "/v1/fine_tuning/jobs"
 _EVENT_ID = re.compile(r"^ftevent-(\d{1,18})$")
 ZIP_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"application/zip": {}}, "description": "adapter_config.json + weights"},
-    410: {"description": "the archive was recorded but is gone from disk"},
+    200: {
+        "content": {"application/zip": {}},
+        "description": "adapter_config.json + weights (adapter_model.safetensors, or with "
+        "format=mixlora adapter_model.bin) + mixloom_adapter.json, built as it streams",
+    },
+    410: {"description": "the adapter was recorded but is gone from disk"},
 }
+ArchiveFormat = Annotated[
+    archives.Format,
+    Query(
+        description='"safetensors" (default): the files as stored, for PEFT (LoRA) and '
+        'mixloom.load_adapter_model; "mixlora": adapter_model.bin in place of the '
+        "safetensors file, for the `mixlora` package (MixLoRA adapters only)"
+    ),
+]
 
 
 def method_json(method: Method) -> dict[str, Any]:
@@ -127,7 +140,8 @@ def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str
         return files.get_file(session=session, file_id=file_id, tenant_id=tenant.id).rows
     except ObjectNotFoundError:
         raise ObjectNotFoundError(
-            f"{param}: no file with id {file_id!r}; upload it with POST /v1/files",
+            f"{param}: no file with id {file_id!r}; upload the file first (POST /v1/files, "
+            "or `mixloom files upload PATH`) and give the id it gets",
             param=param,
             code="file_not_found",
         ) from None
@@ -340,8 +354,32 @@ async def list_checkpoints(
     )
 
 
-def _zip(path: str, filename: str) -> FileResponse:
-    if not Path(path).is_file():
+def _zip(path: str, filename: str, format: archives.Format = "safetensors") -> Response:
+    """The stored adapter at `path` as a zip: a folder (its files, stored once) zipped as it
+    streams; a zip stored before that, as it is."""
+    where = Path(path)
+    if where.is_dir() and (where / archives.CONFIG_FILE).is_file():
+        try:
+            chunks = archives.stream_adapter_zip(where, format)
+            first = next(chunks)  # a refused format is a 400 before the 200 goes out
+        except archives.ArchiveError as exc:
+            raise RequestError(str(exc), param="format", code="invalid_value") from None
+        except OSError:
+            raise ObjectGoneError(
+                f"the adapter {filename} was removed from the server's disk",
+                code="archive_missing",
+            ) from None
+
+        def stream() -> Any:
+            yield first
+            yield from chunks
+
+        return StreamingResponse(
+            stream(),
+            media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
+    if not where.is_file():
         raise ObjectGoneError(
             f"the archive {filename} was removed from the server's disk", code="archive_missing"
         )
@@ -349,9 +387,12 @@ def _zip(path: str, filename: str) -> FileResponse:
 
 
 @router.get(JOBS + "/{job_id}/adapter", response_class=FileResponse, responses=ZIP_RESPONSE)
-def download_adapter(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> FileResponse:
-    """The trained adapter as a zip (PEFT layout for LoRA, MixLoRA layout for MixLoRA).
-    409 until the job has succeeded; checkpoints are downloadable earlier."""
+def download_adapter(
+    ctx: Context, tenant: CurrentTenant, job_id: JobId, format: ArchiveFormat = "safetensors"
+) -> Response:
+    """The trained adapter as a zip (PEFT layout for LoRA, MixLoRA layout for MixLoRA; its
+    adapter_config.json names the base by its public id). 409 until the job has succeeded;
+    checkpoints are downloadable earlier."""
     with ctx.db.transaction() as session:
         job = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
     if job.adapter_deleted_at is not None:
@@ -370,7 +411,7 @@ def download_adapter(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> File
         raise StateConflictError(
             f"job {job.id} is {job.status.value}: {hint}", param="job_id", code="adapter_not_ready"
         )
-    return _zip(job.adapter_path, f"{job.id}-adapter.zip")
+    return _zip(job.adapter_path, f"{job.id}-adapter.zip", format)
 
 
 @router.get(
@@ -379,13 +420,17 @@ def download_adapter(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> File
     responses=ZIP_RESPONSE,
 )
 def download_checkpoint(
-    ctx: Context, tenant: CurrentTenant, job_id: JobId, checkpoint_id: CheckpointId
-) -> FileResponse:
+    ctx: Context,
+    tenant: CurrentTenant,
+    job_id: JobId,
+    checkpoint_id: CheckpointId,
+    format: ArchiveFormat = "safetensors",
+) -> Response:
     """A checkpoint's adapter as a zip, in the same layout as the final one."""
     with ctx.db.transaction() as session:
         jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
         ckpt = jobs.get_checkpoint(session=session, job_id=job_id, checkpoint_id=checkpoint_id)
-    return _zip(ckpt.path, f"{job_id}-step-{ckpt.step}.zip")
+    return _zip(ckpt.path, f"{job_id}-step-{ckpt.step}.zip", format)
 
 
 def delete_checkpoints_of(

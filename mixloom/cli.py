@@ -19,8 +19,25 @@ _COMMAND_MODULES = [
 ]
 
 
+DESCRIPTION = """\
+mixloom: a fine-tuning server that trains many tenants' LoRA and MixLoRA adapters together,
+in one fused step on one frozen base model.
+
+Start here (one machine; run both where the data should live: they share ./mixloom-data,
+or $MIXLOOM_DATA_DIR):
+  export MIXLOOM_API_KEY=$(mixloom tenants create acme)
+  mixloom serve --port 8000
+Then, from any shell (the server: $MIXLOOM_BASE_URL, default http://127.0.0.1:8000):
+  mixloom jobs create --training-file train.jsonl --method mixlora --watch
+Without a server: mixloom train CONFIG. `mixloom COMMAND --help` says more."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixloom", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mixloom",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -36,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MixloomError as exc:
-        print(f"mixloom {args.command}: error: {exc}", file=sys.stderr)
+        from mixloom.clients.cli import explain
+
+        print(f"mixloom {args.command}: error: {explain(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user gave: unreadable, unwritable, missing
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"mixloom {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

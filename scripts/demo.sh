@@ -13,11 +13,14 @@ export MIXLOOM_DATA_DIR="${MIXLOOM_DATA_DIR:-$OUT/server-data}"
 unset MIXLOOM_DATABASE_URL MIXLOOM_REDIS_URL
 PORT=${MIXLOOM_DEMO_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
+echo "== preparing the base model: SmolLM2-135M-Instruct (the first time on a machine it is converted from GGUF, about a minute)"
+mixloom prepare
+
 echo "== creating tenant (admin command) in $MIXLOOM_DATA_DIR"
 KEY=$(mixloom tenants create "demo-$(date +%s)-$$")
 
-echo "== starting: mixloom serve --port $PORT --lease-seconds 600 (log: $OUT/serve.log)"
-mixloom serve --host 127.0.0.1 --port "$PORT" --lease-seconds 600 >"$OUT/serve.log" 2>&1 &
+echo "== starting: mixloom serve --port $PORT (log: $OUT/serve.log)"
+mixloom serve --host 127.0.0.1 --port "$PORT" >"$OUT/serve.log" 2>&1 &
 SERVE=$!
 trap 'kill "$SERVE" 2>/dev/null || true; wait "$SERVE" 2>/dev/null || true' EXIT
 

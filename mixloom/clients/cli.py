@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from mixloom.clients.client import API_KEY_ENV, BASE_URL_ENV, DEFAULT_BASE_URL, Client
-from mixloom.clients.errors import APIError
+from mixloom.clients.errors import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    ConflictError,
+    NotFoundError,
+)
 from mixloom.clients.progress import progress, total_steps
 from mixloom.clients.types import File, Job, Metric, Model
 from mixloom.errors import MixloomError
@@ -25,6 +31,31 @@ STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "fai
 
 class ClientCommandError(MixloomError):
     """A client command was given something it cannot use (the message says what)."""
+
+
+def explain(exc: MixloomError) -> str:
+    """An error of a client command as its user reads it: the server's message, and what to
+    type next where the server cannot know (a flag, an environment variable, a command)."""
+    message = str(exc)
+    if isinstance(exc, AuthenticationError):
+        if exc.code == "missing_api_key":
+            return (
+                f"no API key: give --api-key KEY or set {API_KEY_ENV}=KEY (an admin makes one "
+                "with `mixloom tenants create NAME`, run where `mixloom serve` runs)"
+            )
+        if exc.code == "invalid_api_key":
+            return (
+                f"the server refused the API key (unknown or revoked): check --api-key or "
+                f"${API_KEY_ENV}, or ask an admin for a new one (`mixloom keys create TENANT`)"
+            )
+    if isinstance(exc, APIConnectionError):
+        return f"{message}; `mixloom serve` starts one here"
+    if isinstance(exc, ConflictError) and exc.code == "adapter_not_ready":
+        return f"{message}; `mixloom jobs watch JOB_ID` follows it to the end"
+    if isinstance(exc, NotFoundError) and exc.param in ("job_id", "file_id", "checkpoint_id"):
+        what = {"job_id": "jobs", "file_id": "files", "checkpoint_id": "jobs"}[exc.param]
+        return f"{message} (`mixloom {what} list` shows yours)"
+    return message
 
 
 def register(sub: Any) -> None:
@@ -58,17 +89,19 @@ def register(sub: Any) -> None:
     up = fsub.add_parser(
         "upload", parents=[common], help="upload a JSONL file (checked line by line)"
     )
-    up.add_argument("path", type=Path)
-    up.add_argument("--purpose", default="fine-tune")
+    up.add_argument(
+        "path", type=Path, help="a JSONL file: chat, prompt/completion, alpaca or text rows"
+    )
+    up.add_argument("--purpose", default="fine-tune", help="what it is for (default fine-tune)")
     up.set_defaults(func=_files_upload)
     fl = fsub.add_parser("list", parents=[common], help="list your files, newest first")
     _list_options(fl)
     fl.set_defaults(func=_files_list)
     fg = fsub.add_parser("get", parents=[common], help="show one file")
-    fg.add_argument("file_id")
+    fg.add_argument("file_id", help="the file's id (file-...)")
     fg.set_defaults(func=_files_get)
     fd = fsub.add_parser("delete", parents=[common], help="delete a file no unfinished job uses")
-    fd.add_argument("file_id")
+    fd.add_argument("file_id", help="the file's id (file-...)")
     fd.set_defaults(func=_files_delete)
 
     jobs = sub.add_parser("jobs", help="create, list, watch and control fine-tuning jobs")
@@ -80,7 +113,12 @@ def register(sub: Any) -> None:
         help="a file id (file-...) or a local JSONL path to upload",
     )
     create.add_argument("--validation-file", help="a file id or a local JSONL path")
-    create.add_argument("--method", choices=("lora", "mixlora"), default="lora")
+    create.add_argument(
+        "--method",
+        choices=("lora", "mixlora"),
+        default="lora",
+        help="the adapter to train: lora (default) or mixlora (a mixture of LoRA experts)",
+    )
     create.add_argument("--model", help="base model id (default: the server's first)")
     create.add_argument(
         "--hp",
@@ -90,7 +128,7 @@ def register(sub: Any) -> None:
         help="a hyperparameter, e.g. --hp r=16 --hp learning_rate=1e-4 "
         "--hp target_modules=q_proj,v_proj (repeat)",
     )
-    create.add_argument("--seed", type=int)
+    create.add_argument("--seed", type=int, help="the same seed and data, the same adapter")
     create.add_argument(
         "--suffix", help="up to 64 letters, digits, '_', '.', '-': part of the model's id"
     )
@@ -105,7 +143,7 @@ def register(sub: Any) -> None:
     create.set_defaults(func=_jobs_create)
     jl = jsub.add_parser("list", parents=[common], help="list your jobs, newest first")
     _list_options(jl)
-    jl.add_argument("--status", choices=STATUSES)
+    jl.add_argument("--status", choices=STATUSES, help="only the jobs in this state")
     jl.set_defaults(func=_jobs_list)
     for name, helptext, func in (
         ("get", "show a job and its progress", _jobs_get),
@@ -116,7 +154,7 @@ def register(sub: Any) -> None:
         ("events", "a job's events, oldest first", _jobs_events),
     ):
         p = jsub.add_parser(name, parents=[common], help=helptext)
-        p.add_argument("job_id")
+        p.add_argument("job_id", help="the job's id (ftjob-...)")
         p.set_defaults(func=func)
 
     adapters = sub.add_parser("adapters", help="download trained adapters")
@@ -124,16 +162,34 @@ def register(sub: Any) -> None:
     dl = asub.add_parser(
         "download", parents=[common], help="download a job's adapter zip (or a checkpoint's)"
     )
-    dl.add_argument("job_id")
+    dl.add_argument("job_id", help="the job (ftjob-...) whose adapter to download")
     dl.add_argument("--checkpoint", help="a checkpoint id (ftckpt-...); default: the final adapter")
-    dl.add_argument("-o", "--output", type=Path, default=Path("."), help="file or directory")
+    dl.add_argument(
+        "-o",
+        "--output",
+        default=".",
+        help="a file name, or a directory (existing, or written with a trailing '/') for the "
+        "server's file name (default: here)",
+    )
+    dl.add_argument(
+        "--extract",
+        action="store_true",
+        help="unpack it: into --output as a folder (a directory: a folder in it named after "
+        "the archive), ready for PEFT or mixloom generate --adapter",
+    )
+    dl.add_argument(
+        "--format",
+        choices=("safetensors", "mixlora"),
+        help="safetensors (default): the files as stored; mixlora: adapter_model.bin in place "
+        "of the safetensors file, for the `mixlora` package (MixLoRA adapters)",
+    )
     dl.set_defaults(func=_adapters_download)
     rm = asub.add_parser(
         "delete",
         parents=[common],
         help="delete a finished job's adapter zip (or its checkpoints), freeing storage",
     )
-    rm.add_argument("job_id")
+    rm.add_argument("job_id", help="the job's id (ftjob-...)")
     which = rm.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", help="one checkpoint id (ftckpt-...) instead")
     which.add_argument("--all-checkpoints", action="store_true", help="every checkpoint instead")
@@ -166,7 +222,9 @@ def sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--temperature", type=float, default=0.7, help="0: greedy; higher: more varied"
     )
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="sample from the likeliest tokens up to this mass"
+    )
     parser.add_argument("--seed", type=int, help="the same seed, the same answer")
 
 
@@ -334,6 +392,8 @@ def _models_delete(args: argparse.Namespace) -> int:
 
 
 def _files_upload(args: argparse.Namespace) -> int:
+    if not args.path.exists():
+        raise ClientCommandError(f"{args.path}: no such file; give the path of a JSONL file")
     if not args.path.is_file():
         raise ClientCommandError(f"{args.path} is not a file; give the path of a JSONL file")
     with _client(args) as client:
@@ -401,13 +461,21 @@ def parse_hyperparameter(text: str) -> tuple[str, Any]:
     return name.strip(), value
 
 
-def _file_id(client: Client, value: str) -> str:
+def _file_id(client: Client, value: str, flag: str) -> str:
+    """A file id as given (file-...), or a local JSONL file uploaded first."""
     path = Path(value)
     if path.is_file():
         f = client.upload_file(path)
         print(f"uploaded {path} as {f.id} ({f.rows} rows)", file=sys.stderr)
         return f.id
-    return value
+    if value.startswith("file-") and not path.exists():
+        return value
+    if path.is_dir():
+        raise ClientCommandError(f"{flag} {value}: a directory; give a JSONL file or a file id")
+    raise ClientCommandError(
+        f"{flag} {value}: no such local file (nor a file id: those start with 'file-'); give "
+        "the path of a JSONL file, or the id `mixloom files upload PATH` printed"
+    )
 
 
 def parse_metadata(pairs: list[str]) -> dict[str, str] | None:
@@ -425,8 +493,12 @@ def _jobs_create(args: argparse.Namespace) -> int:
     hp = dict(parse_hyperparameter(h) for h in args.hp)
     metadata = parse_metadata(args.metadata)
     with _client(args) as client:
-        training = _file_id(client, args.training_file)
-        validation = _file_id(client, args.validation_file) if args.validation_file else None
+        training = _file_id(client, args.training_file, "--training-file")
+        validation = (
+            _file_id(client, args.validation_file, "--validation-file")
+            if args.validation_file
+            else None
+        )
         job = client.create_job(
             training_file=training,
             validation_file=validation,
@@ -605,9 +677,16 @@ def _postfix(metric: Metric) -> dict[str, str]:
 
 def _adapters_download(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        path = client.download_adapter(args.job_id, args.output, checkpoint_id=args.checkpoint)
+        path = client.download_adapter(
+            args.job_id,
+            args.output,
+            checkpoint_id=args.checkpoint,
+            format=args.format,
+            extract=args.extract,
+        )
+    size = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
     if args.json:
-        _print_json({"job_id": args.job_id, "path": str(path), "bytes": path.stat().st_size})
+        _print_json({"job_id": args.job_id, "path": str(path), "bytes": size})
     else:
         print(path)
     return 0

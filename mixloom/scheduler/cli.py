@@ -28,11 +28,18 @@ def register(sub: Any) -> None:
 
     s = sub.add_parser(
         "serve",
-        help="API and worker, each in its own process, restarted if it dies (default: SQLite, "
-        "SmolLM2-135M)",
+        help="the whole server on this machine: API and worker, each restarted if it dies "
+        "(SQLite and uploads in $MIXLOOM_DATA_DIR, default ./mixloom-data; SmolLM2-135M)",
     )
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)"
+    )
+    s.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="the port (default 8000: the client's default MIXLOOM_BASE_URL)",
+    )
     _worker_flags(s)
     s.set_defaults(func=_serve)
 
@@ -41,14 +48,14 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     """Flags over the worker_* fields of Settings (each flag's dest is the field's name)."""
     g = p.add_argument_group("worker (defaults from MIXLOOM_WORKER_* variables)")
     flags = [  # (flag, the Settings field, type, help)
-        ("--worker-id", "worker_id", str, "a name for this worker in job events"),
-        ("--lease-seconds", "worker_lease_seconds", float, "lease length (default 30)"),
-        ("--heartbeat-seconds", "worker_heartbeat_seconds", float, "default: a third of the lease"),
+        ("--worker-id", "worker_id", str, "a name for this worker in job events (default: host:pid)"),
+        ("--lease-seconds", "worker_lease_seconds", float, "how long a dead worker's jobs wait before another worker takes them, at least (default 30; leases grow by themselves to 3 steps' time on a slow machine)"),
+        ("--heartbeat-seconds", "worker_heartbeat_seconds", float, "renew the leases this often (default: a third of --lease-seconds)"),
         ("--poll-seconds", "worker_poll_seconds", float, "look for new jobs this often (default 2)"),
-        ("--step-token-budget", "worker_step_token_budget", int, "padded tokens per fused step"),
-        ("--memory-budget-gb", "worker_memory_budget_gb", float, "default: 90%% of GPU / free RAM"),
-        ("--metrics-interval-seconds", "worker_metrics_interval_seconds", float, "metrics to the DB this often"),
-        ("--max-jobs", "worker_max_jobs", int, "jobs admitted at once (default 32)"),
+        ("--step-token-budget", "worker_step_token_budget", int, "padded tokens (rows x longest row) in one fused step (default 16384)"),
+        ("--memory-budget-gb", "worker_memory_budget_gb", float, "memory training may use (default: 90%% of the GPU, or the model and 80%% of free RAM)"),
+        ("--metrics-interval-seconds", "worker_metrics_interval_seconds", float, "write a job's step metrics to the database this often (default 1)"),
+        ("--max-jobs", "worker_max_jobs", int, "jobs trained at once (default 32)"),
     ]  # fmt: skip
     g.add_argument(
         "--role",
@@ -59,7 +66,7 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     )
     for name, dest, kind, text in flags:
         g.add_argument(name, dest=dest, type=kind, help=text)
-    g.add_argument("--log-level", default="info")
+    g.add_argument("--log-level", default="info", help="debug, info (default), warning or error")
 
 
 def _given_worker_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,13 +7,15 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    api = sub.add_parser("api", help="run the REST API (no worker)")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
+    api = sub.add_parser("api", help="run the REST API alone (production; workers run apart)")
+    api.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)"
+    )
+    api.add_argument("--port", type=int, default=8000, help="the port (default 8000)")
     api.add_argument(
         "--no-migrate", action="store_true", help="do not upgrade the database schema at start"
     )
-    api.add_argument("--log-level", default="info")
+    api.add_argument("--log-level", default="info", help="debug, info (default), warning or error")
     api.add_argument(
         "--access-log",
         action="store_true",

@@ -8,53 +8,64 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    tenants = sub.add_parser("tenants", help="create and list tenants")
+    tenants = sub.add_parser(
+        "tenants",
+        help="admin: create, change and list tenants (in the database of $MIXLOOM_DATA_DIR, "
+        "default ./mixloom-data: run it where `mixloom serve` runs)",
+    )
     tsub = tenants.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
     create = tsub.add_parser("create", help="create a tenant and print its first API key once")
-    create.add_argument("name")
+    create.add_argument("name", help="the tenant's name (unique)")
     create.add_argument("--json", action="store_true", help='print {"tenant": ..., "api_key": ...}')
-    create.add_argument("--max-queued-jobs", type=int)
-    create.add_argument("--max-running-jobs", type=int)
-    create.add_argument("--max-file-bytes", type=int)
-    create.add_argument("--max-total-bytes", type=int)
+    _quota_flags(create)
     create.set_defaults(func=_tenants_create)
     update = tsub.add_parser("update", help="change a tenant's quotas (0 = deployment default)")
     update.add_argument("name", help="tenant name or id")
-    for flag in (
-        "--max-queued-jobs",
-        "--max-running-jobs",
-        "--max-file-bytes",
-        "--max-total-bytes",
-    ):
-        update.add_argument(flag, type=int)
-    update.add_argument("--json", action="store_true")
+    _quota_flags(update)
+    update.add_argument("--json", action="store_true", help="print the tenant as JSON")
     update.set_defaults(func=_tenants_update)
     lst = tsub.add_parser("list", help="list tenants")
-    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--json", action="store_true", help="print the tenants as JSON")
     lst.set_defaults(func=_tenants_list)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     kcreate = ksub.add_parser("create", help="new API key for a tenant (printed once)")
     kcreate.add_argument("tenant", help="tenant name or id")
-    kcreate.add_argument("--json", action="store_true")
+    kcreate.add_argument("--json", action="store_true", help='print {"id": ..., "api_key": ...}')
     kcreate.set_defaults(func=_keys_create)
     klist = ksub.add_parser("list", help="a tenant's keys (ids and prefixes, never the keys)")
     klist.add_argument("tenant", help="tenant name or id")
-    klist.add_argument("--json", action="store_true")
+    klist.add_argument("--json", action="store_true", help="print the keys as JSON")
     klist.set_defaults(func=_keys_list)
     krevoke = ksub.add_parser("revoke", help="revoke a key by id (key-...) or by the key itself")
-    krevoke.add_argument("key")
+    krevoke.add_argument("key", help="the key's id (key-...) or the key itself")
     krevoke.set_defaults(func=_keys_revoke)
 
     db = sub.add_parser("db", help="database migrations")
     dsub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     up = dsub.add_parser("upgrade", help="migrate the database to the newest schema")
-    up.add_argument("revision", nargs="?", default="head")
+    up.add_argument(
+        "revision",
+        nargs="?",
+        default="head",
+        help="the schema to reach (default: head, the newest)",
+    )
     up.set_defaults(func=_db_upgrade)
     down = dsub.add_parser("downgrade", help="migrate the database down (base = empty)")
-    down.add_argument("revision")
+    down.add_argument("revision", help="the schema to go back to (base: an empty database)")
     down.set_defaults(func=_db_downgrade)
+
+
+def _quota_flags(parser: argparse.ArgumentParser) -> None:
+    """The tenant quota flags (unset: the deployment's default, MIXLOOM_MAX_*)."""
+    for flag, text in (
+        ("--max-queued-jobs", "jobs waiting at once"),
+        ("--max-running-jobs", "jobs training at once"),
+        ("--max-file-bytes", "the largest upload, in bytes"),
+        ("--max-total-bytes", "bytes stored in all: files, checkpoints and adapters"),
+    ):
+        parser.add_argument(flag, type=int, help=f"{text} (0: the deployment's default)")
 
 
 def _database() -> Any:

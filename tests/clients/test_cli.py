@@ -111,6 +111,17 @@ def test_watch_shows_progress_and_loss_then_download(
     code, out, _ = cli("adapters", "download", job_id, "-o", str(tmp_path))
     path = Path(out.strip())
     assert code == 0 and path.parent == tmp_path and zipfile.is_zipfile(path)
+    # a directory that does not exist yet, written with a '/': the server's file name in it
+    code, out, _ = cli("adapters", "download", job_id, "-o", f"{tmp_path / 'dl'}/")
+    assert code == 0 and Path(out.strip()) == tmp_path / "dl" / f"{job_id}-adapter.zip"
+    assert zipfile.is_zipfile(tmp_path / "dl" / f"{job_id}-adapter.zip")
+    code, out, _ = cli("adapters", "download", job_id, "-o", f"{tmp_path / 'x'}/", "--extract")
+    folder = Path(out.strip())
+    assert code == 0 and folder == tmp_path / "x" / f"{job_id}-adapter"
+    assert (folder / "adapter_config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [folder.name]  # no leftovers
+    code, out, _ = cli("adapters", "download", job_id, "-o", str(tmp_path / "here"), "--extract")
+    assert code == 0 and (tmp_path / "here" / "adapter_config.json").is_file()
     (ckpt,) = [e for e in _json(cli, "jobs", "events", job_id) if e["type"] == "checkpoint"]
     got = _json(
         cli, "adapters", "download", job_id, "--checkpoint", ckpt["data"]["checkpoint_id"],
@@ -184,7 +195,38 @@ def test_errors_print_the_server_message(cli: Any, train_file: Path, monkeypatch
     assert code == 2 and "give a finite number" in err
     monkeypatch.setenv("MIXLOOM_API_KEY", "mxl-wrong")
     code, _, err = cli("jobs", "list")
-    assert code == 2 and "invalid API key" in err
+    assert code == 2 and "refused the API key" in err and "--api-key" in err
+
+
+def test_errors_say_what_to_type_next(
+    cli: Any, server: LiveServer, train_file: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Each error of a client command points the way: a missing local file is one (not an
+    unknown file id), a missing key names --api-key and MIXLOOM_API_KEY, a server that is
+    not there names `mixloom serve`, an adapter not ready names `jobs watch`."""
+    code, _, err = cli("jobs", "create", "--training-file", str(tmp_path / "nope.jsonl"))
+    assert code == 2 and "nope.jsonl: no such local file" in err
+    assert "mixloom files upload" in err and "POST /v1/files" not in err
+    code, _, err = cli("jobs", "create", "--training-file", "file-0123")
+    assert code == 2 and "no file with id 'file-0123'" in err and "mixloom files upload" in err
+    code, _, err = cli("files", "upload", str(tmp_path / "nope.jsonl"))
+    assert code == 2 and "no such file" in err and "Traceback" not in err
+    job_id = _json(cli, "jobs", "create", "--training-file", str(train_file))["id"]
+    code, _, err = cli("adapters", "download", job_id)
+    assert code == 2 and "mixloom jobs watch" in err
+    code, _, err = cli("jobs", "get", "ftjob-0000")
+    assert code == 2 and "mixloom jobs list" in err
+    code, _, err = cli("generate", "--adapter", str(tmp_path / "gone"), "--prompt", "hi")
+    assert code == 2 and "no such file or folder" in err
+    code, _, err = cli("adapters", "download", job_id, "-o", "/proc/no/such/dir/a.zip")
+    assert code == 2 and "Traceback" not in err
+
+    monkeypatch.delenv("MIXLOOM_API_KEY")
+    code, _, err = cli("jobs", "list")
+    assert code == 2 and "--api-key" in err and "MIXLOOM_API_KEY" in err
+    assert "Authorization" not in err
+    code, _, err = cli("jobs", "list", "--base-url", "http://127.0.0.1:9", "--api-key", "k")
+    assert code == 2 and "cannot reach" in err and "mixloom serve" in err
 
 
 def test_hyperparameter_values() -> None:

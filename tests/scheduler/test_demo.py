@@ -27,13 +27,19 @@ def test_demo_script_end_to_end_on_smollm2(tmp_path: Path) -> None:
         timeout=1800,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "shared with ['mixlora']" in done.stdout
-    assert "shared with ['lora']" in done.stdout
+    assert "== preparing the base model" in done.stdout  # never silent while it converts
+    assert "shared with 1 other job(s)" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert {v["peft_type"] for v in summary.values()} == {"LORA", "MIXLORA"}
-    with zipfile.ZipFile(summary["mixlora"]["zip"]) as zf:
-        assert {"adapter_config.json", "adapter_model.bin", "adapter_model.safetensors"} <= set(
-            zf.namelist()
-        )
-    with zipfile.ZipFile(summary["lora"]["zip"]) as zf:
-        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(zf.namelist())
+    for name in ("lora", "mixlora"):
+        with zipfile.ZipFile(summary[name]["zip"]) as zf:
+            assert sorted(zf.namelist()) == [  # the weights once
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "mixloom_adapter.json",
+            ]
+            config = json.loads(zf.read("adapter_config.json"))
+        assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # the data directory holds each checkpoint once: folders, no archives
+    jobs = out / "server-data" / "jobs"
+    assert not list(jobs.rglob("*.zip")) and not list(jobs.rglob("adapter_model.bin"))

@@ -250,3 +250,26 @@ def test_another_tenants_job_is_not_shown(page: Any, server: LiveServer, api_key
     page.goto(f"/#/jobs/{job.id}")
     page.wait_for_selector(".alert:not([hidden])")
     assert "No job" in page.inner_text(".alert:not([hidden])")
+
+
+def test_shares_steps_with_shows_a_count_and_no_literal_null(
+    page: Any, server: LiveServer, api_key: str
+) -> None:
+    """Issue 17: a `null` appeared beside the chips under "Shares steps with" on every job
+    that shared steps. The job page, shared or alone, shows no null, undefined or NaN."""
+    client = _client(server, api_key)
+    f = client.upload_file(TRAIN_ROWS, filename="arith.jsonl")
+    sign_in(page, api_key)
+    for shared_with, shown in ((1, "1 other job"), (0, "Trained alone at the latest step.")):
+        job = client.create_job(training_file=f.id, method="lora")
+        ScriptedWorker(server, steps=3, tick=0.01, shared_with=shared_with).run_job(job.id)
+        page.goto(f"/#/jobs/{job.id}")
+        page.wait_for_selector(".badge[data-status='succeeded']")
+        page.wait_for_function(
+            "(text) => document.querySelector('#shared-with').textContent.trim() === text", arg=shown
+        )
+        assert page.inner_text("#shared-with").strip() == shown
+        assert page.locator("#shared-with > *").count() == 1  # the chip (or the note) alone
+        text = page.inner_text("main")
+        for word in ("null", "undefined", "NaN", "[object Object]"):
+            assert word not in text, (word, shared_with)

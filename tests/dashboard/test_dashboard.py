@@ -266,7 +266,8 @@ def test_shares_steps_with_shows_a_count_and_no_literal_null(
         page.goto(f"/#/jobs/{job.id}")
         page.wait_for_selector(".badge[data-status='succeeded']")
         page.wait_for_function(
-            "(text) => document.querySelector('#shared-with').textContent.trim() === text", arg=shown
+            "(text) => document.querySelector('#shared-with').textContent.trim() === text",
+            arg=shown,
         )
         assert page.inner_text("#shared-with").strip() == shown
         assert page.locator("#shared-with > *").count() == 1  # the chip (or the note) alone

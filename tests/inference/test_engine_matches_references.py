@@ -17,17 +17,16 @@ MAX_TOKENS = 12
 
 
 def _in_mixlora(folder: Path) -> nn.Module:
-    """The export loaded by the `mixlora` package, in eval mode with its dropout off (it
-    leaves expert dropout on in eval mode: tests/model/test_formats.py)."""
+    """The export loaded by the `mixlora` package (its adapter_model.bin written as a user
+    would), in eval mode with its dropout off (it leaves expert dropout on in eval mode:
+    mixloom.interop.mixlora_eval)."""
     from mixlora import MixLoraModelForCausalLM
 
+    from mixloom.interop import mixlora_eval, write_mixlora_bin
+
+    write_mixlora_bin(folder)
     ref, _ = MixLoraModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    ref.eval()
-    for layer in ref.model.layers:
-        for moe in layer.mlp.mixlora_moes.values():
-            for expert in moe.experts_.values():
-                expert.dropout_.eval()
-    return ref  # type: ignore[no-any-return]
+    return mixlora_eval(ref)  # type: ignore[no-any-return]
 
 
 def reference(

@@ -445,6 +445,20 @@ class Method(_Strict):
         }
 
 
+class EvaluationRequest(_Strict):
+    """What a job asks to be evaluated on once it has trained: its adapter and the base model,
+    on each task (mixloom/eval). Tasks are built-in names (`arc_easy`, ...) or the ids of the
+    tenant's files uploaded with purpose "evals" ({"query", "choices", "gold"} rows)."""
+
+    tasks: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=64)]],
+        Field(min_length=1, max_length=8),
+    ]
+    limit: Annotated[int | None, Field(ge=1, le=5000)] = 200  # questions per task; None: all
+    protocol: Literal["loglik", "paper", "cloze"] = "loglik"
+    num_fewshot: Annotated[int, Field(ge=0, le=25)] = 0  # the loglik protocol's examples
+
+
 class JobSpec(_Strict):
     """One fine-tuning job: the API's create body (file ids) or a `mixloom train` job (paths)."""
 

@@ -45,7 +45,8 @@ class TaskResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TaskResult:
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+        values: dict[str, Any] = {k: data.get(k) for k in cls.__dataclass_fields__}
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,9 @@ def score_requests(
         width = max(len(requests[i].ids) for i in chunk)
         ids = torch.full((rows, width), pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((rows, width), dtype=torch.long)  # (B, T)
-        row_of, pos_of, target_of = [], [], []
+        row_of: list[int] = []
+        pos_of: list[int] = []
+        target_of: list[int] = []
         for b, i in enumerate(chunk):
             req = requests[i]
             ids[b, : len(req.ids)] = torch.tensor(req.ids)

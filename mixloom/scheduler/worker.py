@@ -49,6 +49,7 @@ from mixloom.config import Settings
 from mixloom.errors import DataError, QuotaExceededError
 from mixloom.model_ids import fine_tuned_model_id, served_base_id
 from mixloom.scheduler import memory
+from mixloom.scheduler.evaluation import evaluate_job, evaluation_summary
 from mixloom.scheduler.inference import InferenceHost
 from mixloom.scheduler.policy import Candidate, compose_step
 from mixloom.scheduler.queue import claim_next, hyperparameters
@@ -151,6 +152,7 @@ class Worker:
         self._lease_seconds = settings.worker_lease_seconds
         self._last_claim = -math.inf
         self._last_expire = -math.inf
+        self._base_scores: dict[tuple[Any, ...], dict[str, Any]] = {}  # (task, settings) -> base's
         self.database_outage = Outage(
             "database",
             meanwhile="jobs keep their state here and training waits for it",
@@ -813,6 +815,7 @@ class Worker:
             suffix=h.record.suffix,
             job_id=h.record.id,
         )
+        evaluation = self._evaluate(h, name) if h.record.evaluation else None
         took = time.time() - (h.record.started_at.timestamp() if h.record.started_at else 0)
         text = (
             f"Job succeeded: {job.step} steps, {job.tokens_seen:,} tokens"
@@ -845,6 +848,15 @@ class Worker:
                 trained_tokens=job.tokens_seen,
                 bytes=adapter_bytes,
             )
+            if evaluation is not None:
+                jobs.set_evaluation(session=session, job_id=h.record.id, evaluation=evaluation)
+                jobs.add_event(
+                    session=session,
+                    job_id=h.record.id,
+                    message=evaluation_summary(evaluation),
+                    level="info" if evaluation["status"] == "succeeded" else "warning",
+                    type="evaluation",
+                )
             jobs.release_job(
                 session=session,
                 job_id=h.record.id,
@@ -857,6 +869,39 @@ class Worker:
             jobs.remove_stored_files(c.path for c in dropped)
             log.info("%s: succeeded", h.record.id)
             self._drop(h)
+
+    def _evaluate(self, h: Held, model_name: str) -> dict[str, Any]:
+        """The job's trained adapter (still loaded) and the base scored on the tasks it asked
+        for (mixloom/eval), the base's scores kept for the next job that asks the same. A
+        failure here is the evaluation's, never the job's: it succeeds with the error kept."""
+        evaluation = dict(h.record.evaluation or {})
+        request = evaluation.get("request", {})
+        try:
+            results = evaluate_job(
+                self.training.model,
+                self.base.tokenizer,
+                h.record.id,
+                [self._task_source(t) for t in request["tasks"]],
+                request,
+                base_scores=self._base_scores,
+            )
+        except Exception as exc:  # a bad task file, or a bug: the job stands
+            log.warning("%s: evaluation failed: %s", h.record.id, exc)
+            code = getattr(exc, "code", None) or "evaluation_failed"
+            evaluation.update(status="failed", error={"message": str(exc), "code": code})
+            return evaluation
+        for r in results:
+            if r["model"] == h.record.id:
+                r["model"] = model_name
+        evaluation.update(status="succeeded", results=results)
+        return evaluation
+
+    def _task_source(self, task: str) -> str:
+        """A built-in task's name as it is, or the path of the tenant's "evals" file."""
+        if not task.startswith("file-"):
+            return task
+        with self.db.read() as session:
+            return files.get_file(session=session, file_id=task).path
 
     def _job_error(self, h: Held, exc: BaseException, doing: str) -> None:
         """An error in work on this job alone (not the fused step): the job stops, the

@@ -14,7 +14,12 @@ from pydantic import (
 )
 from pydantic import ValidationError as PydanticValidationError
 
-from mixloom.jobspec import Method, SupervisedHyperparameters, SupervisedMethodBody
+from mixloom.jobspec import (
+    EvaluationRequest,
+    Method,
+    SupervisedHyperparameters,
+    SupervisedMethodBody,
+)
 from mixloom.model_ids import PUBLIC_NAME, checkpoint_model_id
 from mixloom.server.registry import ResolvedModel, ServedModel
 from mixloom.storage.records import (
@@ -224,6 +229,17 @@ class JobCreate(BaseModel):
         ),
     ] = None
 
+    evaluation: Annotated[
+        EvaluationRequest | None,
+        Field(
+            description="mixloom's extension: evaluate the adapter and its base once the job "
+            'has trained, e.g. {"tasks": ["arc_easy", "file-..."], "limit": 200}; tasks are '
+            "built-in names (arc_easy, arc_challenge, boolq, openbookqa, piqa, social_iqa, "
+            'hellaswag, winogrande) or ids of your files uploaded with purpose "evals"; '
+            "results at GET .../evaluation"
+        ),
+    ] = None
+
     @field_validator("metadata")
     @classmethod
     def _few_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
@@ -288,6 +304,49 @@ class OpenAIHyperparameters(BaseModel):
     learning_rate_multiplier: float  # learning_rate / mixloom's default learning_rate
 
 
+class EvaluationResultPublic(BaseModel):
+    """One model's score on one task (mixloom/eval/results.py's TaskResult)."""
+
+    model: str = Field(description='"base", or the job\'s fine-tuned model')
+    task: str
+    n: int = Field(description="questions scored")
+    acc: float | None
+    acc_stderr: float | None
+    acc_norm: float | None = Field(description="length-normalised accuracy (loglik protocol)")
+    acc_norm_stderr: float | None
+
+
+class EvaluationPublic(BaseModel):
+    """GET /v1/fine_tuning/jobs/{id}/evaluation: the job's adapter and its base model scored
+    on each task once the job has trained."""
+
+    object: Literal["fine_tuning.job.evaluation"] = "fine_tuning.job.evaluation"
+    status: Literal["not_requested", "pending", "succeeded", "failed"] = Field(
+        description="pending until the job has trained; failed: `error` says why (the job "
+        "itself still succeeded); not_requested: the job has no `evaluation`"
+    )
+    tasks: list[str]
+    limit: int | None
+    protocol: str
+    num_fewshot: int
+    results: list[EvaluationResultPublic]
+    error: JobError | None
+
+    @classmethod
+    def of(cls, job: JobRecord) -> EvaluationPublic:
+        e = job.evaluation or {}
+        request = e.get("request", {})
+        return cls(
+            status=e.get("status", "pending"),
+            tasks=request.get("tasks", []),
+            limit=request.get("limit"),
+            protocol=request.get("protocol", "loglik"),
+            num_fewshot=request.get("num_fewshot", 0),
+            results=[EvaluationResultPublic(**r) for r in e.get("results", [])],
+            error=JobError(**e["error"]) if e.get("error") else None,
+        )
+
+
 class JobPublic(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -330,6 +389,9 @@ class JobPublic(BaseModel):
     )
     adapter_available: bool  # GET .../adapter serves the zip
     adapter_deleted_at: int | None  # DELETE .../adapter removed it; GET .../adapter is 410
+    evaluation: EvaluationPublic | None = Field(
+        default=None, description="what the job asked to be evaluated on, and the results"
+    )
 
     @classmethod
     def of(cls, job: JobRecord, *, model: str, queue_position: int | None = None) -> JobPublic:
@@ -356,6 +418,7 @@ class JobPublic(BaseModel):
             trained_tokens=job.trained_tokens,
             adapter_available=job.adapter_path is not None,
             adapter_deleted_at=_ts(job.adapter_deleted_at),
+            evaluation=EvaluationPublic.of(job) if job.evaluation else None,
         )
 
 

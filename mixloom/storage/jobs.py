@@ -75,9 +75,11 @@ def create_job(
     suffix: str | None = None,
     metadata: dict[str, Any] | None = None,
     model_name: str | None = None,
+    evaluation: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> JobRecord:
     """A new job, queued at once: its files were validated line by line when uploaded.
+    `evaluation`: what to evaluate once it has trained ({"request", "status": "pending"}).
     `model` is the base as workers know it (MIXLOOM_BASE_MODEL, which may be a path);
     `model_name` its public id, for the job's first event (default: `model`)."""
     now = _now(now)
@@ -91,6 +93,7 @@ def create_job(
         seed=seed,
         suffix=suffix,
         meta=metadata,
+        evaluation=evaluation,
         status=JobStatus.QUEUED.value,
         created_at=now,
         updated_at=now,
@@ -825,3 +828,14 @@ def remove_stored_files(paths: Iterable[str]) -> None:
                     shutil.rmtree(folder)
         except OSError:
             log.warning("could not remove %s of a deleted record", path, exc_info=True)
+
+
+def set_evaluation(*, session: Session, job_id: str, evaluation: dict[str, Any]) -> None:
+    """Store a job's evaluation as it now stands (its request, status, results or error)."""
+    row = session.get(m.Job, job_id)
+    if row is None:
+        raise ObjectNotFoundError(
+            f"no job with id {job_id!r}", param="job_id", code="job_not_found"
+        )
+    row.evaluation = evaluation
+    session.flush()

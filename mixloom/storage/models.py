@@ -132,6 +132,9 @@ class Job(Base):
     # when its weights were deleted (the job record stays).
     adapter_bytes: Mapped[int | None] = mapped_column(BigInteger)
     adapter_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # What to evaluate once the job has trained, and how that went: {"request": {...},
+    # "status": "pending" | "succeeded" | "failed", "results": [...], "error": {...}}
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     # Last sequence number handed to an event or metrics row of this job (SSE ids).
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
 

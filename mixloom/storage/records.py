@@ -127,6 +127,7 @@ class JobRecord(Record):
     adapter_bytes: int | None
     adapter_deleted_at: datetime | None
     last_seq: int
+    evaluation: dict[str, Any] | None = None  # what to evaluate, and how it went
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from mixloom.data.formats import validate_jsonl_file
 from mixloom.errors import DataError, TooLargeError, ValidationError
+from mixloom.eval.tasks import parse_choice_file
 from mixloom.server.deps import ID_PATTERN, Context, CurrentTenant, Cursor, FileId, IdempotencyKey
 from mixloom.server.errors import ERROR_RESPONSES
 from mixloom.server.idempotency import create_once
@@ -22,7 +23,7 @@ from mixloom.storage import files, tenants
 
 router = APIRouter(tags=["files"], responses=ERROR_RESPONSES)
 
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune", "evals")  # training rows; evaluation tasks ({"query", "choices", "gold"})
 _COPY_CHUNK = 1024 * 1024  # per request in memory while the upload is copied and hashed
 
 
@@ -49,7 +50,11 @@ def upload_file(
     """
     settings = ctx.settings
     if purpose not in PURPOSES:
-        raise ValidationError(f"unknown purpose {purpose!r}; use 'fine-tune'", where="purpose")
+        raise ValidationError(
+            f"unknown purpose {purpose!r}; use 'fine-tune' (training rows) or 'evals' (an "
+            'evaluation task: {"query", "choices", "gold"} rows)',
+            where="purpose",
+        )
     cap = min(settings.max_upload_bytes, tenant.max_file_bytes or settings.max_upload_bytes)
     filename = _clean_filename(file.filename)
     folder = settings.files_dir / tenant.id
@@ -78,11 +83,14 @@ def upload_file(
                 adding=size,
                 what="this file",
             )
-        rows, problems = validate_jsonl_file(
-            part, filename=filename, max_lines=settings.max_file_lines
-        )
-        if problems:
-            raise DataError(problems)
+        if purpose == "evals":
+            rows = len(parse_choice_file(part.read_bytes(), filename=filename))
+        else:
+            rows, problems = validate_jsonl_file(
+                part, filename=filename, max_lines=settings.max_file_lines
+            )
+            if problems:
+                raise DataError(problems)
 
         def create(session: Session) -> FilePublic:
             tenants.lock_tenant(session=session, tenant_id=tenant.id)

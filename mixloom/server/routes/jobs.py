@@ -16,13 +16,15 @@ from sqlalchemy.orm import Session
 from mixloom.errors import (
     ConfigError,
     ObjectNotFoundError,
+    Problem,
     ProblemList,
     QuotaExceededError,
     RequestError,
     StateConflictError,
     ValidationError,
 )
-from mixloom.jobspec import Method, limit_problems, steps_problems
+from mixloom.eval.tasks import resolve_name, task_names
+from mixloom.jobspec import EvaluationRequest, Method, limit_problems, steps_problems
 from mixloom.server.deps import (
     CheckpointId,
     Context,
@@ -41,6 +43,7 @@ from mixloom.server.schemas import (
     CheckpointPublic,
     CheckpointsDeleted,
     CheckpointsPublic,
+    EvaluationPublic,
     EventPublic,
     EventsPublic,
     JobCreate,
@@ -147,6 +150,43 @@ def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str
         ) from None
 
 
+def _evaluation(
+    session: Session, tenant: TenantRecord, request: EvaluationRequest | None
+) -> dict[str, Any] | None:
+    """What the job will be evaluated on, each task checked: a built-in task's name, or one
+    of the tenant's files uploaded with purpose "evals" (ValidationError naming the task)."""
+    if request is None:
+        return None
+    problems = []
+    for i, task in enumerate(request.tasks):
+        where = f"evaluation.tasks[{i}]"
+        if task.startswith("file-"):
+            try:
+                record = files.get_file(session=session, file_id=task, tenant_id=tenant.id)
+            except ObjectNotFoundError:
+                problems.append(Problem(where, f"no file with id {task!r}; upload it first"))
+                continue
+            if record.purpose != "evals":
+                problems.append(
+                    Problem(
+                        where,
+                        f"file {task} was uploaded for {record.purpose!r}; an evaluation task "
+                        'is a file uploaded with purpose "evals" ({"query", "choices", "gold"} '
+                        "rows)",
+                    )
+                )
+        elif resolve_name(task) is None:
+            problems.append(
+                Problem(
+                    where,
+                    f"unknown task {task!r}; use one of {', '.join(task_names())} or the id "
+                    'of a file uploaded with purpose "evals"',
+                )
+            )
+    ProblemList(problems).raise_if_any(ValidationError)
+    return {"request": request.model_dump(), "status": "pending"}
+
+
 def _public(ctx: ServerContext, session: Session, job: JobRecord) -> JobPublic:
     return JobPublic.of(
         job,
@@ -188,6 +228,7 @@ def create_job(
         rows = _check_file(session, tenant, body.training_file, "training_file")
         if body.validation_file is not None:
             _check_file(session, tenant, body.validation_file, "validation_file")
+        evaluation = _evaluation(session, tenant, body.evaluation)
         ProblemList(steps_problems(method, ctx.settings, rows)).raise_if_any(ConfigError)
         tenants.lock_tenant(session=session, tenant_id=tenant.id)
         _check_storage(ctx, session, tenant)
@@ -210,6 +251,7 @@ def create_job(
             seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
             suffix=body.suffix,
             metadata=body.metadata,
+            evaluation=evaluation,
         )
         return _public(ctx, session, job)
 
@@ -282,6 +324,20 @@ def resume_job(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     """Paused: queued again (training resumes from the last checkpoint). Running with a
     pending pause: the request is withdrawn."""
     return _transition(ctx, tenant, job_id, jobs.resume_job)
+
+
+@router.get(JOBS + "/{job_id}/evaluation", response_model=EvaluationPublic)
+async def get_evaluation(ctx: Context, tenant: CurrentTenant, job_id: JobId) -> EvaluationPublic:
+    """The job's evaluation (its `evaluation` body field): pending until the job has trained,
+    then its adapter and the base model scored on each task; "not_requested" when the job
+    asked for none."""
+
+    def read(session: Session) -> EvaluationPublic:
+        return EvaluationPublic.of(
+            jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
+        )
+
+    return await ctx.read(read)
 
 
 @router.get(JOBS + "/{job_id}/events", response_model=EventsPublic)

@@ -8,7 +8,8 @@ What runs, top-down (one process, one base model):
    share a question (mixloom/eval/tasks.py says which official rows each holds).
 2. Learning rate. On `--search-task` only, LoRA and MixLoRA at each of `--lrs` (seed 0)
    train fused in one TrainingSession and are scored on validation rows; each method keeps
-   its best rate (ties: the lower). Test rows play no part.
+   its best rate (ties: the lower), and that job is its seed-0 job of the task (the same
+   rows, seed and rate). Test rows play no part.
 3. Training. Every (task, method, seed) job at its method's rate trains in ONE
    TrainingSession: each fused step holds rows of every running job (mixloom's normal mode).
 4. Scoring. Per task, the base and that task's adapters in one fused evaluation
@@ -41,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mixloom.config import ModelSettings  # noqa: E402
-from mixloom.eval.results import EvalResults  # noqa: E402
+from mixloom.eval.results import EvalResults, format_table  # noqa: E402
 from mixloom.eval.scorer import evaluate  # noqa: E402
 from mixloom.eval.tasks import load_task, task_names, training_rows  # noqa: E402
 from mixloom.jobspec import LoraHyperparameters, MixLoraHyperparameters  # noqa: E402
@@ -249,55 +250,38 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mixloom-quality-"))
     started = time.time()
 
-    # 1-2. learning rate per method, on train/validation rows of the search task
+    # 1-2. learning rate per method, on train/validation rows of the search task. A search
+    # job is the seed-0 job of its task at its rate, so the chosen ones are kept as such.
     search_task = load_task(args.search_task or tasks[0]).name
     rows = _encode_task(session, search_task, "train", setup, args.train_rows, work)
-    jobs = {}
+    search = {
+        (method, lr): f"{search_task}-{method}-s0-lr{lr:.0e}" for method in METHODS for lr in lrs
+    }
+    jobs = {name: (setup.hyperparameters(m, lr), 0, rows) for (m, lr), name in search.items()}
+    trained = train_fused(session, jobs, work)
+    res = evaluate(
+        session.model,
+        tok,
+        [None, *jobs],
+        [load_task(search_task, "validation")],
+        protocol=protocol,
+        limit=args.valid_rows,
+        batch_tokens=eval_tokens,
+        progress=_progress("validation"),
+    )
+    print(f"validation ({search_task}):\n{format_table(res)}", file=sys.stderr)
+    best = {}
     for method in METHODS:
-        for lr in lrs:
-            jobs[f"search-{method}-{lr:.0e}"] = (setup.hyperparameters(method, lr), 0, rows)
-    if len(lrs) > 1:
-        trained = train_fused(session, jobs, work)
-        valid = load_task(search_task, "validation")
-        res = evaluate(
-            session.model,
-            tok,
-            [None, *jobs],
-            [valid],
-            protocol=protocol,
-            limit=args.valid_rows,
-            batch_tokens=eval_tokens,
-            progress=_progress("search"),
-        )
-        best = {}
-        for method in METHODS:
-            scores = [
-                (res.get(f"search-{method}-{lr:.0e}", search_task).acc, -lr, lr) for lr in lrs
-            ]  # type: ignore[union-attr]
-            best[method] = max(scores)[2]
-        out["search"] = {
-            "task": search_task,
-            "training": trained,
-            "validation": res.to_json(),
-            "chosen": best,
-        }
-        for name in jobs:
-            session.remove(name)
-    else:
-        best = {m: lrs[0] for m in METHODS}
-    counts = {}
-    for method in METHODS:  # exact counts, from an adapter of each kind
-        name = f"count-{method}"
-        session.add(
-            name,
-            setup.hyperparameters(method, 1e-4),
-            seed=0,
-            rows=rows,
-            folder=work / name,
-            resume=False,
-        )
-        counts[method] = sum(p.numel() for p in session.model.adapter_parameters(name))
+        scores = [(res.get(search[method, lr], search_task).acc, -lr, lr) for lr in lrs]  # type: ignore[union-attr]
+        best[method] = max(scores)[2]
+    out["search"] = {"task": search_task, "training": trained, "validation": res.to_json()}
+    kept = {search[m, best[m]] for m in METHODS}
+    for name in set(jobs) - kept:
         session.remove(name)
+    counts = {
+        m: sum(p.numel() for p in session.model.adapter_parameters(search[m, best[m]]))
+        for m in METHODS
+    }
     out["trainable_parameters"] = {
         **counts,
         "per_layer": {"lora": lora_params, "mixlora": mix_params},
@@ -305,12 +289,14 @@ def main() -> None:
     out["learning_rates"] = best
     print(f"learning rates {best}; trainable parameters {counts}", file=sys.stderr)
 
-    # 3. every (task, method, seed) job, trained fused in one session
+    # 3. every other (task, method, seed) job, trained fused in one session
     jobs = {}
     for task in tasks:
         rows = _encode_task(session, task, "train", setup, args.train_rows, work)
         for method in METHODS:
             for seed in seeds:
+                if task == search_task and seed == 0:
+                    continue  # the kept search job
                 jobs[f"{task}-{method}-s{seed}"] = (
                     setup.hyperparameters(method, best[method]),
                     seed,
@@ -318,12 +304,13 @@ def main() -> None:
                 )
         out.setdefault("train_rows", {})[task] = len(rows)
     out["training"] = train_fused(session, jobs, work)
+    trained_names = [*kept, *jobs]
 
     # 4. per task: the base and its adapters on the test rows, fused
     runs: dict[str, Any] = {}
     for task in tasks:
         test = load_task(task, "test")
-        names = [n for n in jobs if n.startswith(f"{task}-")]
+        names = sorted(n for n in trained_names if n.startswith(f"{task}-"))
         res = evaluate(
             session.model,
             tok,

@@ -92,7 +92,13 @@ def register(sub: Any) -> None:
     up.add_argument(
         "path", type=Path, help="a JSONL file: chat, prompt/completion, alpaca or text rows"
     )
-    up.add_argument("--purpose", default="fine-tune", help="what it is for (default fine-tune)")
+    up.add_argument(
+        "--purpose",
+        default="fine-tune",
+        choices=["fine-tune", "evals"],
+        help='fine-tune (training rows, the default) or evals (an evaluation task: {"query", '
+        '"choices", "gold"} rows)',
+    )
     up.set_defaults(func=_files_upload)
     fl = fsub.add_parser("list", parents=[common], help="list your files, newest first")
     _list_options(fl)
@@ -139,6 +145,15 @@ def register(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="a pair kept and shown with the job (repeat; up to 16)",
     )
+    create.add_argument(
+        "--evaluate",
+        metavar="TASKS",
+        help="once trained, score the adapter and the base on these tasks (comma-separated: "
+        "arc_easy, piqa, ... or ids of files uploaded with --purpose evals)",
+    )
+    create.add_argument(
+        "--eval-limit", type=int, default=200, help="questions per task to evaluate (default 200)"
+    )
     create.add_argument("--watch", action="store_true", help="then watch it to the end")
     create.set_defaults(func=_jobs_create)
     jl = jsub.add_parser("list", parents=[common], help="list your jobs, newest first")
@@ -152,6 +167,11 @@ def register(sub: Any) -> None:
         ("resume", "queue a paused job again", _jobs_resume),
         ("watch", "live progress bar with loss until the job ends", _jobs_watch),
         ("events", "a job's events, oldest first", _jobs_events),
+        (
+            "evaluation",
+            "a job's evaluation: its adapter against the base, per task",
+            _jobs_evaluation,
+        ),
     ):
         p = jsub.add_parser(name, parents=[common], help=helptext)
         p.add_argument("job_id", help="the job's id (ftjob-...)")
@@ -508,6 +528,14 @@ def _jobs_create(args: argparse.Namespace) -> int:
             seed=args.seed,
             suffix=args.suffix,
             metadata=metadata,
+            evaluation=(
+                {
+                    "tasks": [t.strip() for t in args.evaluate.split(",") if t.strip()],
+                    "limit": args.eval_limit,
+                }
+                if args.evaluate
+                else None
+            ),
         )
         if args.json:
             _print_json(job.raw)
@@ -609,6 +637,45 @@ def _jobs_events(args: argparse.Namespace) -> int:
         for e in events:
             print(f"{_when(e.created_at)}  {e.level:<7} {e.message}")
     return 0
+
+
+def _jobs_evaluation(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        evaluation = client.get_evaluation(args.job_id)
+    if args.json:
+        _print_json(evaluation)
+        return 0
+    status = evaluation["status"]
+    if status != "succeeded":
+        error = evaluation.get("error") or {}
+        why = {
+            "not_requested": "the job asked for no evaluation (jobs create --evaluate TASKS)",
+            "pending": "pending: the job is scored once it has trained",
+            "failed": f"failed: {error.get('message')} (the job itself is unaffected)",
+        }[status]
+        print(f"{args.job_id}: evaluation {why}")
+        return 1 if status == "failed" else 0
+    base = {r["task"]: r for r in evaluation["results"] if r["model"] == "base"}
+    rows = []
+    for r in evaluation["results"]:
+        if r["model"] == "base":
+            continue
+        b = base.get(r["task"])
+        rows.append(
+            [
+                r["task"],
+                str(r["n"]),
+                _pct(b["acc"]) if b else "-",
+                _pct(r["acc"]),
+                f"{100 * (r['acc'] - b['acc']):+.1f}" if b else "-",
+            ]
+        )
+    _table(rows, ["TASK", "N", "BASE ACC", "ADAPTER ACC", "DIFF (POINTS)"])
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _jobs_watch(args: argparse.Namespace) -> int:

@@ -277,6 +277,7 @@ class Client:
         seed: int | None = None,
         suffix: str | None = None,
         metadata: dict[str, str] | None = None,
+        evaluation: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """POST /v1/fine_tuning/jobs.
@@ -286,6 +287,8 @@ class Client:
         "supervised": {"hyperparameters": {...}, "adapter": {"type": "mixlora", ...}}}`).
         `model` defaults to the first served model. `suffix` goes into the fine-tuned
         model's id; `metadata` (up to 16 string pairs) is kept and shown with the job.
+        `evaluation` ({"tasks": [...], "limit": N, ...}): scored once it has trained
+        (`get_evaluation`).
         """
         if isinstance(method, str):
             method_body: dict[str, Any] = {"type": method}
@@ -305,6 +308,7 @@ class Client:
             "seed": seed,
             "suffix": suffix,
             "metadata": metadata,
+            "evaluation": evaluation,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         headers = {"Idempotency-Key": idempotency_key or _new_key()}
@@ -334,6 +338,11 @@ class Client:
 
     def resume_job(self, job_id: str) -> Job:
         return Job.from_json(self._json("POST", f"{JOBS}/{job_id}/resume"))
+
+    def get_evaluation(self, job_id: str) -> dict[str, Any]:
+        """GET .../evaluation: {status, tasks, results: [{model, task, n, acc, ...}], error}."""
+        result: dict[str, Any] = self._json("GET", f"{JOBS}/{job_id}/evaluation")
+        return result
 
     def list_events(self, job_id: str, *, after: str | None = None, limit: int = 20) -> Page[Event]:
         """GET .../events: newest first."""

@@ -48,7 +48,11 @@ def _apart(base: Path, archive: Path, into: Path, tasks: list[str], limit: int) 
     )
 
 
-def test_a_job_is_evaluated_against_its_base(tmp_path: Path, tiny_base: Path) -> None:
+def test_a_job_is_evaluated_against_its_base(
+    tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mixloom.cli import main
+
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
     with stack(tmp_path, tiny_base) as s:
         client = s.client("evaluated")
@@ -82,6 +86,20 @@ def test_a_job_is_evaluated_against_its_base(tmp_path: Path, tiny_base: Path) ->
         assert all(r["n"] == 4 for r in result["results"])
         events = [e.message for e in client.iter_events(job["id"])]
         assert any(e.startswith(f"Evaluation: {evals_id} acc") for e in events), events
+        common = ["--base-url", s.url, "--api-key", str(client.api_key)]
+        assert main(["jobs", "evaluation", job["id"], *common]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split() == [
+            "TASK",
+            "N",
+            "BASE",
+            "ACC",
+            "ADAPTER",
+            "ACC",
+            "DIFF",
+            "(POINTS)",
+        ]
+        assert [line.split()[0] for line in table[1:]] == [evals_id, "arc_easy"]
         archive = client.download_adapter(job["id"], tmp_path / "adapter.zip")
         failed = wait_status(client, other["id"], "succeeded")
         assert failed.raw["evaluation"]["status"] == "failed"

@@ -324,6 +324,12 @@ function renderJob(jobId) {
   const ckptEmpty = h('div', { class: 'empty small' }, 'No checkpoints yet.');
   const details = h('dl', { class: 'kv', id: 'job-details' });
   const playground = renderPlayground();
+  const evalBody = h('tbody');
+  const evalNote = h('p', { class: 'small muted', id: 'evaluation-note' });
+  const evalCard = h('section', { class: 'card', id: 'evaluation', hidden: true }, h('h2', {}, 'Evaluation'),
+    h('table', { class: 'responsive', id: 'evaluation-table' }, h('thead', {}, h('tr', {},
+      h('th', {}, 'Task'), h('th', {}, 'Questions'), h('th', {}, 'Base'), h('th', {}, 'Adapter'), h('th', {}, 'Difference'))), evalBody),
+    evalNote);
 
   view.append(
     h('div', { class: 'page-head' }, title, h('div', { class: 'actions' }, buttons.pause, buttons.resume, buttons.cancel, download)),
@@ -336,6 +342,7 @@ function renderJob(jobId) {
           h('div', { class: 'card' }, h('h2', {}, 'Learning rate'), lrSvg),
           h('div', { class: 'card' }, h('h2', {}, 'Tokens/s'), tpsSvg)),
         expertsCard,
+        evalCard,
         h('section', { class: 'card' }, h('h2', {}, 'Checkpoints'),
           h('table', { class: 'responsive', id: 'checkpoints' }, h('thead', {}, h('tr', {}, h('th', {}, 'Step'), h('th', {}, 'Saved'), h('th', {}, 'Loss'), h('th', {}, ''))), ckptBody), ckptEmpty)),
       h('div', { class: 'stack' },
@@ -368,6 +375,7 @@ function renderJob(jobId) {
     buttons.resume.disabled = !(job.status === 'paused' || job.requested_action === 'pause');
     download.hidden = !job.adapter_available;
     playground.show(job.status === 'succeeded' && job.adapter_available ? job.fine_tuned_model : null);
+    renderEvaluation(job.evaluation);
     const notes = [];
     if (job.requested_action) notes.push(`${job.requested_action} requested; the worker carries it out within a heartbeat.`);
     if (job.status === 'queued' && job.queue_position) notes.push(`Queued: position ${job.queue_position}.`);
@@ -446,6 +454,31 @@ function renderJob(jobId) {
     } else {
       shared.replaceChildren(h('span', { class: 'chip', 'data-shared': n }, n > 1 ? `${n} other jobs` : '1 other job'));
     }
+  }
+
+  // The job's adapter against its base on each task it asked for (accuracy, with its
+  // standard error, and the difference in points).
+  function renderEvaluation(ev) {
+    evalCard.hidden = !ev;
+    if (!ev) return;
+    const pct = (r) => (r && typeof r.acc === 'number' ? `${(100 * r.acc).toFixed(1)}%` + (r.acc_stderr ? ` ± ${(100 * r.acc_stderr).toFixed(1)}` : '') : '—');
+    const base = new Map(ev.results.filter((r) => r.model === 'base').map((r) => [r.task, r]));
+    evalBody.replaceChildren(...ev.results.filter((r) => r.model !== 'base').map((r) => {
+      const b = base.get(r.task);
+      const diff = b ? 100 * (r.acc - b.acc) : null;
+      return h('tr', { 'data-task': r.task },
+        h('td', { 'data-label': 'Task', class: 'mono' }, r.task),
+        h('td', { 'data-label': 'Questions', class: 'num' }, r.n),
+        h('td', { 'data-label': 'Base', class: 'num' }, pct(b)),
+        h('td', { 'data-label': 'Adapter', class: 'num' }, pct(r)),
+        h('td', { 'data-label': 'Difference', class: `num ${diff > 0 ? 'up' : diff < 0 ? 'down' : ''}` }, diff === null ? '—' : `${diff >= 0 ? '+' : ''}${diff.toFixed(1)} points`));
+    }));
+    const notes = {
+      pending: `Pending: ${ev.tasks.join(', ')} are scored once the job has trained.`,
+      failed: `The evaluation failed (the job is unaffected): ${ev.error ? ev.error.message : ''}`,
+      succeeded: `${ev.protocol} protocol${ev.num_fewshot ? `, ${ev.num_fewshot}-shot` : ''}; up to ${ev.limit || 'all'} questions a task.`,
+    };
+    evalNote.textContent = notes[ev.status] || '';
   }
 
   function addEvent(e) {

@@ -752,7 +752,7 @@ async function renderNewJob() {
     h('div', { class: 'page-head' }, h('h1', {}, 'New fine-tuning job')),
     banner,
     h('fieldset', {}, h('legend', {}, 'Data'), h('div', { class: 'form-grid' },
-      field('training_file', h('div', { class: 'stack' }, trainSelect, trainUpload), 'JSONL: chat {"messages"}, {"prompt","completion"} or {"instruction","input","output"}, one example per line.'),
+      field('training_file', h('div', { class: 'stack' }, trainSelect, trainUpload), 'JSONL: chat {"messages"}, {"prompt","completion"}, {"instruction","input","output"} or {"text"}, one example per line.'),
       field('validation_file', h('div', { class: 'stack' }, valSelect, valUpload), 'Optional: its loss is charted beside the training loss.'),
       field('model', modelSelect))),
     h('fieldset', {}, h('legend', {}, 'Method'), h('div', { class: 'choices' }, ...methodRadios)),

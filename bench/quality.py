@@ -190,6 +190,37 @@ def table(runs: dict[str, Any], metric: str) -> str:
     return "\n".join(lines)
 
 
+def _search(
+    session: TrainingSession, setup: Setup, task: str, lrs: list[float], args: Any, work: Path
+) -> tuple[dict[str, float], dict[str, str], dict[str, Any]]:
+    """Each method at each rate (seed 0) trained fused on `task`'s train rows and scored on
+    its validation rows; returns the rate each keeps, the job kept as its seed-0 job on
+    `task`, and what the search saw. The other search jobs are removed."""
+    rows = _encode_task(session, task, "train", setup, args.train_rows, work)
+    names = {(m, lr): f"{task}-{m}-s0-lr{lr:.0e}" for m in METHODS for lr in lrs}
+    jobs = {name: (setup.hyperparameters(m, lr), 0, rows) for (m, lr), name in names.items()}
+    trained = train_fused(session, jobs, work)
+    res = evaluate(
+        session.model,
+        session.base.tokenizer,
+        [None, *jobs],
+        [load_task(task, "validation")],
+        protocol=args.fmt,
+        limit=args.valid_rows,
+        batch_tokens=args.eval_tokens,
+        progress=_progress("validation"),
+    )
+    print(f"validation ({task}):\n{format_table(res)}", file=sys.stderr)
+    best = {}
+    for m in METHODS:
+        scores = [(res.get(names[m, lr], task).acc, -lr, lr) for lr in lrs]  # type: ignore[union-attr]
+        best[m] = max(scores)[2]
+    kept = {m: names[m, best[m]] for m in METHODS}
+    for name in set(jobs) - set(kept.values()):
+        session.remove(name)
+    return best, kept, {"task": task, "training": trained, "validation": res.to_json()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,6 +233,13 @@ def main() -> None:
     p.add_argument("--valid-rows", type=int, default=200)
     p.add_argument("--test-rows", type=int, help="first N test questions per task (default all)")
     p.add_argument("--lrs", default="2e-4,5e-4,1e-3,2e-3", help="learning rates to search")
+    p.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="METHOD=RATE",
+        help="a method's rate, found by an earlier search (both given: no search)",
+    )
     p.add_argument("--search-task", help="the task the rates are picked on (default: the first)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
@@ -209,6 +247,12 @@ def main() -> None:
     p.add_argument("--r", type=int, default=8, help="MixLoRA's attention and expert rank")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument(
+        "--per-task",
+        action="store_true",
+        help="train and score one task's jobs at a time (a CPU's memory: ten jobs' kept "
+        "activations took 15 GB); a job's result is the same either way",
+    )
     p.add_argument("--eval-batch-tokens", type=int, help="default: 4096 on a CPU, 65536 on a GPU")
     p.add_argument(
         "--no-lm-eval-base",
@@ -220,12 +264,11 @@ def main() -> None:
 
     tasks = [load_task(t).name for t in args.tasks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    lrs = [float(x) for x in args.lrs.split(",")]
+    given = {m: float(r) for m, _, r in (x.partition("=") for x in args.lr)}
     base = load_base_model(args.base_model)
     session = TrainingSession(base, ModelSettings(base_model=args.base_model), tune_allocator=True)
     tok = base.tokenizer
-    gpu = base.device.type == "cuda"
-    eval_tokens = args.eval_batch_tokens or (65536 if gpu else 4096)
+    args.eval_tokens = args.eval_batch_tokens or (65536 if base.device.type == "cuda" else 4096)
     lora_r, lora_params, mix_params = matched_lora_rank(base.model.config, args.r, args.experts)
     setup = Setup(
         args.base_model,
@@ -238,109 +281,101 @@ def main() -> None:
         args.top_k,
         lora_r,
     )
-    protocol = args.fmt
     out: dict[str, Any] = {
         "setup": setup.__dict__,
         "seeds": seeds,
         "device": str(base.device),
         "dtype": str(base.dtype),
-        "protocol": protocol,
+        "protocol": args.fmt,
         "rows": {"train": args.train_rows, "validation": args.valid_rows, "test": args.test_rows},
     }
     work = Path(tempfile.mkdtemp(prefix="mixloom-quality-"))
     started = time.time()
 
-    # 1-2. learning rate per method, on train/validation rows of the search task. A search
-    # job is the seed-0 job of its task at its rate, so the chosen ones are kept as such.
+    # 1-2. each method's learning rate, on the search task's train and validation rows
     search_task = load_task(args.search_task or tasks[0]).name
-    rows = _encode_task(session, search_task, "train", setup, args.train_rows, work)
-    search = {
-        (method, lr): f"{search_task}-{method}-s0-lr{lr:.0e}" for method in METHODS for lr in lrs
-    }
-    jobs = {name: (setup.hyperparameters(m, lr), 0, rows) for (m, lr), name in search.items()}
-    trained = train_fused(session, jobs, work)
-    res = evaluate(
-        session.model,
-        tok,
-        [None, *jobs],
-        [load_task(search_task, "validation")],
-        protocol=protocol,
-        limit=args.valid_rows,
-        batch_tokens=eval_tokens,
-        progress=_progress("validation"),
-    )
-    print(f"validation ({search_task}):\n{format_table(res)}", file=sys.stderr)
-    best = {}
-    for method in METHODS:
-        scores = [(res.get(search[method, lr], search_task).acc, -lr, lr) for lr in lrs]  # type: ignore[union-attr]
-        best[method] = max(scores)[2]
-    out["search"] = {"task": search_task, "training": trained, "validation": res.to_json()}
-    kept = {search[m, best[m]] for m in METHODS}
-    for name in set(jobs) - kept:
-        session.remove(name)
-    counts = {
-        m: sum(p.numel() for p in session.model.adapter_parameters(search[m, best[m]]))
-        for m in METHODS
-    }
+    kept: dict[str, str] = {}
+    if set(given) == set(METHODS):
+        best = given
+    else:
+        best, kept, out["search"] = _search(
+            session, setup, search_task, [float(x) for x in args.lrs.split(",")], args, work
+        )
+    out["learning_rates"] = best
+    # 3-4. every (task, method, seed) job trained fused (all at once, or a task at a time),
+    # then per task the base and its adapters scored in one fused pass on the test rows
+    jobs: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        rows = _encode_task(session, task, "train", setup, args.train_rows, work)
+        jobs[task] = {
+            f"{task}-{m}-s{seed}": (setup.hyperparameters(m, best[m]), seed, rows)
+            for m in METHODS
+            for seed in seeds
+            if not (task == search_task and seed == 0 and m in kept)  # the kept search job
+        }
+        out.setdefault("train_rows", {})[task] = len(rows)
+    counts = {}
+    for m in METHODS:  # exact counts, from an adapter of each kind
+        session.add(
+            f"count-{m}",
+            setup.hyperparameters(m, 1e-4),
+            seed=0,
+            rows=rows,
+            folder=work / m,
+            resume=False,
+        )
+        counts[m] = sum(x.numel() for x in session.model.adapter_parameters(f"count-{m}"))
+        session.remove(f"count-{m}")
     out["trainable_parameters"] = {
         **counts,
         "per_layer": {"lora": lora_params, "mixlora": mix_params},
     }
-    out["learning_rates"] = best
     print(f"learning rates {best}; trainable parameters {counts}", file=sys.stderr)
 
-    # 3. every other (task, method, seed) job, trained fused in one session
-    jobs = {}
-    for task in tasks:
-        rows = _encode_task(session, task, "train", setup, args.train_rows, work)
-        for method in METHODS:
-            for seed in seeds:
-                if task == search_task and seed == 0:
-                    continue  # the kept search job
-                jobs[f"{task}-{method}-s{seed}"] = (
-                    setup.hyperparameters(method, best[method]),
-                    seed,
-                    rows,
-                )
-        out.setdefault("train_rows", {})[task] = len(rows)
-    out["training"] = train_fused(session, jobs, work)
-    trained_names = [*kept, *jobs]
-
-    # 4. per task: the base and its adapters on the test rows, fused
+    groups = [[t] for t in tasks] if args.per_task else [tasks]
     runs: dict[str, Any] = {}
-    for task in tasks:
-        test = load_task(task, "test")
-        names = sorted(n for n in trained_names if n.startswith(f"{task}-"))
-        res = evaluate(
-            session.model,
-            tok,
-            [None, *names],
-            [test],
-            protocol=protocol,
-            limit=args.test_rows,
-            batch_tokens=eval_tokens,
-            progress=_progress(task),
-        )
-        runs[task] = {"results": res.to_json()}
-        if not args.no_lm_eval_base:
-            ref = evaluate(
+    out["training"] = []
+    for group in groups:
+        todo = {name: job for t in group for name, job in jobs[t].items()}
+        out["training"].append({"tasks": group, **train_fused(session, todo, work)})
+        for task in group:
+            names = sorted([*todo, *kept.values()])
+            names = [n for n in names if n.startswith(f"{task}-")]
+            test = load_task(task, "test")
+            res = evaluate(
                 session.model,
                 tok,
-                [None],
+                [None, *names],
                 [test],
-                protocol="loglik",
+                protocol=args.fmt,
                 limit=args.test_rows,
-                batch_tokens=eval_tokens,
+                batch_tokens=args.eval_tokens,
+                progress=_progress(task),
             )
-            runs[task]["base_lm_eval"] = ref.to_json()
+            runs[task] = {"results": res.to_json()}
+            print(f"test ({task}):\n{format_table(res)}", file=sys.stderr)
+            if not args.no_lm_eval_base:
+                ref = evaluate(
+                    session.model,
+                    tok,
+                    [None],
+                    [test],
+                    protocol="loglik",
+                    limit=args.test_rows,
+                    batch_tokens=args.eval_tokens,
+                )
+                runs[task]["base_lm_eval"] = ref.to_json()
+            if args.per_task:
+                for name in names:
+                    session.remove(name)
     out["runs"] = runs
     out["seconds"] = round(time.time() - started, 1)
 
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\n{args.fmt} rows, {protocol} protocol; percent; mean ± sd over seeds {seeds}\n")
+    print(f"\n{args.fmt} rows, {args.fmt} protocol; percent; mean ± sd over seeds {seeds}\n")
     print("acc\n\n" + table(runs, "acc"))
-    if protocol == "cloze":
+    if args.fmt == "cloze":
         print("\nacc_norm\n\n" + table(runs, "acc_norm"))
     print(f"\n{out['seconds']:.0f} s; results in {args.json}")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mixloom.config import Settings
-from mixloom.errors import ObjectNotFoundError, RequestError
+from mixloom.errors import GenerationError, ObjectNotFoundError, RequestError
 from mixloom.inference import (
     FINISH_CANCELLED,
     Delta,
@@ -38,6 +38,7 @@ from mixloom.inference import (
 )
 from mixloom.inference.chat import chat_prompt_ids
 from mixloom.inference.kvcache import KVCache
+from mixloom.model.formats import read_metadata
 from mixloom.storage import inference as requests
 from mixloom.storage.archives import adapter_files
 from mixloom.storage.bus import ProgressBus
@@ -183,6 +184,7 @@ class InferenceHost:
         )
         key = _engine_key(record)
         if record.kind == "chat":
+            self._check_chat_model(key)
             prompts: list[str | list[int]] = [chat_prompt_ids(self.tokenizer, body["messages"])]
         else:
             prompts = list(body["prompts"])
@@ -204,6 +206,18 @@ class InferenceHost:
                 served.offsets[first + j] = 0
                 served.prompt_chars[first + j] = len(prompt) if isinstance(prompt, str) else 0
         return served
+
+    def _check_chat_model(self, key: str) -> None:
+        """A model trained on plain text (rendering "plain": no chat template) is asked with a
+        raw prompt: a chat rendered with the template is not what it learned to continue."""
+        folder = self._adapter_folder(key)
+        if folder is not None and read_metadata(folder).rendering == "plain":
+            raise GenerationError(
+                'this model was trained on plain text (rendering "plain"), not on chats; send '
+                "its prompt to /v1/completions instead",
+                param="model",
+                code="invalid_value",
+            )
 
     def _adapter_folder(self, key: str) -> Path | None:
         """The engine's loader: the adapter's folder, copied from where it is stored (its

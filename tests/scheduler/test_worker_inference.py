@@ -386,3 +386,30 @@ def test_client_and_cli_chat_and_complete(
     generate = ["generate", "--model", model, "--prompt", "3+3", "--max-new-tokens", "8"]
     assert main([*generate, *common]) == 0
     assert capsys.readouterr().out == whole.text + "\n"
+
+
+def test_a_plain_text_model_is_asked_with_a_prompt_not_a_chat(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """A job trained with rendering "plain" (no chat template) makes a model that continues
+    raw text: a chat request for it is a 400 that says to use /v1/completions, which works."""
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(8))
+    hyperparameters = {**LORA["method"]["lora"]["hyperparameters"], "rendering": "plain"}  # type: ignore[index]
+    with stack(tmp_path, tiny_base) as s:
+        client = s.client("plain")
+        f = client.upload_file(data)
+        job = client.create_job(
+            training_file=f.id,
+            method={"type": "lora", "lora": {"hyperparameters": hyperparameters}},
+        )
+        s.start_worker()
+        model = wait_status(client, job.id, "succeeded").fine_tuned_model
+        http = _http(client)
+        chat = http.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "1+1"}]},
+        )
+        assert chat.status_code == 400, chat.text
+        error = chat.json()["error"]
+        assert error["param"] == "model" and "/v1/completions" in error["message"]
+        assert _complete(http, model, "1+1=", max_tokens=3)["choices"]

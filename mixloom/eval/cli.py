@@ -46,6 +46,12 @@ def register(sub: Any) -> None:
         "labelled-choices prompt (for adapters trained on `mixloom data task --format paper`); "
         "cloze: lm-eval's rule on rows rendered as mixloom trains (--format cloze)",
     )
+    e.add_argument(
+        "--rendering",
+        choices=("chat", "plain"),
+        help="paper/cloze: how the adapters' training rows became text (default: what the "
+        "adapters recorded; chat for the base alone)",
+    )
     e.add_argument("--no-base", action="store_true", help="score the adapters only")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
     e.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, auto")
@@ -104,7 +110,7 @@ def _eval(args: argparse.Namespace) -> int:
     from mixloom.eval.tasks import load_task
     from mixloom.model.adapter_model import AdapterModel
     from mixloom.model.base import load_base_model
-    from mixloom.model.formats import load_adapter_into
+    from mixloom.model.formats import load_adapter_into, read_metadata
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
@@ -114,6 +120,15 @@ def _eval(args: argparse.Namespace) -> int:
             "--no-base with no --adapter leaves nothing to score", param="--no-base"
         )
     tasks = [load_task(n, args.split, param="--tasks") for n in names]
+    recorded = {read_metadata(d).rendering for d in args.adapter}
+    rendering = args.rendering or (recorded.pop() if len(recorded) == 1 else "chat")
+    if not args.rendering and len(recorded) > 1 and args.protocol != "loglik":
+        raise EvaluationError(
+            "the adapters were trained with different renderings (chat and plain); the "
+            f"{args.protocol} protocol asks each in its own form: score them in separate runs, "
+            "or pass --rendering",
+            param="--rendering",
+        )
     print(f"loading {args.base_model} ...", file=sys.stderr)
     base = load_base_model(args.base_model, dtype=args.dtype, device=args.device)
     model = AdapterModel(base.model)
@@ -138,6 +153,7 @@ def _eval(args: argparse.Namespace) -> int:
             limit=args.limit,
             batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS,
             progress=progress,
+            rendering=rendering,
         )
     finally:
         bar.close()

@@ -20,9 +20,9 @@
   (``acc`` only). The answer position is where the labels' tokens first differ (right
   after the prompt when each label is one token, as in MoE-PEFT). The prompt is rendered
   exactly as mixloom renders the training row ``{"prompt": instruction, "completion": " " +
-  label}`` (``mixloom data task --format paper``): through the tokenizer's chat template
-  when it has one, as plain text otherwise, so an adapter is asked in the form it was
-  trained on.
+  label}`` (``mixloom data task --format paper``) under the adapter's ``rendering``:
+  ``chat`` (mixloom's default) through the tokenizer's chat template when it has one,
+  ``plain`` as prompt + completion; so an adapter is asked in the form it was trained on.
 - ``cloze``: lm-eval's rule (``acc``, ``acc_norm``) on the rows of ``mixloom data task
   --format cloze`` (``{"prompt": context, "completion": " " + choice}``) rendered as mixloom
   trains on them; a choice's score is the log-probability of its completion's tokens (not
@@ -42,6 +42,7 @@ from mixloom.errors import EvaluationError
 from mixloom.eval.tasks import Doc, Task
 
 PROTOCOLS = ("loglik", "paper", "cloze")
+RENDERINGS = ("chat", "plain")  # mixloom.data.tokenize's: how a job's rows became text
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's when neither the config nor the tokenizer gives one
 _UNSET_TOKENIZER_LENGTH = 10**20  # transformers' "no limit" model_max_length is ~1e30
@@ -180,7 +181,7 @@ def continuation_request(context: list[int], cont: list[int], length: int, where
 
 
 def _training_row(
-    tokenizer: Any, prompt: str, completion: str, where: str
+    tokenizer: Any, prompt: str, completion: str, where: str, rendering: str
 ) -> tuple[list[int], int]:
     """(token ids, index of the first target token) of the row {"prompt", "completion"} as
     mixloom's trainer encodes it (mixloom.data.tokenize)."""
@@ -190,7 +191,7 @@ def _training_row(
     example = Example(
         (("user", prompt), ("assistant", completion)), Format.PROMPT_COMPLETION, where
     )
-    row = encode_example(example, tokenizer, max_seq_len=1 << 30)
+    row = encode_example(example, tokenizer, max_seq_len=1 << 30, rendering=rendering)
     first = next(i for i, y in enumerate(row.labels) if y != IGNORE_INDEX)
     return row.input_ids, first
 
@@ -214,11 +215,12 @@ def _loglik(
     return out
 
 
-def _paper(docs: Sequence[Doc], tok: Any, length: int) -> list[DocRequests]:
+def _paper(docs: Sequence[Doc], tok: Any, length: int, rendering: str) -> list[DocRequests]:
     out = []
     for doc in docs:
         rows = [
-            _training_row(tok, doc.instruction, f" {label}", doc.source) for label in doc.labels
+            _training_row(tok, doc.instruction, f" {label}", doc.source, rendering)
+            for label in doc.labels
         ]
         # The answer position is where the labels' rows first differ: at once for a tokenizer
         # with a " A" token, after the space for a byte-level one.
@@ -242,12 +244,12 @@ def _paper(docs: Sequence[Doc], tok: Any, length: int) -> list[DocRequests]:
     return out
 
 
-def _cloze(docs: Sequence[Doc], tok: Any, length: int) -> list[DocRequests]:
+def _cloze(docs: Sequence[Doc], tok: Any, length: int, rendering: str) -> list[DocRequests]:
     out = []
     for doc in docs:
         requests = []
         for ctx, cont in lm_eval_pairs(doc):
-            ids, first = _training_row(tok, ctx, cont, doc.source)
+            ids, first = _training_row(tok, ctx, cont, doc.source, rendering)
             cont_ids = list(tok(cont, add_special_tokens=False)["input_ids"])
             if ids[first : first + len(cont_ids)] != cont_ids:
                 raise EvaluationError(
@@ -270,8 +272,10 @@ def build_requests(
     num_fewshot: int = 0,
     limit: int | None = None,
     seed: int = FEWSHOT_SEED,
+    rendering: str = "chat",
 ) -> list[DocRequests]:
-    """The first `limit` questions of `task` as requests under `protocol`."""
+    """The first `limit` questions of `task` as requests under `protocol`; `rendering`: how
+    the adapters' training rows became text (paper and cloze ask in that form)."""
     if protocol not in PROTOCOLS:
         raise EvaluationError(
             f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}",
@@ -291,9 +295,15 @@ def build_requests(
             param="limit",
             code="invalid_value",
         )
+    if rendering not in RENDERINGS:
+        raise EvaluationError(
+            f"unknown rendering {rendering!r}; use one of {', '.join(RENDERINGS)}",
+            param="rendering",
+            code="invalid_value",
+        )
     docs = task.docs[:limit]
     if protocol == "loglik":
         return _loglik(task, docs, tokenizer, length, num_fewshot, seed)
     if protocol == "paper":
-        return _paper(docs, tokenizer, length)
-    return _cloze(docs, tokenizer, length)
+        return _paper(docs, tokenizer, length, rendering)
+    return _cloze(docs, tokenizer, length, rendering)

@@ -177,10 +177,16 @@ def evaluate(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: Progress | None = None,
     fewshot_seed: int = FEWSHOT_SEED,
+    rendering: str = "chat",
 ) -> EvalResults:
     """Score the base (adapter None) and each named adapter, already loaded into `model`, on
     the first `limit` questions of each task; every adapter sees the same requests in the
     same fused batches.
+
+    `rendering` ("chat" or "plain"): how the adapters' training rows became text (the
+    job's rendering, recorded with its adapter: mixloom.model.formats.read_metadata); the
+    paper and cloze protocols ask in that form. Adapters of different renderings are
+    scored in separate calls.
 
     Returns one TaskResult per (adapter, task), in the order given. Raises EvaluationError
     for a protocol, num_fewshot or limit it cannot take, or rows it cannot tokenise.
@@ -195,6 +201,7 @@ def evaluate(
             num_fewshot=num_fewshot,
             limit=limit,
             seed=fewshot_seed,
+            rendering=rendering,
         )
         for t in tasks
     ]

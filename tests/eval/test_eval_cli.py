@@ -137,3 +137,22 @@ def test_eval_errors_name_the_task_or_row(
         "--no-progress",
     )
     assert code == 2 and "few-shot examples are for the loglik protocol only" in err
+
+
+def test_eval_asks_adapters_in_their_rendering(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, base_and_adapters: tuple[Path, list[Path]]
+) -> None:
+    base, (lora, _) = base_and_adapters
+    model = AdapterModel(load_base_model(str(base), dtype="float32", device="cpu").model)
+    model.add_adapter(AdapterSpec("plain", kind="lora", lora=LoraSpec(r=4)))
+    plain = save_adapter(model, "plain", tmp_path / "plain", str(base), rendering="plain")
+    rows = tmp_path / "ok.jsonl"
+    rows.write_text(json.dumps(ROWS[0]) + "\n")
+    args = ["eval", "--base-model", str(base), "--tasks", str(rows), "--no-progress"]
+    mixed = [*args, "--adapter", str(lora), "--adapter", str(plain), "--protocol", "paper"]
+    code, _, err = _run(capsys, *mixed)
+    assert code == 2 and "different renderings" in err
+    code, _, err = _run(capsys, *mixed, "--rendering", "plain")
+    assert code == 0, err
+    code, _, err = _run(capsys, *args, "--adapter", str(plain), "--protocol", "cloze")
+    assert code == 0, err

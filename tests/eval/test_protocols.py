@@ -68,21 +68,26 @@ def test_fewshot_never_shows_a_question_its_own_answer() -> None:
         fewshot_examples(rnd, task, docs[0], 4)
 
 
-@pytest.mark.parametrize("template", [TURN_TEMPLATE, None])
-def test_paper_reads_the_label_where_training_puts_it(template: str | None) -> None:
+@pytest.mark.parametrize(
+    ("template", "rendering"), [(TURN_TEMPLATE, "chat"), (TURN_TEMPLATE, "plain"), (None, "chat")]
+)
+def test_paper_reads_the_label_where_training_puts_it(template: str | None, rendering: str) -> None:
     tok = tiny_tokenizer(template)
     doc = Doc(
         "", ("x", "y", "z"), 1, None, "Pick one:\n(A) x\n(B) y\n(C) z\nAnswer:", ("A", "B", "C")
     )
-    (dr,) = build_requests(_task([doc]), tok, protocol="paper", length=4096)
+    (dr,) = build_requests(_task([doc]), tok, protocol="paper", length=4096, rendering=rendering)
     (req,) = dr.requests
     example = Example((("user", doc.instruction), ("assistant", " B")), Format.PROMPT_COMPLETION)
-    row = encode_example(example, tok, max_seq_len=4096)
+    row = encode_example(example, tok, max_seq_len=4096, rendering=rendering)
     first = row.labels.index(next(y for y in row.labels if y != IGNORE_INDEX))
     # the byte-level tokenizer spells " B" as a space then "B": the labels differ after it
     assert list(req.ids) == row.input_ids[: first + 1]
     assert req.at == (len(req.ids) - 1,) * 3
     assert [tok.decode([t]) for t in req.targets] == ["A", "B", "C"]
+    assert ("<|im_start|>" in tok.decode(list(req.ids))) == (
+        template is not None and rendering == "chat"
+    )
 
 
 def test_settings_a_protocol_refuses() -> None:
@@ -94,6 +99,9 @@ def test_settings_a_protocol_refuses() -> None:
     with pytest.raises(EvaluationError, match="loglik protocol only") as e:
         build_requests(task, tok, protocol="paper", length=64, num_fewshot=1)
     assert e.value.param == "num_fewshot"
+    with pytest.raises(EvaluationError, match="unknown rendering") as e:
+        build_requests(task, tok, protocol="paper", length=64, rendering="markdown")
+    assert e.value.param == "rendering"
     with pytest.raises(EvaluationError, match="limit=0"):
         build_requests(task, tok, protocol="loglik", length=64, limit=0)
     labels = Doc("q", ("a", "b"), 0, None, "Pick:", ("AB", "AC"))  # one token at a time: fine

@@ -23,8 +23,9 @@ nearest to the same count; both counts are printed and stored.
 
 Usage:
   python bench/quality.py                          # all eight tasks, seeds 0,1,2 (a GPU)
-  python bench/quality.py --tasks arc_easy,boolq,piqa --seeds 0,1 --train-rows 160 \\
-      --valid-rows 100 --test-rows 200 --lrs 5e-4,2e-3 --epochs 2   # what fits a 2-core CPU
+  OMP_NUM_THREADS=1 python bench/quality.py --tasks arc_easy,piqa,winogrande --seeds 0,1 \\
+      --train-rows 64 --test-rows 60 --lr lora=3e-3 --lr mixlora=1e-3 --epochs 2 \\
+      --batch-size 4 --per-task --no-lm-eval-base   # QUALITY.md's 2-core CPU run (31 min)
 """
 
 from __future__ import annotations

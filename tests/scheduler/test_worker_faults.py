@@ -501,13 +501,23 @@ def test_a_job_whose_lease_expired_under_its_own_worker_is_claimed_again_and_fin
         # its renewals fail (the database is away) until the lease has run out: then the
         # worker's own expiry pass queues the job again and its next claim takes it back
         worker._renew = lambda job_id: None  # type: ignore[method-assign]
-        with s.db.transaction() as session:
-            row = session.get(m.Job, job_id)
-            assert row is not None and row.worker_id == "only"
-            row.lease_expires_at = datetime.now(UTC) - timedelta(seconds=1)
-        wait_for(
-            lambda: any("queued again" in e.lower() for e in _events(client, job_id)), timeout=60
-        )
+
+        def expired_and_queued_again() -> bool:
+            # a renewal already under way when _renew was replaced may still extend the
+            # lease, and a fast machine may finish the job before the worker's next expiry
+            # pass (one per lease/2): so the lease is run out again, and the pass is made
+            # due, until the worker has queued the job again
+            if any("queued again" in e.lower() for e in _events(client, job_id)):
+                return True
+            with s.db.transaction() as session:
+                row = session.get(m.Job, job_id)
+                assert row is not None and row.status == "running", row and row.status
+                assert row.worker_id == "only"
+                row.lease_expires_at = datetime.now(UTC) - timedelta(seconds=1)
+            worker._last_expire = float("-inf")
+            return False
+
+        wait_for(expired_and_queued_again, timeout=60, every=0.2)
         wait_status(client, job_id, "succeeded")
         reference = train_reference(tmp_path, tiny_base, data, [spec])
         got = adapter_tensors(client.download_adapter(job_id, tmp_path / "a.zip"), tmp_path / "a")

@@ -19,14 +19,29 @@ def register(sub: Any) -> None:
         help="score a base model and adapters on multiple-choice tasks (lm-eval's or the "
         "MixLoRA paper's protocol), all adapters in one fused pass",
     )
-    e.add_argument("--base-model", default="smollm2-135m", help="a model id or local HF folder")
+    e.add_argument(
+        "--base-model",
+        help="the base model: smollm2-135m, a Hugging Face folder or hub id (default: the one "
+        "the adapters name, else smollm2-135m)",
+    )
     e.add_argument(
         "--adapter",
         action="append",
         default=[],
-        metavar="DIR",
-        help="an adapter folder (LoRA or MixLoRA); repeat for several",
+        metavar="DIR|ZIP",
+        help="an adapter folder or downloaded .zip (LoRA or MixLoRA); repeat for several",
     )
+    e.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a fine-tuned model of yours on a mixloom server (a job's ft:... id, or a "
+        "checkpoint's ...:ckpt-step-N): its adapter is downloaded through the API and scored "
+        "here; repeat for several",
+    )
+    e.add_argument("--base-url", help="with --model: the server (default $MIXLOOM_BASE_URL)")
+    e.add_argument("--api-key", help="with --model: your key (default $MIXLOOM_API_KEY)")
     e.add_argument(
         "--tasks",
         required=True,
@@ -101,26 +116,101 @@ def _adapter_names(dirs: list[str]) -> list[str]:
     return names
 
 
+def _downloaded(model_ids: list[str], args: argparse.Namespace, tmp: Path) -> list[Path]:
+    """Each fine-tuned model's adapter, downloaded through the API into `tmp` and unpacked."""
+    from mixloom.clients import Client
+    from mixloom.errors import EvaluationError
+    from mixloom.model_ids import parse_fine_tuned_model_id
+
+    folders = []
+    with Client(args.base_url, args.api_key) as client:
+        for i, model_id in enumerate(model_ids):
+            parts = parse_fine_tuned_model_id(model_id)
+            if parts is None:
+                raise EvaluationError(
+                    f"--model {model_id}: not a fine-tuned model's id (ft:...:ftjob-..., or "
+                    "its :ckpt-step-N); a base model is scored with --base-model",
+                    param="--model",
+                )
+            client.get_model(model_id)  # NotFoundError (exit 1) for what is not yours
+            checkpoint = None
+            if parts.step is not None:
+                checkpoint = next(
+                    (
+                        c.id
+                        for c in client.iter_checkpoints(parts.job_id)
+                        if c.step_number == parts.step
+                    ),
+                    None,
+                )
+                if checkpoint is None:
+                    raise EvaluationError(
+                        f"--model {model_id}: job {parts.job_id} has no checkpoint at step "
+                        f"{parts.step}",
+                        param="--model",
+                    )
+            print(f"downloading {model_id} ...", file=sys.stderr)
+            folders.append(
+                client.download_adapter(
+                    parts.job_id, tmp / f"{i}/", checkpoint_id=checkpoint, extract=True
+                )
+            )
+    return folders
+
+
+def _base_of(adapters: list[Path], given: str | None) -> str:
+    """The base to score on: as given, else the one every adapter names."""
+    from mixloom.errors import EvaluationError
+    from mixloom.model.base import DEFAULT_MODEL_ID
+    from mixloom.model.formats import adapter_base
+
+    if given:
+        return given
+    named = {adapter_base(a) for a in adapters}
+    if len(named) > 1:
+        raise EvaluationError(
+            f"the adapters name different base models ({', '.join(sorted(named))}); score "
+            "them in separate runs, or pass --base-model",
+            param="--base-model",
+        )
+    return named.pop() if named else DEFAULT_MODEL_ID
+
+
 def _eval(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from mixloom.errors import EvaluationError
+    from mixloom.eval.tasks import load_task
+    from mixloom.model.formats import adapter_folder
+
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    if not names:
+        raise EvaluationError("--tasks names no task", param="--tasks", code="unknown_task")
+    if args.no_base and not (args.adapter or args.model):
+        raise EvaluationError(
+            "--no-base with no --adapter or --model leaves nothing to score", param="--no-base"
+        )
+    tasks = [load_task(n, args.split, param="--tasks") for n in names]
+    with tempfile.TemporaryDirectory(prefix="mixloom-eval-") as tmp:
+        folders = [adapter_folder(a, Path(tmp) / f"a{i}") for i, a in enumerate(args.adapter)]
+        folders += _downloaded(args.model, args, Path(tmp) / "models")
+        labels = _adapter_names(args.adapter) + list(args.model)
+        return _score(args, tasks, folders, labels)
+
+
+def _score(
+    args: argparse.Namespace, tasks: list[Any], folders: list[Path], labels: list[str]
+) -> int:
     from tqdm import tqdm
 
     from mixloom.errors import EvaluationError
     from mixloom.eval.results import format_table
     from mixloom.eval.scorer import DEFAULT_BATCH_TOKENS, evaluate
-    from mixloom.eval.tasks import load_task
     from mixloom.model.adapter_model import AdapterModel
     from mixloom.model.base import load_base_model
     from mixloom.model.formats import load_adapter_into, read_metadata
 
-    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    if not names:
-        raise EvaluationError("--tasks names no task", param="--tasks", code="unknown_task")
-    if args.no_base and not args.adapter:
-        raise EvaluationError(
-            "--no-base with no --adapter leaves nothing to score", param="--no-base"
-        )
-    tasks = [load_task(n, args.split, param="--tasks") for n in names]
-    recorded = {read_metadata(d).rendering for d in args.adapter}
+    recorded = {read_metadata(d).rendering for d in folders}
     rendering = args.rendering or (recorded.pop() if len(recorded) == 1 else "chat")
     if not args.rendering and len(recorded) > 1 and args.protocol != "loglik":
         raise EvaluationError(
@@ -129,11 +219,12 @@ def _eval(args: argparse.Namespace) -> int:
             "or pass --rendering",
             param="--rendering",
         )
-    print(f"loading {args.base_model} ...", file=sys.stderr)
-    base = load_base_model(args.base_model, dtype=args.dtype, device=args.device)
+    base_model = _base_of(folders, args.base_model)
+    print(f"loading {base_model} ...", file=sys.stderr)
+    base = load_base_model(base_model, dtype=args.dtype, device=args.device)
     model = AdapterModel(base.model)
     adapters: list[str | None] = [] if args.no_base else [None]
-    for folder, name in zip(args.adapter, _adapter_names(args.adapter), strict=True):
+    for folder, name in zip(folders, labels, strict=True):
         load_adapter_into(model, folder, name, pack_group="eval")
         adapters.append(name)
     bar = tqdm(unit="seq", disable=args.no_progress, dynamic_ncols=True, file=sys.stderr)

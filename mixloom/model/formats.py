@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mixloom.errors import ModelLoadError
+from mixloom.errors import ConfigError, ModelLoadError
 from mixloom.jobspec import Routing
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.specs import AdapterSpec, LoraSpec
@@ -232,6 +233,30 @@ def adapter_base(adapter_dir: str | Path) -> str:
             "base model (a Hugging Face folder or hub id) explicitly"
         )
     return meta.base_model_name_or_path
+
+
+def adapter_folder(given: str, tmp: Path, *, param: str = "--adapter") -> Path:
+    """An adapter's folder: `given` as it is, or a downloaded .zip unpacked into `tmp`.
+    ConfigError (naming `param`) for anything else."""
+    path = Path(given)
+    if not path.exists():
+        raise ConfigError(
+            f"{param} {given}: no such file or folder; give an adapter folder or the .zip "
+            "that `mixloom adapters download` wrote"
+        )
+    if path.is_dir():
+        return path
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{param} {given}: neither a folder nor a zip archive")
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        if any(n.startswith("/") or ".." in Path(n).parts for n in names):
+            raise ConfigError(f"{param} {given}: the archive names paths outside its folder")
+        zf.extractall(tmp)
+    config = next(iter(sorted(tmp.rglob("adapter_config.json"))), None)
+    if config is None:
+        raise ConfigError(f"{param} {given}: the archive holds no adapter_config.json")
+    return config.parent
 
 
 def _lora_from(cfg: dict[str, Any], where: Path) -> LoraSpec:

@@ -25,15 +25,20 @@ def evaluate_job(
     request: dict[str, Any],
     *,
     base_scores: dict[tuple[Any, ...], dict[str, Any]],
+    rendering: str = "chat",
 ) -> list[dict[str, Any]]:
     """Results, base first, per task: {model, task, n, acc, acc_stderr, acc_norm,
     acc_norm_stderr}, each task named as the job named it (never a server path). Raises
-    EvaluationError for a task it cannot load or score."""
+    EvaluationError for a task it cannot load or score.
+
+    `rendering`: how the job's rows became text (chat or plain); the paper and cloze
+    protocols ask the adapter, and the base beside it, in that form."""
     names = list(request["tasks"])
     settings = (
         request.get("limit"),
         request.get("protocol", "loglik"),
         request.get("num_fewshot", 0),
+        rendering,
     )
     tasks = [load_task(src, param=f"evaluation.tasks[{i}]") for i, src in enumerate(sources)]
     keys = [(src, *settings) for src in sources]
@@ -46,6 +51,7 @@ def evaluate_job(
         protocol=settings[1],
         num_fewshot=settings[2],
         limit=settings[0],
+        rendering=rendering,
     )
     out = []
     for name, task, key in zip(names, tasks, keys, strict=True):

@@ -884,6 +884,7 @@ class Worker:
                 [self._task_source(t) for t in request["tasks"]],
                 request,
                 base_scores=self._base_scores,
+                rendering=self.training.rendering(h.record.id),
             )
         except Exception as exc:  # a bad task file, or a bug: the job stands
             log.warning("%s: evaluation failed: %s", h.record.id, exc)

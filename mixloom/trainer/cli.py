@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -115,34 +114,11 @@ def _generate(args: argparse.Namespace) -> int:
             print_stream(client.chat(args.model, messages, stream=True, **params))
         return 0
 
+    from mixloom.model.formats import adapter_folder
+
     with tempfile.TemporaryDirectory(prefix="mixloom-adapter-") as tmp:
-        adapter = _adapter_folder(args.adapter, Path(tmp)) if args.adapter else None
+        adapter = adapter_folder(args.adapter, Path(tmp)) if args.adapter else None
         return _generate_here(args, messages, params, adapter)
-
-
-def _adapter_folder(given: str, tmp: Path) -> Path:
-    """The adapter's folder: as given, or a downloaded .zip unpacked into `tmp`."""
-    from mixloom.errors import ConfigError
-
-    path = Path(given)
-    if not path.exists():
-        raise ConfigError(
-            f"--adapter {given}: no such file or folder; give an adapter folder or the .zip "
-            "that `mixloom adapters download` wrote"
-        )
-    if path.is_dir():
-        return path
-    if not zipfile.is_zipfile(path):
-        raise ConfigError(f"--adapter {given}: neither a folder nor a zip archive")
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-        if any(n.startswith("/") or ".." in Path(n).parts for n in names):
-            raise ConfigError(f"--adapter {given}: the archive names paths outside its folder")
-        zf.extractall(tmp)
-    config = next(iter(sorted(tmp.rglob("adapter_config.json"))), None)
-    if config is None:
-        raise ConfigError(f"--adapter {given}: the archive holds no adapter_config.json")
-    return config.parent
 
 
 def _generate_here(

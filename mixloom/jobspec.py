@@ -10,7 +10,11 @@ A method is an objective and an adapter, spelled one way for every pair (`Method
         "hyperparameters": {"n_epochs": 3, "learning_rate_multiplier": 2},   # training
         "adapter": {"type": "mixlora", "hyperparameters": {"num_experts": 8}}}}
 
-OpenAI's own body is that without `adapter` (the deployment's default adapter trains);
+    {"type": "dpo", "dpo": {
+        "hyperparameters": {"beta": 0.1, "n_epochs": 1},                       # objective
+        "adapter": {"type": "mixlora", "hyperparameters": {"num_experts": 8}}}}
+
+OpenAI's own bodies are those without `adapter` (the deployment's default adapter trains);
 mixloom's `{"type": "lora" | "mixlora"}` is
 supervised training of that adapter with every hyperparameter in one section.
 
@@ -250,13 +254,68 @@ class SupervisedHyperparameters(TrainingHyperparameters):
         return data
 
 
+class DpoHyperparameters(SupervisedHyperparameters):
+    """OpenAI's `dpo` hyperparameters (`beta`, `n_epochs`, `batch_size`,
+    `learning_rate_multiplier`, each also "auto") and mixloom's other training ones.
+    `batch_size` counts preference pairs (each is two sequences: preferred and not)."""
+
+    beta: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=100,
+            description="how far the policy may move from the reference (the base model with "
+            'no adapter): the DPO loss is -log sigmoid(beta x margin). "auto": 0.1',
+        ),
+    ] = 0.1
+    label_smoothing: Annotated[
+        float,
+        Field(
+            ge=0,
+            lt=0.5,
+            description="mixloom's extension: the assumed share of pairs whose preference is "
+            "flipped (conservative DPO): loss = -(1-e) log sigmoid(beta m) - e log sigmoid(-beta m)",
+        ),
+    ] = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_beta(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("beta") == "auto":
+            data = {k: v for k, v in data.items() if k != "beta"}
+        return data
+
+    @model_validator(mode="after")
+    def _completions_only(self) -> DpoHyperparameters:
+        if self.train_on_inputs:
+            raise ValueError(
+                "train_on_inputs: DPO compares the likelihoods of the two answers alone; "
+                "leave it false"
+            )
+        return self
+
+    @property
+    def objective(self) -> DpoObjective:
+        return DpoObjective(beta=self.beta, label_smoothing=self.label_smoothing)
+
+
+class DpoObjective(_Strict):
+    """What a DPO job's loss needs beyond its training hyperparameters."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+
+_OBJECTIVE_FIELDS = frozenset({"beta", "label_smoothing", "learning_rate_multiplier"})
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class AdapterSection(_Strict):
     """mixloom's extension to OpenAI's methods: which adapter a method trains and its
-    hyperparameters. Spelled the same inside every method (`supervised`, and `dpo` later)."""
+    hyperparameters. Spelled the same inside every method (`supervised` and `dpo`)."""
 
     type: Annotated[
         AdapterType,
@@ -301,6 +360,17 @@ class SupervisedMethodBody(_Strict):
     ] = None
 
 
+class DpoMethodBody(_Strict):
+    hyperparameters: DpoHyperparameters = DpoHyperparameters()
+    adapter: Annotated[
+        AdapterSection | None,
+        Field(
+            description="mixloom's extension: the adapter to train, as in `supervised` "
+            "(default: the deployment's default adapter)"
+        ),
+    ] = None
+
+
 class LoraMethodBody(_Strict):
     hyperparameters: LoraHyperparameters = LoraHyperparameters()
 
@@ -311,6 +381,7 @@ class MixLoraMethodBody(_Strict):
 
 _SECTIONS: dict[str, type[_Strict]] = {
     "supervised": SupervisedMethodBody,
+    "dpo": DpoMethodBody,
     "lora": LoraMethodBody,
     "mixlora": MixLoraMethodBody,
 }
@@ -319,43 +390,58 @@ _SECTIONS: dict[str, type[_Strict]] = {
 class Method(_Strict):
     """How a job trains: an objective and an adapter.
 
-    OpenAI's spelling: `{"type": "supervised", "supervised": {"hyperparameters": {...},
+    OpenAI's spelling: `{"type": "supervised" | "dpo", "<type>": {"hyperparameters": {...},
     "adapter": {"type": "lora" | "mixlora", "hyperparameters": {...}}}}`, where
-    `hyperparameters` holds the training ones and `adapter` (mixloom's extension, optional)
-    the adapter's. mixloom's shorthand for supervised training: `{"type": "lora" |
-    "mixlora", "<type>": {"hyperparameters": {...every one...}}}`.
+    `hyperparameters` holds the objective's and training ones and `adapter` (mixloom's
+    extension, optional) the adapter's. mixloom's shorthand for supervised training:
+    `{"type": "lora" | "mixlora", "<type>": {"hyperparameters": {...every one...}}}`.
     """
 
     type: Annotated[
-        Literal["supervised", "lora", "mixlora"],
+        Literal["supervised", "dpo", "lora", "mixlora"],
         Field(
-            description='"supervised" (OpenAI\'s body; the adapter is its `adapter` section, '
-            'else the deployment\'s default), or mixloom\'s "lora" / "mixlora": supervised '
-            "training of that adapter with every hyperparameter in one section"
+            description='"supervised" or "dpo" (OpenAI\'s bodies; the adapter is their '
+            '`adapter` section, else the deployment\'s default), or mixloom\'s "lora" / '
+            '"mixlora": supervised training of that adapter with every hyperparameter in one '
+            "section"
         ),
     ]
     supervised: SupervisedMethodBody | None = None
+    dpo: DpoMethodBody | None = None
     lora: LoraMethodBody | None = None
     mixlora: MixLoraMethodBody | None = None
 
     @model_validator(mode="after")
     def _body_matches_type(self) -> Method:
-        for other in ("supervised", "lora", "mixlora"):
+        for other in _SECTIONS:
             if other != self.type and getattr(self, other) is not None:
                 raise ValueError(f"method.type is {self.type!r} but a {other!r} section is given")
         return self
 
     @property
-    def objective(self) -> Literal["supervised"]:
-        return "supervised"
+    def objective(self) -> Literal["supervised", "dpo"]:
+        return "dpo" if self.type == "dpo" else "supervised"
+
+    @property
+    def preference(self) -> DpoObjective | None:
+        """A DPO job's loss settings; None for supervised training."""
+        if self.type != "dpo":
+            return None
+        return (self.dpo or DpoMethodBody()).hyperparameters.objective
+
+    def _body(self) -> SupervisedMethodBody | DpoMethodBody:
+        """The OpenAI-shaped body (supervised or dpo), defaults where it was left out."""
+        if self.type == "dpo":
+            return self.dpo or DpoMethodBody()
+        return self.supervised or SupervisedMethodBody()
 
     @property
     def adapter_type(self) -> AdapterType:
-        """The adapter this method trains ("lora" when a supervised body names none)."""
-        if self.type == "supervised":
-            adapter = (self.supervised or SupervisedMethodBody()).adapter
+        """The adapter this method trains ("lora" when a supervised or dpo body names none)."""
+        if self.type in ("supervised", "dpo"):
+            adapter = self._body().adapter
             return adapter.type if adapter is not None else DEFAULT_ADAPTER
-        return self.type
+        return self.type  # type: ignore[return-value]
 
     @property
     def hyperparameters(self) -> LoraHyperparameters:
@@ -364,21 +450,20 @@ class Method(_Strict):
             return (self.lora or LoraMethodBody()).hyperparameters
         if self.type == "mixlora":
             return (self.mixlora or MixLoraMethodBody()).hyperparameters
-        body = self.supervised or SupervisedMethodBody()
+        body = self._body()
         adapter = body.adapter or AdapterSection(type=DEFAULT_ADAPTER)
-        training = body.hyperparameters.model_dump(exclude={"learning_rate_multiplier"})
+        training = body.hyperparameters.model_dump(exclude=set(_OBJECTIVE_FIELDS))
         return _JOB_CLASSES[adapter.type].model_validate(
             {**training, **adapter.settings.model_dump()}
         )
 
     def with_default_adapter(self, adapter: AdapterType) -> Method:
-        """This method with the adapter named: a supervised body without one trains
+        """This method with the adapter named: a supervised or dpo body without one trains
         `adapter` (the deployment's default); other methods are returned as they are."""
-        if self.type != "supervised" or (self.supervised and self.supervised.adapter):
+        if self.type not in ("supervised", "dpo") or self._body().adapter:
             return self
-        body = self.supervised or SupervisedMethodBody()
-        named = body.model_copy(update={"adapter": AdapterSection(type=adapter)})
-        return self.model_copy(update={"supervised": named})
+        named = self._body().model_copy(update={"adapter": AdapterSection(type=adapter)})
+        return self.model_copy(update={self.type: named})
 
     def within_context(self, context: int) -> Method:
         """This method with max_seq_len lowered to `context` (the base model's) when the
@@ -391,11 +476,9 @@ class Method(_Strict):
             return self
         given = hp.model_dump(exclude_unset=True)
         fitted = type(hp).model_validate({**given, "max_seq_len": context})
-        if self.type == "supervised":
-            body = (self.supervised or SupervisedMethodBody()).model_copy(
-                update={"hyperparameters": fitted}
-            )
-            return self.model_copy(update={"supervised": body})
+        if self.type in ("supervised", "dpo"):
+            body = self._body().model_copy(update={"hyperparameters": fitted})
+            return self.model_copy(update={self.type: body})
         section = LoraMethodBody if self.type == "lora" else MixLoraMethodBody
         return self.model_copy(
             update={self.type: section.model_validate({"hyperparameters": fitted})}
@@ -410,22 +493,22 @@ class Method(_Strict):
 
     def where(self, name: str) -> str:
         """The path of hyperparameter `name` (e.g. "r", "expert_lora.r") in this body."""
-        if self.type != "supervised":
+        if self.type not in ("supervised", "dpo"):
             return f"method.{self.type}.hyperparameters.{name}"
         if name.split(".")[0] in _ADAPTER_FIELDS:
-            return f"method.supervised.adapter.hyperparameters.{name}"
-        return f"method.supervised.hyperparameters.{name}"
+            return f"method.{self.type}.adapter.hyperparameters.{name}"
+        return f"method.{self.type}.hyperparameters.{name}"
 
     def to_json(self) -> dict[str, Any]:
         """The method as stored and shown: its own spelling, every hyperparameter filled in."""
-        if self.type != "supervised":
+        if self.type not in ("supervised", "dpo"):
             hp = self.hyperparameters.model_dump(mode="json")
             return {"type": self.type, self.type: {"hyperparameters": hp}}
-        body = self.supervised or SupervisedMethodBody()
+        body = self._body()
         adapter = body.adapter or AdapterSection(type=DEFAULT_ADAPTER)
         return {
-            "type": "supervised",
-            "supervised": {
+            "type": self.type,
+            self.type: {
                 "hyperparameters": body.hyperparameters.model_dump(mode="json"),
                 "adapter": {
                     "type": adapter.type,

@@ -214,7 +214,7 @@ def test_suffix_and_metadata_are_kept_and_shown(sqlite_api: Api) -> None:
             "method.supervised.adapter.hyperparameters.r",
             "MIXLOOM_MAX_LORA_R",
         ),
-        ({"method": {"type": "dpo"}}, "method.type", "supervised"),
+        ({"method": {"type": "reinforcement"}}, "method.type", "supervised"),
     ],
 )
 def test_bad_openai_bodies_name_the_field(

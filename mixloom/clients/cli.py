@@ -593,6 +593,9 @@ def _jobs_get(args: argparse.Namespace) -> int:
     loss = metrics[-1].train_loss if metrics else None
     if loss is not None:
         print(f"  loss {loss:.4f}")
+    preference = _preference(metrics[-1]) if metrics else {}
+    if preference:
+        print("  reward " + ", ".join(f"{name} {value}" for name, value in preference.items()))
     if p.tokens_per_second is not None:
         print(f"  {p.tokens_per_second:.0f} tokens/s")
     if p.eta_s is not None:
@@ -730,12 +733,29 @@ def _postfix(metric: Metric) -> dict[str, str]:
     out = {}
     if metric.train_loss is not None:
         out["loss"] = f"{metric.train_loss:.4f}"
+    out.update(_preference(metric))
     val = metric.metrics.get("valid_loss")
     if isinstance(val, int | float):
         out["valid_loss"] = f"{val:.4f}"
+    val_acc = metric.metrics.get("valid_reward_accuracy")
+    if isinstance(val_acc, int | float):
+        out["valid_acc"] = f"{val_acc:.2f}"
     tps = metric.metrics.get("tokens_per_second")
     if isinstance(tps, int | float):
         out["tok/s"] = f"{tps:.0f}"
+    return out
+
+
+def _preference(metric: Metric) -> dict[str, str]:
+    """A DPO step's reward accuracy and margin (`acc 0.62`, `margin 0.41`); nothing for a
+    supervised step, which has neither."""
+    out = {}
+    acc = metric.metrics.get("reward_accuracy")
+    if isinstance(acc, int | float):
+        out["acc"] = f"{acc:.2f}"
+    margin = metric.metrics.get("reward_margin")
+    if isinstance(margin, int | float):
+        out["margin"] = f"{margin:.3g}"
     return out
 
 

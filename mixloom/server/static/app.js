@@ -90,12 +90,17 @@ function fmtBytes(b) {
 }
 function badge(status) { return h('span', { class: `badge ${status}`, 'data-status': status }, status.replace('_', ' ')); }
 // A job's method in either spelling: mixloom's {type: "lora"|"mixlora", <type>: {...}}, or
-// OpenAI's {type: "supervised", supervised: {hyperparameters, adapter: {type, hyperparameters}}}.
+// OpenAI's {type: "supervised"|"dpo", <type>: {hyperparameters, adapter: {type, hyperparameters}}}
+// (a DPO body's hyperparameters hold beta and label_smoothing beside the training ones).
 function methodBody(job) { return (job.method && job.method[job.method.type]) || {}; }
 function methodType(job) {
   const adapter = methodBody(job).adapter;
   return (adapter && adapter.type) || (job.method && job.method.type) || '—';
 }
+const isDpo = (job) => !!(job && job.method && job.method.type === 'dpo');
+const adapterName = (job) => (methodType(job) === 'mixlora' ? 'MixLoRA' : 'LoRA');
+// The job page's method: "DPO · MixLoRA" for a preference job; a supervised one its adapter type.
+function methodLabel(job) { return isDpo(job) ? `DPO · ${adapterName(job)}` : methodType(job); }
 function hyper(job) {
   const body = methodBody(job);
   return { ...(body.hyperparameters || {}), ...((body.adapter && body.adapter.hyperparameters) || {}) };
@@ -111,6 +116,12 @@ const trainLoss = (m) => pick(m, ['train_loss']);
 const valLoss = (m) => pick(m, ['valid_loss']);
 const learningRate = (m) => pick(m, ['learning_rate']);
 const tokensPerS = (m) => pick(m, ['tokens_per_second']);
+// A DPO step's rewards (beta x the policy's log-probability over the reference's), TRL's names.
+const rewardsChosen = (m) => pick(m, ['rewards_chosen']);
+const rewardsRejected = (m) => pick(m, ['rewards_rejected']);
+const rewardMargin = (m) => pick(m, ['reward_margin']);
+const rewardAccuracy = (m) => pick(m, ['reward_accuracy']);
+const validRewardAccuracy = (m) => pick(m, ['valid_reward_accuracy']);
 // Peak GPU memory when the worker has a GPU, else the worker process's resident memory.
 function memory(m) {
   const gpu = pick(m, ['gpu_peak_memory_bytes', 'gpu_memory_bytes']);
@@ -286,7 +297,7 @@ async function jobRow(job) {
   return h('tr', { class: 'clickable', 'data-job-id': job.id, onclick: open },
     h('td', { 'data-label': 'Job' }, h('a', { href: `#/jobs/${job.id}`, class: 'mono' }, job.id), job.suffix ? h('div', { class: 'small muted' }, job.suffix) : null),
     h('td', { 'data-label': 'Status' }, badge(job.status)),
-    h('td', { 'data-label': 'Method' }, methodType(job) === 'mixlora' ? `MixLoRA ×${hyper(job).num_experts}` : 'LoRA'),
+    h('td', { 'data-label': 'Method' }, (isDpo(job) ? 'DPO · ' : '') + (methodType(job) === 'mixlora' ? `MixLoRA ×${hyper(job).num_experts}` : 'LoRA')),
     h('td', { 'data-label': 'Progress' }, progressBar(p)),
     h('td', { 'data-label': 'Tokens/s', class: 'num' }, p.tps === undefined ? '—' : Math.round(p.tps).toLocaleString()),
     h('td', { 'data-label': 'ETA', class: 'num' }, job.status === 'running' ? fmtDuration(p.eta) : '—'),
@@ -313,6 +324,19 @@ function renderJob(jobId) {
   const error = h('div', { class: 'alert', role: 'alert', hidden: true });
   const stats = h('div', { class: 'stats', id: 'job-stats' });
   const lossSvg = svgChart('loss-chart');
+  const lossTitle = h('h2', {}, 'Loss');
+  const rewardsSvg = svgChart('rewards-chart');
+  const marginSvg = svgChart('margin-chart');
+  const accuracySvg = svgChart('reward-accuracy-chart');
+  const legendItem = (color, name) => h('span', {}, h('i', { style: `background:${color}` }), name);
+  const dpoCharts = h('div', { class: 'stack', id: 'dpo-charts', hidden: true },
+    h('section', { class: 'card' }, h('h2', {}, 'Rewards'), rewardsSvg,
+      h('div', { class: 'legend' }, legendItem('var(--ok)', 'chosen'), legendItem('var(--bad)', 'rejected')),
+      h('p', { class: 'small muted' }, 'beta × (policy − reference) log-probability of the preferred (chosen) and the other (rejected) answer, mean over the step\'s pairs.')),
+    h('section', { class: 'grid', style: 'grid-template-columns:repeat(auto-fit,minmax(240px,1fr))' },
+      h('div', { class: 'card' }, h('h2', {}, 'Reward margin'), marginSvg),
+      h('div', { class: 'card' }, h('h2', {}, 'Reward accuracy'), accuracySvg,
+        h('div', { class: 'legend' }, legendItem('var(--train)', 'train'), legendItem('var(--val)', 'validation')))));
   const lrSvg = svgChart('lr-chart');
   const tpsSvg = svgChart('tps-chart');
   const experts = h('div', { class: 'experts', id: 'router-load' });
@@ -336,8 +360,9 @@ function renderJob(jobId) {
     error, notice, stats,
     h('div', { class: 'grid two' },
       h('div', { class: 'stack' },
-        h('section', { class: 'card' }, h('h2', {}, 'Loss'), lossSvg,
-          h('div', { class: 'legend' }, h('span', {}, h('i', { style: 'background:var(--train)' }), 'train'), h('span', {}, h('i', { style: 'background:var(--val)' }), 'validation'))),
+        h('section', { class: 'card' }, lossTitle, lossSvg,
+          h('div', { class: 'legend' }, legendItem('var(--train)', 'train'), legendItem('var(--val)', 'validation'))),
+        dpoCharts,
         h('section', { class: 'grid', style: 'grid-template-columns:repeat(auto-fit,minmax(240px,1fr))' },
           h('div', { class: 'card' }, h('h2', {}, 'Learning rate'), lrSvg),
           h('div', { class: 'card' }, h('h2', {}, 'Tokens/s'), tpsSvg)),
@@ -382,15 +407,19 @@ function renderJob(jobId) {
     if (job.error) notes.push(`Error: ${job.error.message}`);
     notice.textContent = notes.join(' ');
     notice.hidden = !notes.length;
+    lossTitle.textContent = isDpo(job) ? 'DPO loss' : 'Loss';
+    dpoCharts.hidden = !isDpo(job);
     const hp = hyper(job);
     const rowsKv = [
-      ['Model', job.model], ['Method', methodType(job)], ['Training file', job.training_file],
+      ['Model', job.model], ['Method', methodLabel(job)], ['Training file', job.training_file],
       ['Validation file', job.validation_file || '—'], ['Seed', job.seed], ['Created', fmtTime(job.created_at)],
       ['Started', fmtTime(job.started_at)], ['Finished', fmtTime(job.finished_at)],
       ['Trained tokens', job.trained_tokens ? job.trained_tokens.toLocaleString() : '—'],
     ];
-    for (const [k, v] of Object.entries(hp)) {
+    const objectiveFirst = (k) => (k === 'beta' || k === 'label_smoothing' ? 0 : 1);
+    for (const [k, v] of Object.entries(hp).sort((a, b) => objectiveFirst(a[0]) - objectiveFirst(b[0]))) {
       if (v === null || typeof v === 'object' && !Array.isArray(v)) continue;
+      if (k === 'label_smoothing' && v === 0) continue; // plain DPO: only beta is of note
       rowsKv.push([k, Array.isArray(v) ? v.join(', ') : v]);
     }
     details.replaceChildren(...rowsKv.flatMap(([k, v]) => [h('dt', {}, k), h('dd', {}, String(v))]));
@@ -408,6 +437,7 @@ function renderJob(jobId) {
       h('div', { class: 'stat' }, h('div', { class: 'label' }, 'Progress'), h('div', { class: 'value', id: 'stat-step' }, p.total ? `${p.step} / ${p.total}` : String(p.step)), progressBar(p)),
       stat('Train loss', fmtNum(trainLoss(m)), 'stat-loss'),
       stat('Val loss', fmtNum(vals[vals.length - 1]), 'stat-val-loss'),
+      ...(isDpo(s.job) ? [stat('Reward accuracy', fmtNum(rewardAccuracy(m), 2), 'stat-reward-accuracy')] : []),
       stat('Learning rate', fmtNum(learningRate(m)), 'stat-lr'),
       stat('Tokens/s', tokensPerS(m) === undefined ? '—' : Math.round(tokensPerS(m)).toLocaleString(), 'stat-tps'),
       stat('Memory', memory(m), 'stat-memory'),
@@ -421,12 +451,24 @@ function renderJob(jobId) {
     requestAnimationFrame(() => {
       drawPending = false;
       const series = (f) => s.metrics.map((x) => [x.step, f(x.metrics)]).filter((p) => p[1] !== undefined);
+      const empty = FINISHED.has(s.job && s.job.status) ? 'No steps were trained' : 'Waiting for the first step…';
       drawLineChart(lossSvg.firstChild, [
         { name: 'train', color: '#4f46e5', points: series(trainLoss) },
         { name: 'validation', color: '#f59e0b', points: series(valLoss), dots: true },
-      ], { empty: FINISHED.has(s.job && s.job.status) ? 'No steps were trained' : 'Waiting for the first step…' });
+      ], { empty });
       drawLineChart(lrSvg.firstChild, [{ name: 'lr', color: '#0ea5e9', points: series(learningRate) }], { height: 150 });
       drawLineChart(tpsSvg.firstChild, [{ name: 'tokens/s', color: '#10b981', points: series(tokensPerS) }], { height: 150 });
+      if (isDpo(s.job)) {
+        drawLineChart(rewardsSvg.firstChild, [
+          { name: 'chosen', color: '#059669', points: series(rewardsChosen) },
+          { name: 'rejected', color: '#dc2626', points: series(rewardsRejected) },
+        ], { empty });
+        drawLineChart(marginSvg.firstChild, [{ name: 'margin', color: '#8b5cf6', points: series(rewardMargin) }], { height: 150 });
+        drawLineChart(accuracySvg.firstChild, [
+          { name: 'train', color: '#4f46e5', points: series(rewardAccuracy) },
+          { name: 'validation', color: '#f59e0b', points: series(validRewardAccuracy), dots: true },
+        ], { height: 150, yRange: [0, 1] });
+      }
       const last = s.metrics[s.metrics.length - 1];
       const load = last && last.metrics.router_load;
       expertsCard.hidden = !(Array.isArray(load) && load.length) && methodType(s.job || {}) !== 'mixlora';

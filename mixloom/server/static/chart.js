@@ -27,6 +27,8 @@ function fmtTick(v) {
 }
 
 // series: [{name, color, points: [[x, y], ...]}]; draws into `svg` at its parent's width.
+// opts: height, empty (the text with no points), yRange ([lo, hi]: a fixed y axis, e.g. a
+// share's [0, 1], widened only by points outside it).
 function drawLineChart(svg, series, opts) {
   opts = opts || {};
   const width = Math.max(240, svg.parentNode.clientWidth || 600);
@@ -49,6 +51,7 @@ function drawLineChart(svg, series, opts) {
   let x1 = Math.max(...all.map((p) => p[0]));
   let y0 = Math.min(...all.map((p) => p[1]));
   let y1 = Math.max(...all.map((p) => p[1]));
+  if (opts.yRange) { y0 = Math.min(y0, opts.yRange[0]); y1 = Math.max(y1, opts.yRange[1]); }
   if (x1 === x0) { x0 -= 1; x1 += 1; }
   if (y1 === y0) { const d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
   const yt = niceTicks(y0, y1, 4);

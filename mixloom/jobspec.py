@@ -401,7 +401,7 @@ class Method(_Strict):
         Literal["supervised", "dpo", "lora", "mixlora"],
         Field(
             description='"supervised" or "dpo" (OpenAI\'s bodies; the adapter is their '
-            '`adapter` section, else the deployment\'s default), or mixloom\'s "lora" / '
+            "`adapter` section, else the deployment's default), or mixloom's \"lora\" / "
             '"mixlora": supervised training of that adapter with every hyperparameter in one '
             "section"
         ),

@@ -18,7 +18,12 @@ How rows become text is the job's ``rendering``:
   concatenation ``prompt + completion + EOS`` (TRL's non-conversational rows); alpaca uses a
   short instruction prompt; chat uses ``User:``/``Assistant:`` lines.
 
-Text rows (``{"text"}``) are always ``text + EOS``, every token a target. The rendering a
+Text rows (``{"text"}``) are always ``text + EOS``, every token a target.
+
+A preference pair (DPO) is two such rows that share the prompt: the conversation ending in
+the preferred answer, and the same ending in the other one, each with its last answer alone
+as the target (``encode_preferences``). Neither may be cut by max_seq_len: a cut answer is no
+longer the answer that was preferred, so such a pair is an error naming its line. The rendering a
 dataset got (``EncodedDataset.rendering``, ``rendering_of``) is stored with the adapter, so
 that inference and evaluation prompt it the same way.
 """
@@ -33,7 +38,7 @@ from typing import Any, overload
 import torch
 
 from mixloom.data.formats import Example, Format
-from mixloom.errors import DataError
+from mixloom.errors import DataError, Problem
 
 IGNORE_INDEX = -100
 RENDERINGS = ("chat", "plain")
@@ -78,6 +83,40 @@ class EncodedDataset(Sequence[EncodedRow]):
         return len(self.rows)
 
     def __iter__(self) -> Iterator[EncodedRow]:
+        return iter(self.rows)
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """One preference pair: the prompt with its preferred answer, and with the other."""
+
+    chosen: EncodedRow
+    rejected: EncodedRow
+    source: str = ""
+
+    @property
+    def num_targets(self) -> int:
+        return self.chosen.num_targets + self.rejected.num_targets
+
+
+@dataclass(frozen=True)
+class EncodedPairs(Sequence[EncodedPair]):
+    """A preference dataset's pairs, tokenised, and the rendering they got."""
+
+    rows: list[EncodedPair]
+    rendering: str = "chat"
+
+    @overload
+    def __getitem__(self, i: int) -> EncodedPair: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[EncodedPair]: ...
+    def __getitem__(self, i: int | slice) -> EncodedPair | list[EncodedPair]:
+        return self.rows[i]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[EncodedPair]:
         return iter(self.rows)
 
 
@@ -159,6 +198,76 @@ def encode_dataset(
             "raise max_seq_len or shorten the prompts"
         )
     return EncodedDataset(rows, len(examples), n_truncated, len(dropped), warnings, rendered)
+
+
+def encode_preferences(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    rendering: str = "chat",
+    max_problems: int = 20,
+) -> EncodedPairs:
+    """Encode preference examples (``Format.PREFERENCE``: ``messages`` ending in the
+    preferred answer, ``rejected`` the other) as pairs of rows, each answer rendered as a
+    chat row's last assistant turn would be and the only target.
+
+    Raises DataError naming every example that is not a preference row, or whose prompt and
+    answer do not fit in max_seq_len tokens (up to `max_problems` of them)."""
+    problems: list[Problem] = []
+    pairs = []
+    for example in examples:
+        if example.format is not Format.PREFERENCE or example.rejected is None:
+            problems.append(
+                Problem(
+                    example.source,
+                    f"a {example.format.value} row, but a DPO job trains on preference rows "
+                    '({"input", "preferred_output", "non_preferred_output"})',
+                )
+            )
+            continue
+        prompt = example.messages[:-1]
+        rows = []
+        for label, answer in (
+            ("preferred_output", example.messages[-1][1]),
+            ("non_preferred_output", example.rejected),
+        ):
+            as_chat = Example(
+                (*prompt, ("assistant", answer)), Format.CHAT, example.source, example.untrained
+            )
+            row = encode_example(as_chat, tokenizer, max_seq_len=max_seq_len, rendering=rendering)
+            if row.truncated:
+                whole = len(
+                    encode_example(
+                        as_chat, tokenizer, max_seq_len=1 << 30, rendering=rendering
+                    ).input_ids
+                )
+                problems.append(
+                    Problem(
+                        f"{example.source}: {label}",
+                        f"the prompt and this answer are {whole} tokens, more than max_seq_len="
+                        f"{max_seq_len}; a cut answer is not the one that was judged: raise "
+                        "max_seq_len or drop the pair",
+                    )
+                )
+            rows.append(row)
+        if len(rows) == 2:
+            pairs.append(EncodedPair(rows[0], rows[1], example.source))
+        if len(problems) >= max_problems:
+            break
+    if problems:
+        raise DataError(problems)
+    if not pairs:
+        raise DataError("the file holds no preference pair")
+    return EncodedPairs(pairs, rendering_of(examples, tokenizer, rendering))
+
+
+def sequence_rows(examples: Sequence[Any]) -> list[EncodedRow]:
+    """The rows a batch of examples is: rows as they are; pairs as their preferred answers,
+    then the others (pairs [0, m) are rows [0, m) and [m, 2m))."""
+    if examples and isinstance(examples[0], EncodedPair):
+        return [p.chosen for p in examples] + [p.rejected for p in examples]
+    return list(examples)
 
 
 def collate(

@@ -132,12 +132,13 @@ def activation_bytes(
     return int(SAFETY * (per_layer * shape.layers + experts_kept + logits))
 
 
-def step_bytes_upper_bound(shape: ModelShape, hp: LoraHyperparameters) -> int:
-    """Activations of the job's largest possible micro-batch (micro rows of max_seq_len)."""
-    width = hp.max_seq_len
-    return activation_bytes(
-        shape, hp, hp.micro_batch_rows, width, targets=hp.micro_batch_rows * width
-    )
+def step_bytes_upper_bound(
+    shape: ModelShape, hp: LoraHyperparameters, rows_per_example: int = 1
+) -> int:
+    """Activations of the job's largest possible micro-batch (micro rows of max_seq_len;
+    `rows_per_example`: 2 for a DPO job, whose examples are pairs)."""
+    width, rows = hp.max_seq_len, hp.micro_batch_rows * rows_per_example
+    return activation_bytes(shape, hp, rows, width, targets=rows * width)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,12 @@ class Admission:
 
 
 def admit(
-    shape: ModelShape, hp: LoraHyperparameters, *, budget: int, admitted_state: int
+    shape: ModelShape,
+    hp: LoraHyperparameters,
+    *,
+    budget: int,
+    admitted_state: int,
+    rows_per_example: int = 1,
 ) -> Admission:
     """May a job join a worker whose admitted jobs already hold `admitted_state` bytes?
 
@@ -156,7 +162,7 @@ def admit(
     composes a step whose activations exceed what is left; see policy.compose_step).
     """
     state = job_state_bytes(shape, hp)
-    act = step_bytes_upper_bound(shape, hp)
+    act = step_bytes_upper_bound(shape, hp, rows_per_example)
     need_alone = shape.base_bytes + state + act
     if need_alone > budget:
         return Admission(

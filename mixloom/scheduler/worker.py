@@ -46,7 +46,9 @@ import torch
 from sqlalchemy.exc import DBAPIError
 
 from mixloom.config import Settings
+from mixloom.data.tokenize import sequence_rows
 from mixloom.errors import DataError, QuotaExceededError
+from mixloom.jobspec import Method
 from mixloom.model_ids import fine_tuned_model_id, served_base_id
 from mixloom.scheduler import memory
 from mixloom.scheduler.evaluation import evaluate_job, evaluation_summary
@@ -453,8 +455,13 @@ class Worker:
         return sum(h.state_bytes for h in self.held.values())
 
     def _fits(self, record: JobRecord, hp: Any) -> memory.Admission:
+        dpo = Method.model_validate(record.method).objective == "dpo"
         return memory.admit(
-            self.shape, hp, budget=self.budget, admitted_state=self._admitted_state()
+            self.shape,
+            hp,
+            budget=self.budget,
+            admitted_state=self._admitted_state(),
+            rows_per_example=2 if dpo else 1,  # a pair is two sequences
         )
 
     def _claim(self) -> None:
@@ -503,11 +510,13 @@ class Worker:
                     else None
                 )
                 recorded = jobs.last_checkpoint_step(session=session, job_id=record.id)
-            rows = self.training.encode(train.path, hp)
-            val_rows = self.training.encode(val.path, hp) if val else []
+            preference = Method.model_validate(record.method).preference
+            rows = self.training.encode(train.path, hp, preference)
+            val_rows: Any = self.training.encode(val.path, hp, preference) if val else []
             job = self.training.add(
                 record.id,
                 hp,
+                preference=preference,
                 seed=record.seed,
                 rows=rows,
                 validation_rows=val_rows,
@@ -573,7 +582,8 @@ class Worker:
         for h in self.held.values():
             if h.job is None or not self._usable(h):
                 continue
-            rows, _ = h.job.next_micro_batch()
+            examples, _ = h.job.next_micro_batch()
+            rows = sequence_rows(examples)
             candidates.append(
                 Candidate(
                     name=h.record.id,

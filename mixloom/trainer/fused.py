@@ -5,6 +5,10 @@ Invariant (tested): training jobs fused gives the same adapters as training each
 It holds because (1) every op of the base is row-wise independent across sequences, (2) each
 adapter touches only its own rows, (3) each job's loss is normalised by its own target
 count, and (4) dropout/jitter masks come from the job's own RNG stream.
+
+A DPO job's micro-batch of m pairs is 2m rows of its block (the preferred answers, then the
+others); its loss is over the rows' summed log-probabilities (trainer/dpo.py), with the
+reference's made apart for the job alone the first time a pair comes up.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mixloom.data.tokenize import IGNORE_INDEX, EncodedRow, collate
+from mixloom.data.tokenize import IGNORE_INDEX, EncodedPair, EncodedRow, collate, sequence_rows
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.batch import Segment, upload
 from mixloom.model.formats import adapter_state_from_files
+from mixloom.trainer import dpo
 from mixloom.trainer.job import TrainingJob, TrainingState
 from mixloom.trainer.loss import linear_cross_entropy
 
@@ -42,6 +47,7 @@ class JobStepMetrics:
     grad_norm: float | None
     router_load: list[float] | None  # MixLoRA: fraction of routed pairs per expert
     state: TrainingState
+    preference: dict[str, float] | None = None  # DPO, when stepped: dpo.step_metrics
 
 
 @dataclass
@@ -135,12 +141,15 @@ class FusedTrainer:
         if not jobs:
             return StepReport([], 0, 0.0)
         batches = []
+        references: dict[str, Tensor] = {}  # DPO jobs: (m, 2) reference log-probabilities
         for job in jobs:
             if job.micro_done == 0:  # where `rollback` sets the job back to
                 self._step_starts[job.name] = _StepStart(
                     job.step, job.tokens_seen, self.model.generators[job.name].get_state()
                 )
             rows, targets = job.next_micro_batch()
+            if job.preference is not None:
+                references[job.name] = self._references(job, job.micro_indices())
             batches.append((job, rows, targets))
         input_ids, labels, mask, segments = self._collate(batches)
         target_rows, targets_flat, bounds = _target_rows(labels, segments)  # host-side layout
@@ -161,9 +170,31 @@ class FusedTrainer:
 
         # One fused vocabulary projection + cross-entropy over every job's target positions.
         token_losses = self._token_losses(hidden, target_rows, targets_flat)
-        sums = [token_losses[a:b].sum() for a, b in bounds]  # per job, in batch order
+        sequence_logps = None
+        if references:  # each row's summed log-probability of its targets
+            rows_of_targets = torch.div(target_rows, labels.shape[1], rounding_mode="floor")
+            sequence_logps = -torch.zeros(
+                labels.shape[0], device=dev, dtype=token_losses.dtype
+            ).index_add(0, rows_of_targets, token_losses)
+        sums: list[Tensor] = []  # per job, in batch order: its micro-batch's loss sum
+        counts: list[int] = []  # and what the micro-batch's mean loss is over
+        preference_stats: list[Tensor] = []
         job_loss: list[Tensor] = []
-        for (job, _, targets), token_sum in zip(batches, sums, strict=True):
+        for (job, rows, targets), seg, (a, b) in zip(batches, segments, bounds, strict=True):
+            if job.preference is None:
+                token_sum = token_losses[a:b].sum()
+                counts.append(b - a)
+            else:
+                assert sequence_logps is not None
+                m, ref = len(rows), references[job.name]
+                policy = sequence_logps[seg.start : seg.end]
+                losses, stats = dpo.pair_losses(
+                    policy[:m], policy[m:], ref[:, 0], ref[:, 1], job.preference
+                )
+                token_sum = losses.sum()
+                counts.append(m)
+                preference_stats.append(stats)
+            sums.append(token_sum)
             loss = token_sum / max(1, targets)
             if job.name in aux:
                 loss = loss + aux[job.name] / job.micro_batches
@@ -192,11 +223,16 @@ class FusedTrainer:
 
         # the step's one read of the device: losses, sums, aux losses, norms, router loads
         scalars = torch.stack([t.detach() for t in job_loss + sums + aux_list + norms])
-        values = torch.cat([scalars, *load_tensors.values()]).tolist()
+        values = torch.cat([scalars, *load_tensors.values(), *preference_stats]).tolist()
         loads, at = {}, scalars.shape[0]
         for name, load in load_tensors.items():
             loads[name] = values[at : at + load.shape[0]]
             at += load.shape[0]
+        stats_of = {}
+        for job, _, _ in batches:
+            if job.preference is not None:
+                stats_of[job.name] = values[at : at + len(dpo.STATS)]
+                at += len(dpo.STATS)
         n_jobs = len(batches)
         loss_values, sum_values = values[:n_jobs], values[n_jobs : 2 * n_jobs]
         aux_values = iter(values[2 * n_jobs : 2 * n_jobs + len(aux_list)])
@@ -214,8 +250,13 @@ class FusedTrainer:
                     self._metrics(job, False, float("nan"), None, None, tokens, None, loads)
                 )
                 continue
-            micro_loss = sum_values[i] / max(1, bounds[i][1] - bounds[i][0])
+            micro_loss = sum_values[i] / max(1, counts[i])
             job.loss_sum += sum_values[i]
+            if job.name in stats_of:
+                got = stats_of[job.name]
+                job.preference_sums = [
+                    x + y for x, y in zip(job.preference_sums or [0.0] * len(got), got, strict=True)
+                ]
             if aux_value is not None:
                 job.aux_sum += aux_value / job.micro_batches
             total_tokens += tokens
@@ -223,27 +264,23 @@ class FusedTrainer:
             aux_value = job.aux_sum if job.adapter.is_mixlora else None  # before advance_step
             job.advance_micro()
             step_loss = None
+            preference = None
             if grad_norm is not None:
                 if not math.isfinite(grad_norm):  # the update was skipped (found_inf)
                     self._fail(job, f"gradient norm became {grad_norm} at step {job.step + 1}")
                 else:
                     job.scheduler.step()
                     step_loss = job.loss_sum / max(1, targets)
+                    if job.preference is not None:
+                        preference = dpo.step_metrics(job.preference_sums, targets)
                     job.advance_step()
                     if job.done:
                         job.state = TrainingState.SUCCEEDED
-            report.append(
-                self._metrics(
-                    job,
-                    stepping[i],
-                    micro_loss,
-                    step_loss,
-                    aux_value,
-                    tokens,
-                    grad_norm,
-                    loads,
-                )
+            metrics = self._metrics(
+                job, stepping[i], micro_loss, step_loss, aux_value, tokens, grad_norm, loads
             )
+            metrics.preference = preference
+            report.append(metrics)
         seconds = time.perf_counter() - t0
         return StepReport(report, total_tokens, seconds, [j.name for j, _, _ in batches])
 
@@ -261,20 +298,53 @@ class FusedTrainer:
             job.micro_done = 0
             job.loss_sum = 0.0
             job.aux_sum = 0.0
+            job.preference_sums = []
             job.tokens_seen = start.tokens_seen
             self.model.generators[name].set_state(start.rng)
 
     def _collate(
-        self, batches: list[tuple[TrainingJob, list[EncodedRow], int]]
+        self, batches: list[tuple[TrainingJob, list[Any], int]]
     ) -> tuple[Tensor, Tensor, Tensor, list[Segment]]:
-        """Stack every job's micro-batch as contiguous row blocks, right-padded to one width."""
+        """Stack every job's micro-batch as contiguous row blocks, right-padded to one width
+        (a DPO job's pairs as 2m rows: _rows_of)."""
         all_rows: list[EncodedRow] = []
         segments = []
-        for job, rows, _ in batches:
+        for job, examples, _ in batches:
+            rows = sequence_rows(examples)
             segments.append(Segment(job.name, len(all_rows), len(all_rows) + len(rows)))
             all_rows.extend(rows)
         input_ids, labels, mask = collate(all_rows, self.pad_id)
         return input_ids, labels, mask, segments
+
+    def _references(self, job: TrainingJob, indices: list[int]) -> Tensor:
+        """(m, 2) on the device: the reference's log-probabilities of the preferred and the
+        other answer of the job's pairs `indices`, made now for those not yet made (one
+        forward of the base with no adapter over them alone: dpo.py)."""
+        missing = [i for i in indices if i not in job.reference]
+        if missing:
+            chosen, rejected = self._pair_logps([job.rows[i] for i in missing], None)
+            for i, c, r in zip(missing, chosen.tolist(), rejected.tolist(), strict=True):
+                job.reference[i] = (c, r)
+        values = torch.tensor([job.reference[i] for i in indices], dtype=torch.float32)
+        return upload(values, self.model.device)
+
+    @torch.no_grad()
+    def _pair_logps(self, pairs: list[EncodedPair], adapter: str | None) -> tuple[Tensor, Tensor]:
+        """The summed log-probabilities of each pair's answers, (m,) preferred and (m,) other,
+        under `adapter` (None: the base alone), in eval mode, in one forward."""
+        rows = sequence_rows(pairs)
+        dev = self.model.device
+        input_ids, labels, mask = collate(rows, self.pad_id)
+        segs = [Segment(adapter, 0, len(rows))]
+        with self.model.fused(segs, mask.to(dev), training=False, collect_router=False):
+            hidden = self.model.backbone(input_ids=input_ids.to(dev), attention_mask=mask.to(dev))
+        target_rows, targets, _ = _target_rows(labels, [])
+        losses = self._token_losses(hidden.last_hidden_state, target_rows.to(dev), targets.to(dev))
+        rows_of_targets = torch.div(target_rows, labels.shape[1], rounding_mode="floor").to(dev)
+        logps = -torch.zeros(len(rows), device=dev, dtype=losses.dtype).index_add(
+            0, rows_of_targets, losses
+        )
+        return logps[: len(pairs)], logps[len(pairs) :]
 
     def _token_losses(self, hidden: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
         """(n,) fp32 next-token losses of the given flat rows of hidden (B*T, H): logits for
@@ -366,10 +436,14 @@ class FusedTrainer:
 
     @torch.no_grad()
     def validation_loss(self, name: str, batch_size: int = 8) -> float | None:
-        """Mean token loss of the job's validation rows (eval mode: no dropout, no jitter)."""
+        """Mean token loss of the job's validation rows (eval mode: no dropout, no jitter);
+        for a DPO job, the mean pair loss of its validation pairs (and their reward accuracy
+        in `job.valid_reward_accuracy`)."""
         job = self.jobs[name]
         if not job.validation_rows:
             return None
+        if job.preference is not None:
+            return self._validation_pairs(job, batch_size)
         total, count = 0.0, 0
         dev = self.model.device
         for i in range(0, len(job.validation_rows), batch_size):
@@ -382,6 +456,21 @@ class FusedTrainer:
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
         return total / max(1, count)
 
+    def _validation_pairs(self, job: TrainingJob, batch_size: int) -> float:
+        total, correct, pairs = 0.0, 0.0, job.validation_rows
+        assert job.preference is not None
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            ref_chosen, ref_rejected = self._pair_logps(chunk, None)
+            chosen, rejected = self._pair_logps(chunk, job.name)
+            losses, stats = dpo.pair_losses(
+                chosen, rejected, ref_chosen, ref_rejected, job.preference
+            )
+            total += float(losses.sum())
+            correct += float(stats[dpo.STATS.index("reward_accuracy")])
+        job.valid_reward_accuracy = correct / len(pairs)
+        return total / len(pairs)
+
     # -- checkpoint state --------------------------------------------------------------
 
     def job_state(self, name: str) -> dict[str, Any]:
@@ -389,7 +478,7 @@ class FusedTrainer:
         job = self.jobs[name]
         if job.micro_done:
             raise RuntimeError("checkpoint only between optimizer steps (micro_done == 0)")
-        return {
+        state = {
             "adapter": self.model.adapter_state_dict(name),
             "optimizer": job.optimizer.state_dict(),
             "scheduler": job.scheduler.state_dict(),
@@ -397,6 +486,13 @@ class FusedTrainer:
             "counters": job.counters(),
             "state": job.state.value,
         }
+        if job.preference is not None:  # the reference's numbers made so far, exactly
+            index = sorted(job.reference)
+            state["reference"] = {
+                "index": torch.tensor(index, dtype=torch.long),
+                "logps": torch.tensor([job.reference[i] for i in index], dtype=torch.float64),
+            }
+        return state
 
     def _restore(self, job: TrainingJob, state: dict[str, Any]) -> None:
         adapter = state.get("adapter")
@@ -407,3 +503,9 @@ class FusedTrainer:
         job.scheduler.load_state_dict(state["scheduler"])
         self.model.generators[job.name].set_state(state["rng"])
         job.restore_counters(state["counters"])
+        reference = state.get("reference")
+        if job.preference is not None and reference is not None:
+            logps = reference["logps"].tolist()
+            job.reference = {
+                int(i): (c, r) for i, (c, r) in zip(reference["index"].tolist(), logps, strict=True)
+            }

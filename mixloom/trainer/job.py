@@ -1,5 +1,8 @@
 """One training job's own state inside a fused trainer: data order and cursor, optimizer,
-LR schedule, gradient accumulation, counters. Nothing here knows about other jobs."""
+LR schedule, gradient accumulation, counters. Nothing here knows about other jobs.
+
+A job's examples are rows (supervised) or preference pairs (DPO, `preference` set): its
+batch_size, order and epochs count examples either way."""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ from typing import Any
 
 import torch
 
-from mixloom.data.tokenize import EncodedRow
+from mixloom.data.tokenize import EncodedPair, EncodedRow
 from mixloom.errors import DataError
-from mixloom.jobspec import LoraHyperparameters
+from mixloom.jobspec import DpoObjective, LoraHyperparameters
 from mixloom.model.specs import AdapterSpec
 
 
@@ -45,14 +48,16 @@ def lr_lambda(kind: str, warmup: int, total: int):  # type: ignore[no-untyped-de
 
 @dataclass
 class TrainingJob:
-    """A job as the trainer runs it. `rows` are tokenised training rows."""
+    """A job as the trainer runs it. `rows` are its tokenised training examples: rows, or
+    pairs for a DPO job (`preference`, its loss settings)."""
 
     name: str
     adapter: AdapterSpec
     hp: LoraHyperparameters
-    rows: list[EncodedRow]
+    rows: list[Any]  # list[EncodedRow], or list[EncodedPair] with `preference`
     seed: int = 42
-    validation_rows: list[EncodedRow] = field(default_factory=list)
+    validation_rows: list[Any] = field(default_factory=list)
+    preference: DpoObjective | None = None
 
     # runtime state (restored from checkpoints)
     epoch: int = 0
@@ -66,6 +71,12 @@ class TrainingJob:
     loss_sum: float = 0.0  # summed token loss of the current optimizer step
     aux_sum: float = 0.0
     tokens_seen: int = 0
+    # DPO: the reference model's (the base's) summed log-probabilities of each pair's
+    # answers, by index in `rows`, made the first time a pair is trained on (FusedTrainer)
+    reference: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # DPO: the optimizer step's sums so far (dpo.STATS order) and its last validation
+    preference_sums: list[float] = field(default_factory=list)
+    valid_reward_accuracy: float | None = None
     _perm: list[int] | None = None
     _perm_epoch: int = -1
 
@@ -74,6 +85,14 @@ class TrainingJob:
             raise DataError(
                 f"job {self.name!r} has no training rows (every row was empty or dropped)"
             )
+        kind = EncodedPair if self.preference is not None else EncodedRow
+        for what, examples in (("training", self.rows), ("validation", self.validation_rows)):
+            if examples and not isinstance(examples[0], kind):
+                raise DataError(
+                    f"job {self.name!r}: its {what} examples are "
+                    f"{type(examples[0]).__name__}s, but its objective trains on "
+                    f"{kind.__name__}s"
+                )
 
     # -- schedule ----------------------------------------------------------------------
 
@@ -116,26 +135,34 @@ class TrainingJob:
             self._perm_epoch = self.epoch
         return self._perm
 
-    def step_rows(self) -> list[EncodedRow]:
-        """Rows of the current optimizer step (batch_size, or fewer at an epoch's end)."""
-        perm = self._permutation()
-        idx = perm[self.cursor : self.cursor + self.hp.batch_size]
-        return [self.rows[i] for i in idx]
+    def step_indices(self) -> list[int]:
+        """Indices in `rows` of the current optimizer step's examples (batch_size, or fewer
+        at an epoch's end)."""
+        return self._permutation()[self.cursor : self.cursor + self.hp.batch_size]
+
+    def step_rows(self) -> list[Any]:
+        """Examples of the current optimizer step."""
+        return [self.rows[i] for i in self.step_indices()]
 
     @property
     def micro_batches(self) -> int:
-        return math.ceil(len(self.step_rows()) / self.hp.micro_batch_rows)
+        return math.ceil(len(self.step_indices()) / self.hp.micro_batch_rows)
 
-    def next_micro_batch(self) -> tuple[list[EncodedRow], int]:
-        """(rows of the next micro-batch, target tokens of the whole optimizer step).
-
-        The loss of every micro-batch is divided by the whole step's target count, so
-        accumulation gives exactly the gradient of the full batch's mean token loss."""
-        rows = self.step_rows()
-        targets = sum(r.num_targets for r in rows)
+    def micro_indices(self) -> list[int]:
+        """Indices in `rows` of the next micro-batch's examples."""
         size = self.hp.micro_batch_rows
         lo = self.micro_done * size
-        return rows[lo : lo + size], targets
+        return self.step_indices()[lo : lo + size]
+
+    def next_micro_batch(self) -> tuple[list[Any], int]:
+        """(examples of the next micro-batch, what the whole optimizer step's loss is
+        divided by: its target tokens, or for DPO its pairs).
+
+        The loss of every micro-batch is divided by the whole step's count, so accumulation
+        gives exactly the gradient of the full batch's mean token (or pair) loss."""
+        rows = self.step_rows()
+        count = len(rows) if self.preference else sum(r.num_targets for r in rows)
+        return [self.rows[i] for i in self.micro_indices()], count
 
     def advance_micro(self) -> bool:
         """Count one finished micro-batch; True when the optimizer step is complete."""
@@ -148,6 +175,7 @@ class TrainingJob:
         self.micro_done = 0
         self.loss_sum = 0.0
         self.aux_sum = 0.0
+        self.preference_sums = []
         if self.cursor >= len(self.rows):
             self.epoch += 1
             self.cursor = 0

@@ -106,11 +106,13 @@ def train(
     problems = ProblemList()
     encoded = []
     for spec in specs:  # every file's problems first, before any job starts
-        hp = spec.method.hyperparameters
+        hp, preference = spec.method.hyperparameters, spec.method.preference
         try:
-            rows = session.encode(base_dir / spec.training_file, hp)
+            rows = session.encode(base_dir / spec.training_file, hp, preference)
             val = (
-                session.encode(base_dir / spec.validation_file, hp) if spec.validation_file else []
+                session.encode(base_dir / spec.validation_file, hp, preference)
+                if spec.validation_file
+                else []
             )
         except DataError as exc:
             problems.problems.extend(exc.problems)
@@ -126,6 +128,7 @@ def train(
             validation_rows=val,
             folder=out_root / spec.name,
             resume=resume,
+            preference=spec.method.preference,
         )
         if job.step:
             print(f"{job.name}: resuming from its checkpoint at step {job.step}", file=sys.stderr)

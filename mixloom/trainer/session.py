@@ -21,6 +21,15 @@ client). Names follow OpenAI's fine-tuning API where it has one:
     learning_rate           the step's learning rate
     grad_norm               gradient norm before clipping
     aux_loss                MixLoRA: the router's load-balance loss
+    rewards_chosen, rewards_rejected
+                            DPO: the mean implicit reward (beta x the log-ratio to the
+                            reference) of the preferred and of the other answers
+    reward_margin           DPO: their mean difference per pair
+    reward_accuracy         DPO: the share of pairs whose preferred answer has the larger one
+    logps_chosen, logps_rejected
+                            DPO: the answers' mean summed log-probabilities (the policy's)
+    valid_reward_accuracy   DPO: reward_accuracy of the validation pairs (with valid_loss,
+                            their mean DPO loss)
     router_load             MixLoRA: the share of routed (token, choice) pairs per expert
     epoch, total_steps      where the job is, out of how many optimizer steps
     tokens                  real tokens of the optimizer step (all its micro-batches)
@@ -52,8 +61,14 @@ import torch
 from mixloom import kernels
 from mixloom.config import ModelSettings
 from mixloom.data.formats import load_jsonl
-from mixloom.data.tokenize import EncodedDataset, EncodedRow, encode_dataset, pad_id_of
-from mixloom.jobspec import LoraHyperparameters
+from mixloom.data.tokenize import (
+    EncodedDataset,
+    EncodedPairs,
+    encode_dataset,
+    encode_preferences,
+    pad_id_of,
+)
+from mixloom.jobspec import DpoObjective, LoraHyperparameters
 from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.base import BaseModel, load_base_model
 from mixloom.model.formats import save_adapter
@@ -180,9 +195,19 @@ class TrainingSession:
 
     # -- joining and leaving -----------------------------------------------------------
 
-    def encode(self, path: str | Path, hp: LoraHyperparameters) -> EncodedDataset:
-        """A JSONL file's rows, tokenised for the job (DataError names every bad line), and
-        the rendering they got (`.rendering`, for `add`)."""
+    def encode(
+        self, path: str | Path, hp: LoraHyperparameters, preference: DpoObjective | None = None
+    ) -> EncodedDataset | EncodedPairs:
+        """A JSONL file's rows (or a DPO job's pairs, `preference` set), tokenised for the job
+        (DataError names every bad line), and the rendering they got (`.rendering`, for
+        `add`)."""
+        if preference is not None:
+            return encode_preferences(
+                load_jsonl(path),
+                self.base.tokenizer,
+                max_seq_len=hp.max_seq_len,
+                rendering=hp.rendering,
+            )
         return encode_dataset(
             load_jsonl(path),
             self.base.tokenizer,
@@ -197,12 +222,13 @@ class TrainingSession:
         hp: LoraHyperparameters,
         *,
         seed: int,
-        rows: Sequence[EncodedRow],
-        validation_rows: Sequence[EncodedRow] = (),
+        rows: Sequence[Any],
+        validation_rows: Sequence[Any] = (),
         folder: Path,
         resume: bool = True,
         resume_at_most: int | None = None,
         rendering: str | None = None,
+        preference: DpoObjective | None = None,
     ) -> TrainingJob:
         """Build the job's adapter and optimizer; with `resume`, continue from the newest
         checkpoint under `folder` that verifies (`resumes[name]` says which, and which newer
@@ -210,12 +236,21 @@ class TrainingSession:
         reached its end there (a final checkpoint whose result was never handed on) comes
         back SUCCEEDED, to `finish`. `resume_at_most`: the newest checkpoint step recorded
         elsewhere (checkpoint.load_latest). `rendering`: how the rows became text, recorded
-        with the adapter (default: that of `rows` when `encode` made them, else "chat")."""
+        with the adapter (default: that of `rows` when `encode` made them, else "chat").
+        `preference`: a DPO job's loss settings (its rows are then `encode`'s pairs)."""
         adapter = AdapterSpec.from_hyperparameters(name, hp, seed=seed)
         if rendering is None:
-            rendering = rows.rendering if isinstance(rows, EncodedDataset) else "chat"
+            rendering = (
+                rows.rendering if isinstance(rows, EncodedDataset | EncodedPairs) else "chat"
+            )
         job = TrainingJob(
-            name, adapter, hp, list(rows), seed=seed, validation_rows=list(validation_rows)
+            name,
+            adapter,
+            hp,
+            list(rows),
+            seed=seed,
+            validation_rows=list(validation_rows),
+            preference=preference,
         )
         found = Resume()
         if resume:
@@ -324,6 +359,10 @@ class TrainingSession:
         }
         if m.aux_loss is not None:
             values["aux_loss"] = m.aux_loss
+        if m.preference is not None:
+            values.update(m.preference)
+        if valid is not None and job.valid_reward_accuracy is not None:
+            values["valid_reward_accuracy"] = round(job.valid_reward_accuracy, 6)
         if m.router_load is not None:
             values["router_load"] = [round(x, 4) for x in m.router_load]
         if self.model.device.type == "cuda":

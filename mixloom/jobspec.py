@@ -528,6 +528,39 @@ class Method(_Strict):
         }
 
 
+def method_body(
+    objective: str, adapter: AdapterType, hyperparameters: dict[str, Any]
+) -> dict[str, Any]:
+    """The method object of a job, from hyperparameters named flat (training, objective and
+    adapter ones mixed, as `mixloom jobs create --hp` takes them): supervised training is
+    mixloom's shorthand `{"type": adapter, adapter: {"hyperparameters": ...}}`; dpo is
+    OpenAI's body with mixloom's adapter section. A dotted name (`expert_lora.r`) sets a
+    field of a nested section."""
+    nested: dict[str, Any] = {}
+    for name, value in hyperparameters.items():
+        head, _, field = name.partition(".")
+        if field:
+            inner = nested.setdefault(head, {})
+            if isinstance(inner, dict):
+                inner[field] = value
+        else:
+            nested[name] = value
+    hyperparameters = nested
+    if objective == "supervised":
+        body: dict[str, Any] = {"type": adapter}
+        if hyperparameters:
+            body[adapter] = {"hyperparameters": hyperparameters}
+        return body
+    if objective != "dpo":
+        raise ValueError(f"objective must be supervised or dpo, got {objective!r}")
+    own = {k: v for k, v in hyperparameters.items() if k in _ADAPTER_FIELDS}
+    rest = {k: v for k, v in hyperparameters.items() if k not in own}
+    return {
+        "type": "dpo",
+        "dpo": {"hyperparameters": rest, "adapter": {"type": adapter, "hyperparameters": own}},
+    }
+
+
 class EvaluationRequest(_Strict):
     """What a job asks to be evaluated on once it has trained: its adapter and the base model,
     on each task (mixloom/eval). Tasks are built-in names (`arc_easy`, ...) or the ids of the

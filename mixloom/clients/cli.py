@@ -25,6 +25,7 @@ from mixloom.clients.errors import (
 from mixloom.clients.progress import progress, total_steps
 from mixloom.clients.types import File, Job, Metric, Model
 from mixloom.errors import MixloomError
+from mixloom.jobspec import method_body
 
 STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
 
@@ -124,6 +125,14 @@ def register(sub: Any) -> None:
         choices=("lora", "mixlora"),
         default="lora",
         help="the adapter to train: lora (default) or mixlora (a mixture of LoRA experts)",
+    )
+    create.add_argument(
+        "--objective",
+        choices=("supervised", "dpo"),
+        default="supervised",
+        help="supervised (default: learn the answers) or dpo (learn to prefer "
+        "preferred_output over non_preferred_output: a file of preference rows; "
+        "--hp beta=0.1)",
     )
     create.add_argument("--model", help="base model id (default: the server's first)")
     create.add_argument(
@@ -523,8 +532,7 @@ def _jobs_create(args: argparse.Namespace) -> int:
             training_file=training,
             validation_file=validation,
             model=args.model,
-            method=args.method,
-            hyperparameters=hp or None,
+            method=method_body(args.objective, args.method, hp),
             seed=args.seed,
             suffix=args.suffix,
             metadata=metadata,

@@ -231,7 +231,7 @@ def train_reference(
         "output_dir": str(folder / "runs"),
         "device": "cpu",
         "kernel_backend": "torch",
-        "jobs": [{**j, "training_file": str(data)} for j in jobs],
+        "jobs": [{"training_file": str(data), **j} for j in jobs],  # a job may name its own
     }
     path = folder / "train.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -1,14 +1,17 @@
-"""Training data files: JSONL in three formats, validated line by line.
+"""Training data files: JSONL in five formats, validated line by line.
 
 Torch-free and transformers-free on purpose: the API process validates uploads with it.
 
-One JSON object per line, in one of four formats:
+One JSON object per line, in one of five formats:
 
 - chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
 - prompt/completion: ``{"prompt": "...", "completion": "..."}``
 - alpaca: ``{"instruction": "...", "input": "..." (optional), "output": "..."}``
 - text: ``{"text": "..."}`` (plain text, loss on every token: continued pretraining, a
   style, raw completions)
+- preference (OpenAI's, for DPO jobs): ``{"input": {"messages": [...]},
+  "preferred_output": [{"role": "assistant", "content": "..."}],
+  "non_preferred_output": [{"role": "assistant", "content": "..."}]}``
 
 Decisions (the API documents the same):
 
@@ -24,6 +27,11 @@ Decisions (the API documents the same):
 - Roles are system, user and assistant (no tool calls yet). A system message may only
   come first; a chat needs at least one assistant message, and every assistant message
   is trained on unless it has ``"weight": 0`` (``weight`` is 0 or 1, assistant only).
+- A preference row's ``input.messages`` follow the chat rules, except that they take no
+  ``weight`` and need no assistant message, and they must end with a user message: the two
+  answers reply to it. ``preferred_output`` and ``non_preferred_output`` are each a list of
+  exactly one assistant message, and their contents must differ (ignoring surrounding
+  whitespace). OpenAI's ``tools`` and ``parallel_tool_calls`` are ignored, like any other key.
 - Validation reports every problem (up to ``max_problems``, then a count of the rest).
 - Each line is strict JSON (``strict_json.loads``): no NaN or Infinity, numbers within a
   double's range, integers of at most 1,000 digits, nesting at most 64 deep, and no
@@ -60,12 +68,15 @@ class Format(StrEnum):
     PROMPT_COMPLETION = "prompt_completion"
     ALPACA = "alpaca"
     TEXT = "text"
+    PREFERENCE = "preference"
 
 
 _EXPECTED_KEYS = (
     '{"messages": [...]} (chat), {"prompt", "completion"}, '
-    '{"instruction", "input" (optional), "output"} (alpaca) or {"text"} (plain text)'
+    '{"instruction", "input" (optional), "output"} (alpaca), {"text"} (plain text) or '
+    '{"input", "preferred_output", "non_preferred_output"} (preference pairs, for dpo)'
 )
+_ANSWER = '[{"role": "assistant", "content": "..."}]'
 
 
 @dataclass(frozen=True)
@@ -74,13 +85,17 @@ class Example:
 
     prompt/completion becomes ``(("user", prompt), ("assistant", completion))``; alpaca
     becomes ``(("user", instruction + "\\n\\n" + input), ("assistant", output))``; text
-    becomes ``(("text", text),)``, one piece trained on whole.
+    becomes ``(("text", text),)``, one piece trained on whole. A preference pair becomes
+    its input messages followed by ``("assistant", preferred)``, with the input's own
+    assistant messages untrained (only the final answer is compared), and ``rejected``
+    the non-preferred answer to that same conversation.
     """
 
     messages: tuple[tuple[str, str], ...]  # (role, content)
     format: Format
     source: str = ""  # "file.jsonl:12", for messages about this example
     untrained: frozenset[int] = frozenset()  # indices of assistant messages with weight 0
+    rejected: str | None = None  # preference rows: the non-preferred last assistant message
 
 
 def validate_jsonl_file(
@@ -144,6 +159,21 @@ def load_jsonl(path: str | Path, *, max_lines: int = MAX_LINES) -> list[Example]
     if problems:
         raise DataError(problems)
     return examples
+
+
+def file_format(path: str | Path) -> Format | None:
+    """The format of a file validated already (an upload), from its first non-blank row
+    alone: one format per file, so a job's files are checked without reading them whole.
+    None when that row is not a training row (a file of evaluation rows, say). OSError
+    when the file cannot be read."""
+    with open(path, "rb") as f:
+        for _, raw in _lines(f, MAX_LINE_BYTES):
+            if raw is None:
+                return None
+            if raw.strip():
+                example = _parse_line(raw, str(path), [])
+                return None if example is None else example.format
+    return None
 
 
 def _lines(f: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
@@ -269,12 +299,16 @@ def _parse_line(raw: bytes, where: str, problems: list[Problem]) -> Example | No
             Problem(where, f"expected a JSON object, got {_json_type(obj)}; use {_EXPECTED_KEYS}")
         )
         return None
+    if "preferred_output" in obj or "non_preferred_output" in obj:
+        return _parse_preference(obj, where, problems)
     if "messages" in obj:
         return _parse_chat(obj, where, problems)
     if "prompt" in obj or "completion" in obj:
         return _parse_prompt_completion(obj, where, problems)
     if "instruction" in obj or "output" in obj:
         return _parse_alpaca(obj, where, problems)
+    if isinstance(obj.get("input"), dict):  # alpaca's input is a string
+        return _parse_preference(obj, where, problems)
     if "text" in obj:
         text = _text(obj, "text", f"{where}: text", problems, empty_ok=False)
         return None if text is None else Example((("text", text),), Format.TEXT, where)
@@ -284,57 +318,17 @@ def _parse_line(raw: bytes, where: str, problems: list[Problem]) -> Example | No
 
 
 def _parse_chat(obj: dict[str, Any], where: str, problems: list[Problem]) -> Example | None:
-    messages = obj["messages"]
-    if not isinstance(messages, list):
-        problems.append(
-            Problem(
-                f"{where}: messages",
-                f"expected a list of messages, got {_json_type(messages)}",
-            )
-        )
-        return None
-    if not messages:
-        problems.append(Problem(f"{where}: messages", "is empty; add user and assistant messages"))
-        return None
     start = len(problems)
-    out: list[tuple[str, str]] = []
-    untrained: set[int] = set()
-    for i, msg in enumerate(messages):
-        field = f"{where}: messages[{i}]"
-        if not isinstance(msg, dict):
-            problems.append(
-                Problem(field, f'expected an object {{"role", "content"}}, got {_json_type(msg)}')
-            )
-            continue
-        role = msg.get("role")
-        if "role" not in msg:
-            problems.append(Problem(f"{field}.role", f"missing; use one of {list(ROLES)}"))
-        elif not isinstance(role, str) or role not in ROLES:
-            problems.append(
-                Problem(f"{field}.role", f"unknown role {_show(role)}; use one of {list(ROLES)}")
-            )
-        elif role == "system" and i > 0:
-            problems.append(
-                Problem(
-                    f"{field}.role",
-                    "a system message may only be the first message; move it to the start",
-                )
-            )
-        content = _text(msg, "content", f"{field}.content", problems, empty_ok=role == "system")
-        if "weight" in msg:
-            weight = msg["weight"]
-            if role != "assistant":
-                problems.append(Problem(f"{field}.weight", "only assistant messages have a weight"))
-            elif isinstance(weight, bool) or weight not in (0, 1):
-                problems.append(
-                    Problem(
-                        f"{field}.weight", f"must be 0 (no loss) or 1 (loss), got {_show(weight)}"
-                    )
-                )
-            elif weight == 0:
-                untrained.add(i)
-        if isinstance(role, str) and content is not None:
-            out.append((role, content))
+    parsed = _messages(
+        obj["messages"],
+        f"{where}: messages",
+        problems,
+        weights=True,
+        when_empty="add user and assistant messages",
+    )
+    if parsed is None:
+        return None
+    out, untrained = parsed
     trained = [i for i, (role, _) in enumerate(out) if role == "assistant" and i not in untrained]
     if len(problems) == start and not trained:
         problems.append(
@@ -347,6 +341,154 @@ def _parse_chat(obj: dict[str, Any], where: str, problems: list[Problem]) -> Exa
     if len(problems) > start:
         return None
     return Example(tuple(out), Format.CHAT, where, frozenset(untrained))
+
+
+def _parse_preference(obj: dict[str, Any], where: str, problems: list[Problem]) -> Example | None:
+    start = len(problems)
+    history = _preference_input(obj, where, problems)
+    preferred = _answer(obj, "preferred_output", where, problems)
+    rejected = _answer(obj, "non_preferred_output", where, problems)
+    if preferred is not None and rejected is not None and preferred.strip() == rejected.strip():
+        problems.append(
+            Problem(
+                f"{where}: non_preferred_output[0].content",
+                "preferred_output and non_preferred_output are the same answer; a pair "
+                "teaches nothing, so give a worse answer here or drop the row",
+            )
+        )
+    if len(problems) > start or history is None or preferred is None:
+        return None
+    untrained = frozenset(i for i, (role, _) in enumerate(history) if role == "assistant")
+    messages = (*history, ("assistant", preferred))
+    return Example(messages, Format.PREFERENCE, where, untrained, rejected)
+
+
+def _preference_input(
+    obj: dict[str, Any], where: str, problems: list[Problem]
+) -> list[tuple[str, str]] | None:
+    """A preference row's ``input.messages``: the conversation both answers reply to."""
+    field = f"{where}: input"
+    shape = '{"messages": [...]} ending with a user message'
+    if "input" not in obj:
+        problems.append(Problem(field, f"missing; add {shape}"))
+        return None
+    value = obj["input"]
+    if not isinstance(value, dict):
+        problems.append(Problem(field, f"expected an object {shape}, got {_json_type(value)}"))
+        return None
+    if "messages" not in value:
+        problems.append(Problem(f"{field}.messages", "missing; add the conversation so far"))
+        return None
+    start = len(problems)
+    parsed = _messages(
+        value["messages"],
+        f"{field}.messages",
+        problems,
+        weights=False,
+        when_empty="add the conversation so far, ending with a user message",
+    )
+    if parsed is None:
+        return None
+    last = value["messages"][-1]
+    if isinstance(last, dict) and last.get("role") in ("system", "assistant"):
+        problems.append(
+            Problem(
+                f"{field}.messages[{len(value['messages']) - 1}].role",
+                f"the input ends with a message of role {last['role']!r}; it must end with "
+                "the user message that preferred_output and non_preferred_output answer",
+            )
+        )
+    return None if len(problems) > start else parsed[0]
+
+
+def _answer(obj: dict[str, Any], key: str, where: str, problems: list[Problem]) -> str | None:
+    """The content of a preference row's answer: a list of exactly one assistant message."""
+    field = f"{where}: {key}"
+    if key not in obj:
+        problems.append(Problem(field, f"missing; add {_ANSWER}"))
+        return None
+    value = obj[key]
+    if not isinstance(value, list):
+        problems.append(
+            Problem(field, f"expected a list of one assistant message, got {_json_type(value)}")
+        )
+        return None
+    if len(value) != 1:
+        count = f"has {len(value)} messages" if value else "is empty"
+        problems.append(Problem(field, f"{count}; give exactly one assistant message, {_ANSWER}"))
+        return None
+    (msg,) = value
+    if not isinstance(msg, dict):
+        problems.append(
+            Problem(
+                f"{field}[0]", f'expected an object {{"role", "content"}}, got {_json_type(msg)}'
+            )
+        )
+        return None
+    role = msg.get("role")
+    if role != "assistant":
+        got = "missing" if "role" not in msg else f"got {_show(role)}"
+        problems.append(Problem(f"{field}[0].role", f'must be "assistant" ({got})'))
+    content = _text(msg, "content", f"{field}[0].content", problems, empty_ok=False)
+    return content if role == "assistant" else None
+
+
+def _messages(
+    messages: object, field: str, problems: list[Problem], *, weights: bool, when_empty: str
+) -> tuple[list[tuple[str, str]], set[int]] | None:
+    """Chat messages at `field` as (role, content) pairs, and the indices of those with
+    weight 0; None when they are not a non-empty list. Problems go to `problems`."""
+    if not isinstance(messages, list):
+        problems.append(Problem(field, f"expected a list of messages, got {_json_type(messages)}"))
+        return None
+    if not messages:
+        problems.append(Problem(field, f"is empty; {when_empty}"))
+        return None
+    out: list[tuple[str, str]] = []
+    untrained: set[int] = set()
+    for i, msg in enumerate(messages):
+        at = f"{field}[{i}]"
+        if not isinstance(msg, dict):
+            problems.append(
+                Problem(at, f'expected an object {{"role", "content"}}, got {_json_type(msg)}')
+            )
+            continue
+        role = msg.get("role")
+        if "role" not in msg:
+            problems.append(Problem(f"{at}.role", f"missing; use one of {list(ROLES)}"))
+        elif not isinstance(role, str) or role not in ROLES:
+            problems.append(
+                Problem(f"{at}.role", f"unknown role {_show(role)}; use one of {list(ROLES)}")
+            )
+        elif role == "system" and i > 0:
+            problems.append(
+                Problem(
+                    f"{at}.role",
+                    "a system message may only be the first message; move it to the start",
+                )
+            )
+        content = _text(msg, "content", f"{at}.content", problems, empty_ok=role == "system")
+        if "weight" in msg:
+            weight = msg["weight"]
+            if not weights:
+                problems.append(
+                    Problem(
+                        f"{at}.weight",
+                        "a preference row's input takes no weight (only the final answers "
+                        "are compared); remove it",
+                    )
+                )
+            elif role != "assistant":
+                problems.append(Problem(f"{at}.weight", "only assistant messages have a weight"))
+            elif isinstance(weight, bool) or weight not in (0, 1):
+                problems.append(
+                    Problem(f"{at}.weight", f"must be 0 (no loss) or 1 (loss), got {_show(weight)}")
+                )
+            elif weight == 0:
+                untrained.add(i)
+        if isinstance(role, str) and content is not None:
+            out.append((role, content))
+    return out, untrained
 
 
 def _parse_prompt_completion(

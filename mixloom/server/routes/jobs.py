@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
+from mixloom.data.formats import Format, file_format
 from mixloom.errors import (
     ConfigError,
     ObjectNotFoundError,
@@ -56,6 +57,7 @@ from mixloom.storage import archives, files, jobs, tenants
 from mixloom.storage.records import (
     CheckpointRecord,
     EventRecord,
+    FileRecord,
     JobRecord,
     JobStatus,
     MetricRecord,
@@ -137,10 +139,10 @@ def _check_storage(ctx: ServerContext, session: Session, tenant: TenantRecord) -
         )
 
 
-def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str) -> int:
-    """The file's rows; ObjectNotFoundError naming `param` if it is not the tenant's."""
+def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str) -> FileRecord:
+    """The file; ObjectNotFoundError naming `param` if it is not the tenant's."""
     try:
-        return files.get_file(session=session, file_id=file_id, tenant_id=tenant.id).rows
+        return files.get_file(session=session, file_id=file_id, tenant_id=tenant.id)
     except ObjectNotFoundError:
         raise ObjectNotFoundError(
             f"{param}: no file with id {file_id!r}; upload the file first (POST /v1/files, "
@@ -148,6 +150,40 @@ def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str
             param=param,
             code="file_not_found",
         ) from None
+
+
+def _format_problems(method: Method, file: FileRecord, param: str) -> list[Problem]:
+    """A dpo job takes preference rows, and only a dpo job does. An upload holds one format,
+    so its first row tells which without reading the rest; ObjectGoneError naming `param`
+    when the file is no longer on disk."""
+    try:
+        fmt = file_format(file.path)
+    except OSError:
+        raise ObjectGoneError(
+            f"{param}: file {file.id} was removed from the server's disk; upload it again "
+            "and give the id it gets",
+            param=param,
+            code="file_missing",
+        ) from None
+    if method.objective == "dpo" and fmt is not Format.PREFERENCE:
+        rows = f"{fmt.value} rows" if fmt else f"no training rows (purpose {file.purpose!r})"
+        return [
+            Problem(
+                param,
+                "the dpo method needs preference rows "
+                f'({{"input", "preferred_output", "non_preferred_output"}}), and file {file.id} '
+                f"has {rows}; upload the pairs in that format",
+            )
+        ]
+    if method.objective == "supervised" and fmt is Format.PREFERENCE:
+        return [
+            Problem(
+                param,
+                f'file {file.id} has preference rows, which are for method.type "dpo"; use '
+                "that method, or a file of chat, prompt/completion, alpaca or text rows",
+            )
+        ]
+    return []
 
 
 def _evaluation(
@@ -225,11 +261,14 @@ def create_job(
     served, method = _check_against_model(ctx, body, method)
 
     def create(session: Session) -> JobPublic:
-        rows = _check_file(session, tenant, body.training_file, "training_file")
+        training = _check_file(session, tenant, body.training_file, "training_file")
+        problems = _format_problems(method, training, "training_file")
         if body.validation_file is not None:
-            _check_file(session, tenant, body.validation_file, "validation_file")
+            validation = _check_file(session, tenant, body.validation_file, "validation_file")
+            problems += _format_problems(method, validation, "validation_file")
         evaluation = _evaluation(session, tenant, body.evaluation)
-        ProblemList(steps_problems(method, ctx.settings, rows)).raise_if_any(ConfigError)
+        problems += steps_problems(method, ctx.settings, training.rows)
+        ProblemList(problems).raise_if_any(ConfigError)
         tenants.lock_tenant(session=session, tenant_id=tenant.id)
         _check_storage(ctx, session, tenant)
         waiting = tenants.tenant_usage(session=session, tenant_id=tenant.id)

@@ -91,7 +91,9 @@ def register(sub: Any) -> None:
         "upload", parents=[common], help="upload a JSONL file (checked line by line)"
     )
     up.add_argument(
-        "path", type=Path, help="a JSONL file: chat, prompt/completion, alpaca or text rows"
+        "path",
+        type=Path,
+        help="a JSONL file: chat, prompt/completion, alpaca or text rows, or preference pairs",
     )
     up.add_argument(
         "--purpose",

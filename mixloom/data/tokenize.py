@@ -164,6 +164,14 @@ def encode_dataset(
 
     Raises DataError when no row has a target token.
     """
+    pairs = [e.source for e in examples if e.format is Format.PREFERENCE]
+    if pairs:
+        raise DataError(
+            [
+                Problem(where, 'a preference row: they are for method.type "dpo"')
+                for where in pairs[:20]
+            ]
+        )
     rows: list[EncodedRow] = []
     dropped: list[EncodedRow] = []
     n_truncated = 0

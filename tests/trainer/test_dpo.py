@@ -226,3 +226,19 @@ def test_a_supervised_job_refuses_pairs_and_a_dpo_job_rows() -> None:
             make_job("y", hp).rows,
             preference=DpoObjective(),
         )
+
+
+def test_preference_rows_for_a_supervised_job_are_an_error_naming_the_line() -> None:
+    from tiny import tiny_tokenizer
+
+    from mixloom.data.formats import Example, Format
+    from mixloom.data.tokenize import encode_dataset
+    from mixloom.errors import DataError
+
+    pair = Example(
+        (("user", "2+2?"), ("assistant", "4")), Format.PREFERENCE, "pairs.jsonl:3", rejected="5"
+    )
+    with pytest.raises(
+        DataError, match=r'pairs.jsonl:3: a preference row: they are for method.type "dpo"'
+    ):
+        encode_dataset([pair], tiny_tokenizer(), max_seq_len=32, rendering="plain")

@@ -63,6 +63,7 @@ if [ -f mixloom/trainer/fused.py ]; then
     timeout 45 python3 bench/bench_e2e.py --config gpu --jobs 4 \
         --systems mixloom-kept --steps 3 --warmup 1 --json "$out/e2e_gpu_kept.json" 2>&1 \
         | tee "$out/e2e_gpu_kept.md"
+    timeout 60 python3 bench/bench_e2e.py --config gpu --jobs 4 --systems mixloom-dpo trl-dpo --steps 1 --epochs 2 --warmup 1 --json "$out/e2e_gpu_dpo.json" 2>&1 | tee "$out/e2e_gpu_dpo.md"
 else
     echo "mixloom.trainer.fused not there yet: end-to-end skipped"
 fi

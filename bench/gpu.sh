@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a CUDA machine, in one go (under 10 minutes: steps 1-4 have their own timeouts, 480 s
+# On a CUDA machine, in one go (under 10 minutes: steps 1-4 have their own timeouts, 540 s
 # in all, and step 5 takes what is left of $GPU_SECONDS, default 580: run it with
 # timeout_s=600):
 #   1. kernel correctness on the GPU: tests/kernels with TRITON_INTERPRET=0 (forward and every

@@ -11,7 +11,9 @@ grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/e
 py=${PYTHON:-python3}
 version() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 rm -rf .whl && mkdir -p .whl
-for name in pydantic pydantic_core annotated-types typing-inspection typing_extensions; do
+# trl and what it needs beyond the image: bench_e2e.py's DPO row against TRL (step 4)
+for name in pydantic pydantic_core annotated-types typing-inspection typing_extensions \
+    trl datasets dill multiprocess; do
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .whl "$name==$(version "$name")"

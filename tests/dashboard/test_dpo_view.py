@@ -45,6 +45,17 @@ def _y_ticks(page: Any, chart: str) -> dict[str, float]:
     )
 
 
+def _wait_method(page: Any, label: str) -> None:
+    """Until the job page's details show this method (a page replaces the last one's
+    details as it renders: reading them before would read a half-built list)."""
+    page.wait_for_function(
+        """label => [...document.querySelectorAll('#job-details dt')].some(
+            dt => dt.textContent === 'Method' && dt.nextSibling
+                && dt.nextSibling.textContent === label)""",
+        arg=label,
+    )
+
+
 def _details(page: Any) -> dict[str, str]:
     return dict(
         page.eval_on_selector_all(
@@ -80,6 +91,7 @@ def test_dpo_job_shows_its_method_and_reward_charts_live(
     _wait_points(page, "#rewards-chart", 8)  # chosen and rejected, 4 steps each
     assert page.is_visible("#dpo-charts")
     assert page.inner_text("section:has(#loss-chart) h2") == "DPO loss"
+    _wait_method(page, "DPO · MixLoRA")
     details = _details(page)
     assert details["Method"] == "DPO · MixLoRA"
     assert details["beta"] == "0.1" and details["num_experts"] == "4"
@@ -129,7 +141,7 @@ def test_dpo_job_shows_its_method_and_reward_charts_live(
     # a supervised job's page, as before: no DPO charts or numbers
     page.goto(f"/#/jobs/{supervised.id}")
     page.wait_for_selector(".badge[data-status='queued']")
-    page.wait_for_function("() => document.querySelector('#job-details dt')")
+    _wait_method(page, "mixlora")
     assert page.is_hidden("#dpo-charts")
     assert page.inner_text("section:has(#loss-chart) h2") == "Loss"
     assert _details(page)["Method"] == "mixlora"
@@ -154,6 +166,7 @@ def test_label_smoothing_shows_when_it_is_not_zero(
     sign_in(page, api_key)
     page.goto(f"/#/jobs/{job_id}")
     _wait_points(page, "#reward-accuracy-chart", 1)
+    _wait_method(page, "DPO · LoRA")
     details = _details(page)
     assert details["Method"] == "DPO · LoRA"
     assert (details["beta"], details["label_smoothing"]) == ("0.25", "0.1")

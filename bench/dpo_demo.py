@@ -157,7 +157,6 @@ def main() -> int:
                 )
                 print(f"{time.time() - started:6.0f} s  {line}", flush=True)
                 time.sleep(20)
-            base_path = None
             results = {}
             for kind, job in done.items():
                 if job.status != "succeeded":
@@ -165,9 +164,11 @@ def main() -> int:
                     return 1
                 last = list(client.iter_metrics(job.id))[-1].metrics
                 folder = client.download_adapter(job.id, tmp / f"{kind}/", extract=True)
-                meta = json.loads((folder / "mixloom_adapter.json").read_text())
-                base_path = meta.get("base_model_path") or base_path
                 results[kind] = (job, last, folder)
+            # downloads name the base by its hub id only; here it is the embedded copy's folder
+            from mixloom.model.base import load_base_model
+
+            base_path = load_base_model("smollm2-135m", device="cpu").name_or_path
         print(
             f"\nSmolLM2-135M, DPO beta {args.beta}, {args.epochs} epoch(s) of {n_train[0]} pairs "
             f"(batch {args.batch_size}, lr {args.lr:g}, max_seq_len {args.max_tokens}), "
@@ -179,7 +180,6 @@ def main() -> int:
         )
         print("|---|---:|---:|---:|---:|---:|")
         for kind, (_job, last, folder) in results.items():
-            assert base_path is not None
             diff = logits_agree(folder, kind, base_path)
             peer = "PEFT" if kind == "lora" else "mixlora"
             print(

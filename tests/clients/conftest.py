@@ -6,10 +6,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from live_server import TRAIN_ROWS, LiveServer, ScriptedWorker, live_api
 
+from mixloom.cli import main
 from mixloom.clients import Client
 from mixloom.model_ids import fine_tuned_model_id, served_base_id
 from mixloom.storage import jobs
@@ -60,5 +62,19 @@ def finish(server: LiveServer) -> Callable[[str], str]:
                 session=session, job_id=job_id, path=str(job.adapter_path), fine_tuned_model=name
             )
         return name
+
+    return run
+
+
+@pytest.fixture
+def cli(server: LiveServer, api_key: str, capsys: pytest.CaptureFixture[str], monkeypatch: Any):  # type: ignore[no-untyped-def]
+    """Runs `mixloom ARGS` in this process; returns (exit status, stdout, stderr)."""
+    monkeypatch.setenv("MIXLOOM_BASE_URL", server.url)
+    monkeypatch.setenv("MIXLOOM_API_KEY", api_key)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
 
     return run

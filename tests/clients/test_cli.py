@@ -12,25 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from live_server import LiveServer, ScriptedWorker
 
-from mixloom.cli import main
 from mixloom.clients.cli import parse_hyperparameter
-
-
-@pytest.fixture
-def cli(server: LiveServer, api_key: str, capsys: pytest.CaptureFixture[str], monkeypatch: Any):  # type: ignore[no-untyped-def]
-    """Runs `mixloom ARGS` in this process; returns (exit status, stdout, stderr)."""
-    monkeypatch.setenv("MIXLOOM_BASE_URL", server.url)
-    monkeypatch.setenv("MIXLOOM_API_KEY", api_key)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def _json(cli: Any, *args: str) -> Any:

@@ -9,28 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from clients.dpo_jobs import STEPS, add_dpo_step, create_dpo_job, dpo_values, finish_job
 from live_server import TRAIN_ROWS, LiveServer, ScriptedWorker
 
-from mixloom.cli import main
 from mixloom.clients import Client
 from mixloom.clients.cli import _postfix
 from mixloom.clients.types import Metric
-
-
-@pytest.fixture
-def cli(server: LiveServer, api_key: str, capsys: pytest.CaptureFixture[str], monkeypatch: Any):  # type: ignore[no-untyped-def]
-    """Runs `mixloom ARGS` in this process; returns (exit status, stdout, stderr)."""
-    monkeypatch.setenv("MIXLOOM_BASE_URL", server.url)
-    monkeypatch.setenv("MIXLOOM_API_KEY", api_key)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def _metric(step: int, values: dict[str, Any]) -> Metric:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,6 +45,23 @@ class Settings(ModelSettings, BaseSettings):
     redis_url: str | None = None  # unset: in-process progress bus
     # the embedded base model converted to a plain HF folder (default: $XDG_CACHE_HOME/mixloom)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # object storage (mixloom/storage/objects.py): uploads, checkpoints and adapters.
+    # Unset: under data_dir (one machine, or a shared volume); s3://bucket/prefix: any
+    # S3-compatible store, and API and workers share nothing else but database and bus.
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None  # unset: AWS; MinIO, R2, ...: their URL
+    s3_region: str | None = None  # unset: boto3's (AWS_REGION / AWS_DEFAULT_REGION)
+    # unset: boto3's chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile, IAM role)
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # downloads (file content, adapter and checkpoint zips) from S3: "stream" through the
+    # API, or "redirect" (307) to a presigned URL the client fetches from the store itself
+    storage_downloads: Literal["stream", "redirect"] = "stream"
+    storage_presign_seconds: int = 900  # how long a presigned download URL works
+    # a checkpoint whose upload failed (the store unreachable) is retried after this many
+    # seconds, doubling to storage_retry_max_seconds; the job trains on meanwhile
+    storage_retry_seconds: float = 2.0
+    storage_retry_max_seconds: float = 60.0
     # the base model's public id (GET /v1/models, a job's `model`, its fine-tuned model's
     # id); unset: the embedded default's id, or MIXLOOM_BASE_MODEL's folder name
     # (mixloom/model_ids.py). Model ids never show a server path.
@@ -86,6 +103,10 @@ class Settings(ModelSettings, BaseSettings):
     # a job whose lease expired this often without checkpointing past its resume point (it
     # keeps killing its worker) is failed as poisoned
     worker_max_crashes: int = 3
+    # Prometheus metrics of `mixloom worker` (mixloom/observability.py) at
+    # http://HOST:PORT/metrics, unauthenticated; 0: off (`mixloom serve`: the API's port + 1)
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus to reach
     # checkpoints kept per job: the last K (a job may ask for fewer) plus the best by
     # validation loss; older ones are deleted
     keep_checkpoints: int = 3
@@ -131,6 +152,9 @@ class Settings(ModelSettings, BaseSettings):
     sse_max_streams_per_tenant: int = 8
     sse_auth_check_seconds: float = 2.0  # an open stream ends this soon after its key is revoked
     dashboard_session_hours: float = 7 * 24  # a dashboard sign-in lasts this long
+    # the operator's key: /v1/admin/* and the dashboard's operator view (/operator), and the
+    # API's /metrics when set (open without it). Unset: no operator routes (404).
+    admin_key: SecretStr | None = None
     # inference (`/v1/chat/completions`, `/v1/completions`): the API stores a request, a
     # worker holding its base decodes it between training steps (worker_role "all") or
     # alone ("inference"); "training" workers decode nothing

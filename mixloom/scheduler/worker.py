@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -50,12 +52,13 @@ from mixloom.data.tokenize import sequence_rows
 from mixloom.errors import DataError, QuotaExceededError
 from mixloom.jobspec import Method
 from mixloom.model_ids import fine_tuned_model_id, served_base_id
+from mixloom.observability import worker_metrics
 from mixloom.scheduler import memory
 from mixloom.scheduler.evaluation import evaluate_job, evaluation_summary
 from mixloom.scheduler.inference import InferenceHost
 from mixloom.scheduler.policy import Candidate, compose_step
 from mixloom.scheduler.queue import claim_next, hyperparameters
-from mixloom.storage import archives, files, jobs, tenants
+from mixloom.storage import archives, files, jobs, tenants, workers
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
 from mixloom.storage.jobs import LeaseLostError
@@ -165,6 +168,7 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         self._load()
+        self._register()
         done = threading.Event()
         threads = [
             threading.Thread(target=self._heartbeats, args=(done,), daemon=True),
@@ -179,6 +183,7 @@ class Worker:
             self.budget / memory.GIB,
             self.token_budget,
         )
+        self._describe_metrics()
         self.ready.set()
         failures = 0
         try:
@@ -207,6 +212,19 @@ class Worker:
         finally:
             self._shutdown()
             done.set()
+            self._unregister()
+
+    def _describe_metrics(self) -> None:
+        """This worker in its /metrics (observability.py): its base, role and device, and
+        the jobs it holds, read at each scrape."""
+        metrics = worker_metrics()
+        metrics.info.labels(
+            worker_id=self.id,
+            base=served_base_id(self.settings),
+            role=self.settings.worker_role,
+            device=str(self.training.base.device),
+        ).set(1)
+        metrics.jobs_held.set_function(lambda: len(self.held))
 
     def _idle_wait(self) -> float:
         """How long an idle loop sleeps: new jobs are looked for every worker_poll_seconds
@@ -286,6 +304,8 @@ class Worker:
                 session=session, max_crashes=self.settings.worker_max_crashes
             )
         for record in expired:
+            outcome = "requeued" if record.status == JobStatus.QUEUED else "failed"
+            worker_metrics().lease_expiries.labels(outcome=outcome).inc()
             log.warning(
                 "lease of %s expired (crash %d): now %s",
                 record.id,
@@ -325,6 +345,7 @@ class Worker:
 
     def _heartbeats(self, done: threading.Event) -> None:
         while not done.wait(self.settings.worker_heartbeat):
+            self._registry_heartbeat()
             with self._lock:
                 ids = [i for i, h in self.held.items() if not h.lost]
             for job_id in ids:
@@ -336,6 +357,47 @@ class Worker:
                     self.database_outage.failed(exc.orig if exc.orig is not None else exc)
                 except Exception:
                     log.exception("renewing the inference requests' leases failed")
+
+    # -- the workers registry (storage/workers.py) --------------------------------------
+
+    def _register(self) -> None:
+        """This worker's row in the registry: the base it holds, its role and devices (the
+        database away: the next heartbeat registers it)."""
+        try:
+            with self.db.transaction() as session:
+                workers.register(
+                    session=session,
+                    worker_id=self.id,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    base=served_base_id(self.settings),
+                    source=self.model_id,
+                    role=self.settings.worker_role,
+                    devices=str(self.base.device),
+                    lease_seconds=self.lease_seconds,
+                )
+        except DBAPIError as exc:
+            self.database_outage.failed(exc.orig if exc.orig is not None else exc)
+
+    def _registry_heartbeat(self) -> None:
+        try:
+            with self.db.transaction() as session:
+                found = workers.heartbeat(
+                    session=session, worker_id=self.id, lease_seconds=self.lease_seconds
+                )
+            if not found:  # pruned as dead (a long database outage): back in
+                self._register()
+        except DBAPIError as exc:
+            self.database_outage.failed(exc.orig if exc.orig is not None else exc)
+        except Exception:
+            log.exception("refreshing this worker's registry row failed")
+
+    def _unregister(self) -> None:
+        try:
+            with self.db.transaction() as session:
+                workers.unregister(session=session, worker_id=self.id)
+        except Exception:  # the row goes dead by itself after a lease
+            log.exception("removing this worker's registry row failed")
 
     def _renew(self, job_id: str) -> None:
         started = time.monotonic()
@@ -477,6 +539,9 @@ class Worker:
                     default_max_running=self.settings.max_running_jobs,
                     notified=self._notified,
                 )
+            worker_metrics().claimed(
+                time.monotonic() - claimed_at, claimed=result.claimed is not None
+            )
             for job_id, seq in result.touched:
                 self._publish(job_id, seq)
             if result.claimed is None:
@@ -653,6 +718,7 @@ class Worker:
         checkpoints and validation the session ran after it)."""
         self.steps += 1
         self._last_step_seconds = result.report.seconds
+        worker_metrics().stepped(tokens=result.report.tokens, seconds=result.report.seconds)
         self._last_step_wall = wall_seconds
         self._size_lease(wall_seconds)
         for s in result.jobs:

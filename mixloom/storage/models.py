@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -256,3 +257,21 @@ class InferenceChunk(Base):
     request_id: Mapped[str] = mapped_column(ForeignKey("inference_requests.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(Integer)
     data: Mapped[dict[str, Any]] = mapped_column(JsonType)
+
+
+class Worker(Base):
+    """A running worker, as it registered itself (storage/workers.py): what it holds and
+    whether it is alive. A row whose heartbeat is older than its own lease is dead."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the jobs' worker_id
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    base: Mapped[str] = mapped_column(String(64))  # the base's public id
+    source: Mapped[str] = mapped_column(String(200))  # the base as loaded (jobs.model)
+    role: Mapped[str] = mapped_column(String(16))  # "all" | "training" | "inference"
+    devices: Mapped[str] = mapped_column(String(200))  # "cpu", "cuda:0", "cuda:0,cuda:1"
+    lease_seconds: Mapped[float] = mapped_column(Float)  # dead this long after a heartbeat
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())

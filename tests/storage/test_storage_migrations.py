@@ -27,6 +27,7 @@ TABLES = {
     "checkpoints",
     "idempotency_keys",
     "dashboard_sessions",
+    "workers",
 }
 
 

@@ -137,6 +137,11 @@ class APIKeyError(RequestError):
     """The API key is missing, malformed, unknown or revoked."""
 
 
+class OperatorOnlyError(RequestError):
+    """A tenant's key (or a wrong key) on an operator-only route (a 403): /v1/admin/* and
+    the API's /metrics take the admin key (MIXLOOM_ADMIN_KEY)."""
+
+
 class GenerationError(RequestError):
     """A generation request the inference engine cannot serve as asked: an empty prompt, a
     prompt or `max_tokens` beyond the model's context, `n` or `logprobs` beyond the limits,

@@ -56,6 +56,7 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
         ("--memory-budget-gb", "worker_memory_budget_gb", float, "memory training may use (default: 90%% of the GPU, or the model and 80%% of free RAM)"),
         ("--metrics-interval-seconds", "worker_metrics_interval_seconds", float, "write a job's step metrics to the database this often (default 1)"),
         ("--max-jobs", "worker_max_jobs", int, "jobs trained at once (default 32)"),
+        ("--metrics-port", "worker_metrics_port", int, "serve Prometheus metrics at http://MIXLOOM_WORKER_METRICS_HOST:PORT/metrics (default 0: off; `serve`: its --port + 1)"),
     ]  # fmt: skip
     g.add_argument(
         "--role",
@@ -111,6 +112,10 @@ def _worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not args.no_migrate:
         migrate.upgrade(settings.resolved_database_url)
+    if settings.worker_metrics_port:
+        from mixloom.observability import start_worker_exporter
+
+        start_worker_exporter(settings.worker_metrics_host, settings.worker_metrics_port)
     db = Database.connect(settings.resolved_database_url)
     bus = make_bus(settings.redis_url)
     stop = threading.Event()
@@ -141,6 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     for name, value in _given_worker_settings(args).items():
         env["MIXLOOM_" + name.upper()] = str(value)
+    # the worker's metrics beside the API's /metrics, unless set (0: off)
+    env.setdefault("MIXLOOM_WORKER_METRICS_PORT", str(args.port + 1))
     if not settings.redis_url:
         env.setdefault("MIXLOOM_SSE_POLL_SECONDS", str(SERVE_SSE_POLL_SECONDS))
         env.setdefault("MIXLOOM_WORKER_POLL_SECONDS", str(SERVE_WORKER_POLL_SECONDS))

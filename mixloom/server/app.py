@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 
 import mixloom
 from mixloom.config import Settings, get_settings
+from mixloom.observability import RequestTimer
 from mixloom.server.dashboard import install_dashboard, scope_credential
 from mixloom.server.deps import ServerContext, authenticated
 from mixloom.server.errors import install_error_handlers
@@ -29,6 +30,7 @@ from mixloom.server.limits import (
 from mixloom.server.ratelimit import install_rate_limit_errors
 from mixloom.server.registry import served_models
 from mixloom.server.routes import files, inference, jobs, models, stream, usage
+from mixloom.server.routes.admin import install_metrics
 from mixloom.storage import files as files_store
 from mixloom.storage import idempotency, migrate
 from mixloom.storage.bus import ProgressBus, make_bus
@@ -107,6 +109,7 @@ def create_app(
         inference.router,
     ):
         app.include_router(router)
+    install_metrics(app, ctx)  # its route recorder: the innermost middleware
     install_dashboard(app)
 
     @app.get("/healthz", tags=["health"], include_in_schema=False)
@@ -133,6 +136,7 @@ def create_app(
         what="uploads",
     )
     install_security_headers(app)
+    app.add_middleware(RequestTimer)  # the outermost: times every middleware too
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

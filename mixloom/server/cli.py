@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
+import shutil
+import tempfile
 from typing import Any
 
 
@@ -54,6 +58,11 @@ def _api(args: argparse.Namespace) -> int:
     # building its app from the environment; the schema is migrated once, here.
     if not args.no_migrate:
         migrate.upgrade(settings.resolved_database_url)
+    # /metrics: every process writes its counters under one folder, any one answers for all
+    # (observability.py); a fresh folder per start, so no dead process's counts linger
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mixloom-metrics-")
+        atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
     uvicorn.run(
         "mixloom.server.app:create_app",
         factory=True,

@@ -17,6 +17,7 @@ from mixloom.errors import (
     DataError,
     MixloomError,
     ObjectNotFoundError,
+    OperatorOnlyError,
     Problem,
     QuotaExceededError,
     RequestError,
@@ -55,6 +56,7 @@ class ObjectGoneError(ObjectNotFoundError):
 _REQUEST_ERROR_STATUS: list[tuple[type[RequestError], int]] = [
     (APIKeyError, 401),
     (ObjectGoneError, 410),
+    (OperatorOnlyError, 403),
     (ObjectNotFoundError, 404),
     (StateConflictError, 409),
     (TooLargeError, 413),

@@ -13,7 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install \
       "pydantic>=2.6" "pydantic-settings>=2.2" "sqlalchemy>=2.0" "alembic>=1.13" \
       "psycopg[binary]>=3.1" "redis>=5" "fastapi>=0.110" "uvicorn>=0.27" \
-      python-multipart "httpx>=0.27" pyyaml tqdm
+      python-multipart "httpx>=0.27" pyyaml tqdm "prometheus-client>=0.17" "boto3>=1.28"
 
 WORKDIR /app
 COPY pyproject.toml alembic.ini README* ./

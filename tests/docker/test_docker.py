@@ -20,10 +20,13 @@ from live_server import free_port, live_api
 from needs import missing
 
 from mixloom.cli import build_parser
+from mixloom.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
+# every MIXLOOM_* variable mixloom reads: one per Settings field
+SETTINGS_ENV = {f"MIXLOOM_{name.upper()}" for name in Settings.model_fields}
 
 
 def compose_command() -> list[str] | None:
@@ -58,34 +61,68 @@ def config() -> dict[str, Any]:
     return parsed
 
 
-def test_compose_has_the_four_services_with_health_checks(config: dict[str, Any]) -> None:
+WORKERS = ("worker-1", "worker-2")
+
+
+def test_compose_services_health_checks_and_restarts(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {"postgres", "redis", "api", "worker"}
+    assert set(services) == {"postgres", "redis", "minio", "minio-init", "api", *WORKERS}
     for name, service in services.items():
+        if name == "minio-init":  # a one-shot: it makes the bucket and exits
+            assert service["restart"] == "no"
+            continue
         assert service["healthcheck"]["test"], f"{name} has no health check"
         assert service["restart"] == "unless-stopped"
     assert services["api"]["build"]["dockerfile"] == "docker/api.Dockerfile"
-    assert services["worker"]["build"]["dockerfile"] == "docker/worker.Dockerfile"
+    for worker in WORKERS:
+        assert services[worker]["build"]["dockerfile"] == "docker/worker.Dockerfile"
     assert Path(services["api"]["build"]["context"]).resolve() == REPO
 
 
 def test_compose_wiring(config: dict[str, Any]) -> None:
     services = config["services"]
-    api, worker = services["api"], services["worker"]
-    for service in (api, worker):
+    api = services["api"]
+    for service in (api, *(services[w] for w in WORKERS)):
         env = service["environment"]
         assert env["MIXLOOM_DATABASE_URL"] == "postgresql://mixloom:mixloom@postgres:5432/mixloom"
         assert env["MIXLOOM_REDIS_URL"] == "redis://redis:6379/0"
         assert env["MIXLOOM_DATA_DIR"] == "/data"
+        # the store: the bucket minio-init makes, with MinIO's own credentials
+        assert env["MIXLOOM_STORAGE_URL"] == "s3://mixloom/data"
+        assert env["MIXLOOM_S3_ENDPOINT_URL"] == "http://minio:9000"
+        minio = services["minio"]["environment"]
+        assert env["MIXLOOM_S3_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+        assert env["MIXLOOM_S3_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+        assert service["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     for dep in ("postgres", "redis"):
         assert api["depends_on"][dep]["condition"] == "service_healthy"
-    assert worker["depends_on"]["api"]["condition"] == "service_healthy"
+    assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    init = " ".join(services["minio-init"]["command"])
+    assert "mc mb --ignore-existing store/mixloom" in init
     assert services["postgres"]["environment"]["POSTGRES_DB"] == "mixloom"
-    (gpu,) = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    assert worker["environment"]["MIXLOOM_DEVICE"] == "cuda"
+    gpus = []
+    for name in WORKERS:
+        worker = services[name]
+        assert worker["depends_on"]["api"]["condition"] == "service_healthy"
+        (gpu,) = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+        gpus.append(gpu["device_ids"])
+        env = worker["environment"]
+        assert env["MIXLOOM_DEVICE"] == "cuda"
+        # its /metrics, reachable from the compose network
+        assert env["MIXLOOM_WORKER_METRICS_PORT"] == "9100"
+        assert env["MIXLOOM_WORKER_METRICS_HOST"] == "0.0.0.0"
+    assert gpus == [["0"], ["1"]]  # one GPU each (WORKER_1_GPU / WORKER_2_GPU)
     published = api["ports"][0]
     assert str(published.get("target", published)).endswith("8000")
+
+
+def test_compose_names_only_settings_that_exist(config: dict[str, Any]) -> None:
+    names = set()
+    for service in config["services"].values():
+        names |= {k for k in service.get("environment", {}) if k.startswith("MIXLOOM_")}
+    assert names >= {"MIXLOOM_STORAGE_URL", "MIXLOOM_ADMIN_KEY", "MIXLOOM_WORKER_METRICS_PORT"}
+    assert not names - SETTINGS_ENV, f"not Settings fields: {sorted(names - SETTINGS_ENV)}"
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -99,13 +136,22 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def test_compose_volumes(config: dict[str, Any]) -> None:
+def test_compose_volumes_share_nothing_but_the_services(config: dict[str, Any]) -> None:
+    """The API and each worker keep their data in a volume of their own: bytes they share
+    go through the store."""
     services = config["services"]
-    assert set(config["volumes"]) >= {"postgres-data", "mixloom-data", "model-cache"}
     assert _mounts(services["postgres"])["postgres-data"] == "/var/lib/postgresql/data"
-    # Uploads written by the API are read by the worker, adapters the other way round.
-    assert _mounts(services["api"])["mixloom-data"] == "/data"
-    assert _mounts(services["worker"])["mixloom-data"] == "/data"
+    assert _mounts(services["minio"])["minio-data"] == "/data"
+    assert _mounts(services["api"]) == {"api-data": "/data"}
+    owners: dict[str, str] = {}
+    for name in ("api", *WORKERS):
+        for volume, target in _mounts(services[name]).items():
+            if target == "/data":
+                assert volume not in owners, f"{name} shares {volume} with {owners[volume]}"
+                owners[volume] = name
+    for name in WORKERS:
+        assert _mounts(services[name])["model-cache"] == "/cache/huggingface"
+    assert set(config["volumes"]) >= {"postgres-data", "minio-data", "model-cache", *owners}
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -150,6 +196,7 @@ for blocked in ("torch", "transformers", "numpy", "triton", "tokenizers"):
     sys.modules[blocked] = None
 from fastapi.testclient import TestClient
 from mixloom.cli import build_parser
+from mixloom.config import Settings
 from mixloom.config import Settings
 from mixloom.server.app import create_app
 build_parser()

@@ -160,12 +160,14 @@ def test_the_operator_sees_each_worker_and_what_it_trains(operated: Api) -> None
     assert job_id not in scrape and job.tenant_id not in scrape and worker_id not in scrape
 
 
+@pytest.mark.parametrize("unset", [None, ""], ids=["unset", "empty"])
 def test_without_an_admin_key_metrics_are_open_and_operator_routes_absent(
-    tmp_path: Path, sqlite_template: Path
+    tmp_path: Path, sqlite_template: Path, unset: str | None
 ) -> None:
+    """No admin key, or an empty one (compose's `MIXLOOM_ADMIN_KEY: ${MIXLOOM_ADMIN_KEY:-}`)."""
     path = tmp_path / "mixloom.db"
     shutil.copy(sqlite_template, path)
-    for api in make_api(tmp_path, f"sqlite:///{path}", None):
+    for api in make_api(tmp_path, f"sqlite:///{path}", None, admin_key=unset):
         c = api.client
         h = api.tenant()
         assert c.get("/metrics").status_code == 200

@@ -39,8 +39,14 @@ _bearer = HTTPBearer(auto_error=False, description="the admin key (MIXLOOM_ADMIN
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
+def admin_key(settings: Settings) -> str | None:
+    """The admin key, or None when unset or empty (an empty MIXLOOM_ADMIN_KEY= is unset)."""
+    key = settings.admin_key
+    return key.get_secret_value() if key is not None and key.get_secret_value() else None
+
+
 def _check_admin_key(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> None:
-    admin = settings.admin_key
+    admin = admin_key(settings)
     assert admin is not None
     if credentials is None or not credentials.credentials:
         raise APIKeyError(
@@ -48,7 +54,7 @@ def _check_admin_key(settings: Settings, credentials: HTTPAuthorizationCredentia
             code="missing_api_key",
         )
     given = credentials.credentials.encode("utf-8", "surrogateescape")
-    if not hmac.compare_digest(given, admin.get_secret_value().encode()):
+    if not hmac.compare_digest(given, admin.encode()):
         raise OperatorOnlyError(
             "this route is the operator's: it takes the admin key (MIXLOOM_ADMIN_KEY), not "
             "a tenant's API key",
@@ -57,7 +63,7 @@ def _check_admin_key(settings: Settings, credentials: HTTPAuthorizationCredentia
 
 
 async def require_operator(ctx: Context, credentials: Bearer) -> None:
-    if ctx.settings.admin_key is None:
+    if admin_key(ctx.settings) is None:
         raise ObjectNotFoundError(
             "no operator routes here: the deployment sets no admin key (MIXLOOM_ADMIN_KEY)",
             code="not_found",
@@ -191,7 +197,7 @@ def _fleet_state(ctx: ServerContext) -> FleetState:
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request, credentials: Bearer) -> Response:
     ctx: ServerContext = request.app.state.ctx
-    if ctx.settings.admin_key is not None:
+    if admin_key(ctx.settings) is not None:
         _check_admin_key(ctx.settings, credentials)
     collector: FleetCollector = request.app.state.fleet_collector
     return Response(generate_latest(scrape_registry(collector)), media_type=CONTENT_TYPE_LATEST)

@@ -14,6 +14,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mixloom.errors import ConfigError
+from mixloom.model_ids import BaseModelSpec, base_model_id, parse_base_models
+
 
 class ModelSettings(BaseModel):
     """How the base model is loaded and its adapters run. A worker takes them from the
@@ -48,7 +51,9 @@ class Settings(ModelSettings, BaseSettings):
     # object storage (mixloom/storage/objects.py): uploads, checkpoints and adapters.
     # Unset: under data_dir (one machine, or a shared volume); s3://bucket/prefix: any
     # S3-compatible store, and API and workers share nothing else but database and bus.
-    storage_url: str | None = None
+    storage_url: Annotated[str | None, Field(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?$")] = (
+        None
+    )
     s3_endpoint_url: str | None = None  # unset: AWS; MinIO, R2, ...: their URL
     s3_region: str | None = None  # unset: boto3's (AWS_REGION / AWS_DEFAULT_REGION)
     # unset: boto3's chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile, IAM role)
@@ -66,6 +71,10 @@ class Settings(ModelSettings, BaseSettings):
     # id); unset: the embedded default's id, or MIXLOOM_BASE_MODEL's folder name
     # (mixloom/model_ids.py). Model ids never show a server path.
     base_model_alias: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = None
+    # several base models in one deployment: "NAME=SOURCE[|HUB_ID]", comma-separated (each
+    # as MIXLOOM_BASE_MODEL_ALIAS, MIXLOOM_BASE_MODEL and MIXLOOM_BASE_MODEL_HUB_ID; syntax:
+    # model_ids.parse_base_models). Set, it replaces those three; unset: their one base.
+    base_models: str | None = None
     # the adapter a job trains when its method names none: OpenAI's `supervised` method
     # without mixloom's `adapter` section, or OpenAI's older top-level `hyperparameters`
     default_adapter: Literal["lora", "mixlora"] = "lora"
@@ -90,6 +99,7 @@ class Settings(ModelSettings, BaseSettings):
     kernel_glu_block_n_bwd: int | None = None
     # worker (`mixloom worker` / `serve`; their flags override these)
     worker_id: str | None = None  # default: host:pid:random
+    worker_base_model: str | None = None  # the base a worker holds, by name; default: the first
     # a dead worker's jobs are claimable this long after its last heartbeat
     worker_lease_seconds: float = 30.0
     worker_heartbeat_seconds: float | None = None  # default: worker_lease_seconds / 3
@@ -177,6 +187,43 @@ class Settings(ModelSettings, BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def bases(self) -> tuple[BaseModelSpec, ...]:
+        """The deployment's base models: MIXLOOM_BASE_MODELS, or else the one base
+        MIXLOOM_BASE_MODEL names. Raises ConfigError naming the variable when it is bad."""
+        if self.base_models and self.base_models.strip():
+            return parse_base_models(self.base_models)
+        name = base_model_id(self.base_model, self.base_model_alias)
+        return (BaseModelSpec(name, self.base_model, self.base_model_hub_id),)
+
+    def held_base(self) -> BaseModelSpec:
+        """The base a worker holds: MIXLOOM_WORKER_BASE_MODEL (--base-model) by name, else
+        the first of `bases`."""
+        bases = self.bases
+        if self.worker_base_model is None:
+            return bases[0]
+        found = next((b for b in bases if b.name == self.worker_base_model), None)
+        if found is None:
+            raise ConfigError(
+                f"no base model named {self.worker_base_model!r}; the deployment's are: "
+                + ", ".join(b.name for b in bases),
+                where="MIXLOOM_WORKER_BASE_MODEL (--base-model)",
+            )
+        return found
+
+    def holding(self, base: BaseModelSpec) -> Settings:
+        """These settings for a process that holds `base` alone (a worker): MIXLOOM_BASE_MODEL,
+        its alias and hub id are that base's."""
+        return self.model_copy(
+            update={
+                "base_model": base.source,
+                "base_model_alias": base.name,
+                "base_model_hub_id": base.hub_id,
+                "base_models": None,
+                "worker_base_model": None,
+            }
+        )
 
     @property
     def worker_heartbeat(self) -> float:

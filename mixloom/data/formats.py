@@ -161,18 +161,25 @@ def load_jsonl(path: str | Path, *, max_lines: int = MAX_LINES) -> list[Example]
     return examples
 
 
-def file_format(path: str | Path) -> Format | None:
+def file_format(path: str | Path | BinaryIO) -> Format | None:
     """The format of a file validated already (an upload), from its first non-blank row
     alone: one format per file, so a job's files are checked without reading them whole.
     None when that row is not a training row (a file of evaluation rows, say). OSError
-    when the file cannot be read."""
+    when the file cannot be read. `path` may be an open binary file (an object store's
+    stream), read only as far as that row."""
+    if not isinstance(path, str | Path):
+        return _first_format(path, "file")
     with open(path, "rb") as f:
-        for _, raw in _lines(f, MAX_LINE_BYTES):
-            if raw is None:
-                return None
-            if raw.strip():
-                example = _parse_line(raw, str(path), [])
-                return None if example is None else example.format
+        return _first_format(f, str(path))
+
+
+def _first_format(f: BinaryIO, name: str) -> Format | None:
+    for _, raw in _lines(f, MAX_LINE_BYTES):
+        if raw is None:
+            return None
+        if raw.strip():
+            example = _parse_line(raw, name, [])
+            return None if example is None else example.format
     return None
 
 

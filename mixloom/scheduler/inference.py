@@ -40,7 +40,8 @@ from mixloom.inference.chat import chat_prompt_ids
 from mixloom.inference.kvcache import KVCache
 from mixloom.model.formats import read_metadata
 from mixloom.storage import inference as requests
-from mixloom.storage.archives import adapter_files
+from mixloom.storage import objects
+from mixloom.storage.archives import ADAPTER_FILES, CONFIG_FILE
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
 from mixloom.storage.inference import InferenceRecord, InferenceStatus
@@ -221,7 +222,8 @@ class InferenceHost:
 
     def _adapter_folder(self, key: str) -> Path | None:
         """The engine's loader: the adapter's folder, copied from where it is stored (its
-        folder; a zip stored before one copy, unpacked) into this worker's cache, so that a
+        folder, in this machine's data dir or the object store; a zip stored before one
+        copy, unpacked) into this worker's cache, so that a
         checkpoint rewritten or deleted meanwhile never changes what is loaded."""
         if key == BASE_KEY:
             return None
@@ -230,23 +232,26 @@ class InferenceHost:
             archive = requests.adapter_archive(
                 session=session, job_id=job_id, step=int(step) if step else None
             )
-        if archive is None or not Path(archive).exists():
-            raise ObjectNotFoundError(
-                "this fine-tuned model's weights were deleted",
-                param="model",
-                code="model_not_found",
-            )
+        if archive is None:
+            raise _weights_deleted()
+        store, stored_at = objects.resolve(objects.open_store(self.settings), archive)
+        if isinstance(store, objects.LocalStore) and not store.path(stored_at).exists():
+            raise _weights_deleted()
         target = self._adapters_dir / _safe(key)
         if not (target / "adapter_config.json").exists():
             partial = target.with_name(target.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            if Path(archive).is_dir():
-                partial.mkdir(parents=True)
-                for source in adapter_files(archive):
-                    shutil.copyfile(source, partial / source.name)
-            else:
-                with zipfile.ZipFile(archive) as z:
+            if isinstance(store, objects.LocalStore) and store.path(stored_at).is_file():
+                with zipfile.ZipFile(store.path(stored_at)) as z:
                     z.extractall(partial)
+            else:  # a folder, in this machine's data dir or in S3
+                partial.mkdir(parents=True)
+                stored = set(store.list(stored_at + "/"))
+                names = [n for n in ADAPTER_FILES if f"{stored_at}/{n}" in stored]
+                if CONFIG_FILE not in names:
+                    raise _weights_deleted()
+                for name in names:
+                    store.get_file(f"{stored_at}/{name}", partial / name)
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)
         return target
@@ -409,6 +414,12 @@ def _engine_key(record: InferenceRecord) -> str:
     if record.checkpoint_step is None:
         return record.job_id
     return f"{record.job_id}@{record.checkpoint_step}"
+
+
+def _weights_deleted() -> ObjectNotFoundError:
+    return ObjectNotFoundError(
+        "this fine-tuned model's weights were deleted", param="model", code="model_not_found"
+    )
 
 
 def _safe(name: str) -> str:

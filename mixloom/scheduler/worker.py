@@ -1,4 +1,5 @@
-"""The worker: one base model, many jobs trained together in fused steps.
+"""The worker: one base model (of the deployment's MIXLOOM_BASE_MODELS, --base-model), many
+jobs trained together in fused steps; it claims only that base's jobs and requests.
 
 Loop (one thread; a heartbeat thread renews leases beside it):
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
 import threading
 import time
@@ -58,13 +60,19 @@ from mixloom.scheduler.evaluation import evaluate_job, evaluation_summary
 from mixloom.scheduler.inference import InferenceHost
 from mixloom.scheduler.policy import Candidate, compose_step
 from mixloom.scheduler.queue import claim_next, hyperparameters
-from mixloom.storage import archives, files, jobs, tenants, workers
+from mixloom.storage import archives, files, jobs, objects, tenants, workers
 from mixloom.storage.bus import ProgressBus
 from mixloom.storage.db import Database
 from mixloom.storage.jobs import LeaseLostError
+from mixloom.storage.objects import StoreUnavailableError
 from mixloom.storage.outage import Outage
 from mixloom.storage.records import CheckpointRecord, JobRecord, JobStatus, RequestedAction
-from mixloom.trainer.checkpoint import storage_problem, stored_bytes
+from mixloom.trainer.checkpoint import (
+    fetch_checkpoints,
+    storage_problem,
+    stored_bytes,
+    upload_checkpoint,
+)
 from mixloom.trainer.job import TrainingJob, TrainingState
 from mixloom.trainer.session import (
     JobStep,
@@ -88,8 +96,15 @@ INFERENCE_MIN_SLICE_S = 0.05  # decoding time a turn at least, when no training 
 
 
 def jobs_dir(settings: Settings) -> Path:
-    """Checkpoints and adapters; shared storage when workers run on several machines."""
+    """This worker's own copies of checkpoints and adapters (written here, then put into
+    the object store under the same key below data_dir: `checkpoint_key`)."""
     return settings.data_dir / "jobs"
+
+
+def checkpoint_key(job_id: str, step: int | None = None) -> str:
+    """The object store's key of a job's checkpoints (step None), or of one of them."""
+    root = f"jobs/{job_id}/checkpoints"
+    return root if step is None else f"{root}/step-{step}"
 
 
 @dataclass
@@ -109,6 +124,12 @@ class Held:
     oom_alone: int = 0
     # metrics rows not yet stored (the database was away): written with the next ones
     unstored_metrics: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    # the object store unreachable: the newest checkpoint written here but not uploaded
+    # (step, folder), kept until it is; the final one's folder; when to try again
+    unuploaded: tuple[int, Path, dict[str, Any]] | None = None  # (step, folder, metrics)
+    final: Path | None = None
+    upload_retry_at: float = -math.inf
+    upload_wait: float = 0.0
 
 
 def _available_ram() -> int:
@@ -133,6 +154,8 @@ class Worker:
         bus: ProgressBus,
         base: Any = None,
     ) -> None:
+        # one base of the deployment's (worker_base_model): its jobs and requests alone
+        settings = settings.holding(settings.held_base())
         self.settings = settings
         self.id = settings.worker_id or default_worker_id()
         self.db = db
@@ -163,6 +186,8 @@ class Worker:
             meanwhile="jobs keep their state here and training waits for it",
             logger=log,
         )
+        # bytes: uploads, checkpoints, adapters (data_dir holds this worker's copies)
+        self.store = objects.open_store(settings)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -484,7 +509,8 @@ class Worker:
             elif h.job is None:
                 continue
             elif h.job.state == TrainingState.SUCCEEDED:  # a retry
-                self._finish(h, h.job, self.training.validation_loss(h.record.id))
+                if time.monotonic() >= h.upload_retry_at:
+                    self._finish(h, h.job, self.training.validation_loss(h.record.id))
             elif h.job.state == TrainingState.FAILED:
                 self._release(
                     h, JobStatus.FAILED, error={"message": h.job.error, "code": "training_failed"}
@@ -493,6 +519,14 @@ class Worker:
                 self._release(h, JobStatus.CANCELLED, f"Job cancelled at step {h.job.step}")
             elif h.requested == RequestedAction.PAUSE and h.job.micro_done == 0:
                 self._pause(h, h.job)
+            elif h.unuploaded is not None and time.monotonic() >= h.upload_retry_at:
+                step, folder, metrics = h.unuploaded
+                try:
+                    self._record_checkpoint(h, step, folder, metrics)
+                except DBAPIError:
+                    raise
+                except Exception as exc:
+                    self._job_error(h, exc, f"uploading the checkpoint at step {step}")
 
     def _pause(self, h: Held, job: TrainingJob) -> None:
         step = job.step
@@ -576,8 +610,20 @@ class Worker:
                 )
                 recorded = jobs.last_checkpoint_step(session=session, job_id=record.id)
             preference = Method.model_validate(record.method).preference
-            rows = self.training.encode(train.path, hp, preference)
-            val_rows: Any = self.training.encode(val.path, hp, preference) if val else []
+            # this worker's copies (the store's when it is S3, the files themselves locally)
+            cache = self.settings.data_dir
+            rows = self.training.encode(
+                objects.fetch(self.store, train.path, cache), hp, preference
+            )
+            val_rows: Any = (
+                self.training.encode(objects.fetch(self.store, val.path, cache), hp, preference)
+                if val
+                else []
+            )
+            folder = jobs_dir(self.settings) / record.id
+            fetch_checkpoints(
+                self.store, checkpoint_key(record.id), folder / "checkpoints", at_most=recorded
+            )
             job = self.training.add(
                 record.id,
                 hp,
@@ -585,13 +631,24 @@ class Worker:
                 seed=record.seed,
                 rows=rows,
                 validation_rows=val_rows,
-                folder=jobs_dir(self.settings) / record.id,
+                folder=folder,
                 # a checkpoint written but never recorded (the worker died in between)
                 # lacks its step's metrics row: train from the last recorded one
                 resume_at_most=recorded,
             )
         except DBAPIError:
             raise
+        except StoreUnavailableError as exc:  # back in the queue; claims wait a while
+            log.warning("%s: the object store is unreachable: %s", record.id, exc)
+            self._last_claim = time.monotonic() + self.settings.storage_retry_max_seconds
+            self._release(
+                h,
+                JobStatus.QUEUED,
+                "Job start waits: object store unreachable while fetching its data or "
+                "checkpoint; queued again",
+                level="warning",
+            )
+            return
         except Exception as exc:
             if isinstance(exc, DataError) or (
                 isinstance(exc, OSError) and storage_problem(exc) is None
@@ -634,7 +691,7 @@ class Worker:
 
         if not self._leased(h, start):
             return
-        jobs.remove_stored_files(c.path for c in later)
+        self._remove_stored(later)
         log.info("%s: started on worker %s (%s)", record.id, self.id, where)
         if job.state == TrainingState.SUCCEEDED:  # a worker died after the final checkpoint
             self._finish(h, job, self.training.validation_loss(record.id))
@@ -839,13 +896,26 @@ class Worker:
         self._before_checkpoint(h.record.id, job.step)
         return self._record_checkpoint(h, job.step, self.training.checkpoint(h.record.id))
 
-    def _record_checkpoint(self, h: Held, step: int, folder: Path) -> bool:
-        """Record a written checkpoint (its folder, stored once: downloads zip it as they
-        stream) with its size, if the lease is still ours; then drop the checkpoints past
-        retention (keep_checkpoints)."""
-        path = folder
+    def _record_checkpoint(
+        self, h: Held, step: int, folder: Path, metrics: dict[str, Any] | None = None
+    ) -> bool:
+        """Put a written checkpoint into the object store and record it (its folder, stored
+        once: downloads zip it as they stream) with its size, if the lease is still ours;
+        then drop the checkpoints past retention (keep_checkpoints). The store unreachable:
+        the checkpoint stays here and its upload is retried (_upload_failed); True."""
         size = stored_bytes(folder)
-        metrics = self.training.checkpoint_metrics(h.record.id)
+        if metrics is None:
+            metrics = self.training.checkpoint_metrics(h.record.id)
+        if h.unuploaded is not None and h.unuploaded[0] < step:  # superseded by this one
+            self._forget_copy(h.unuploaded[1])
+            h.unuploaded = None
+        try:
+            path = upload_checkpoint(self.store, folder, checkpoint_key(h.record.id, step))
+        except StoreUnavailableError as exc:
+            h.unuploaded = (step, folder, metrics)
+            self._upload_failed(h, step, exc)
+            return True
+        self._uploaded(h)
         dropped: list[CheckpointRecord] = []
 
         def write(session: Any) -> None:
@@ -853,7 +923,7 @@ class Worker:
                 session=session,
                 job_id=h.record.id,
                 step=step,
-                path=str(path),
+                path=path,
                 metrics=metrics,
                 bytes=size,
             )
@@ -866,22 +936,83 @@ class Worker:
         ok = self._leased(h, write)
         if ok:
             h.last_ckpt_step = step
-            jobs.remove_stored_files(c.path for c in dropped)
+            self._remove_stored(dropped)
         return ok
+
+    def _upload_failed(self, h: Held, step: int, exc: StoreUnavailableError) -> None:
+        """A checkpoint's upload failed with the store unreachable: the job trains on, its
+        checkpoint stays on this worker and is uploaded again after a back-off (doubling,
+        storage_retry_seconds to storage_retry_max_seconds); one event per outage."""
+        first = h.upload_wait == 0
+        settings = self.settings
+        h.upload_wait = min(
+            max(2 * h.upload_wait, settings.storage_retry_seconds),
+            settings.storage_retry_max_seconds,
+        )
+        h.upload_retry_at = time.monotonic() + h.upload_wait
+        log.warning(
+            "%s: checkpoint at step %d not uploaded (%s); retrying in %.0f s",
+            h.record.id,
+            step,
+            exc,
+            h.upload_wait,
+        )
+        if first:
+            self._event(
+                h,
+                "Checkpoint upload failed: store unreachable; retrying (the checkpoint at "
+                f"step {step} stays on the worker until it is uploaded; training goes on)",
+                level="warning",
+                data={"step": step},
+            )
+
+    def _uploaded(self, h: Held) -> None:
+        if h.upload_wait:
+            log.info("%s: the object store is back; checkpoints upload again", h.record.id)
+        h.upload_wait = 0.0
+        h.upload_retry_at = -math.inf
+
+    def _forget_copy(self, folder: Path) -> None:
+        """This worker's copy of checkpoints it no longer needs (superseded before they
+        were uploaded, or of a job that succeeded), when the store is elsewhere (locally,
+        the copy is the stored checkpoint)."""
+        if not isinstance(self.store, objects.LocalStore):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _remove_stored(self, records: list[CheckpointRecord]) -> None:
+        """After commit: the stored checkpoints of deleted rows, and this worker's copies."""
+        paths = [c.path for c in records]
+        jobs.remove_stored_files(paths, store=self.store)
+        if isinstance(self.store, objects.S3Store):
+            copies = [
+                str(self.settings.data_dir / key)
+                for p in paths
+                if (key := self.store.key_of(p)) is not None
+            ]
+            jobs.remove_stored_files(copies, store=objects.LocalStore(self.settings.data_dir))
 
     def _finish(self, h: Held, job: TrainingJob, val: float | None) -> None:
         """The final checkpoint and the job's result; a write that fails pauses or fails this
         job alone (_job_error). The final checkpoint's folder is the job's adapter too: the
         adapter counts its adapter files, the checkpoint the trainer state beside them."""
         try:
-            estimate = self.training.checkpoint_estimate(h.record.id)
-            self._check_storage(h, estimate, f"the final adapter at step {job.step}")
-            folder = self.training.finish(h.record.id)
-            path = folder
+            if h.final is None:  # (else written already; its upload is retried)
+                estimate = self.training.checkpoint_estimate(h.record.id)
+                self._check_storage(h, estimate, f"the final adapter at step {job.step}")
+                h.final = self.training.finish(h.record.id)
+            folder = h.final
             adapter_bytes = archives.adapter_bytes(folder)
             ckpt_bytes = stored_bytes(folder) - adapter_bytes
+            path = upload_checkpoint(self.store, folder, checkpoint_key(h.record.id, job.step))
+            self._uploaded(h)
+            if h.unuploaded is not None:  # superseded by the final one
+                self._forget_copy(h.unuploaded[1])
+                h.unuploaded = None
         except DBAPIError:
             raise
+        except StoreUnavailableError as exc:  # the job waits for the store, done
+            self._upload_failed(h, job.step, exc)
+            return
         except Exception as exc:
             self._job_error(h, exc, f"writing the final adapter at step {job.step}")
             return
@@ -907,7 +1038,7 @@ class Worker:
                 session=session,
                 job_id=h.record.id,
                 step=job.step,
-                path=str(path),
+                path=path,
                 metrics={"valid_loss": val} if val is not None else None,
                 bytes=ckpt_bytes,
             )
@@ -919,7 +1050,7 @@ class Worker:
             jobs.set_adapter_path(
                 session=session,
                 job_id=h.record.id,
-                path=str(path),
+                path=path,
                 fine_tuned_model=name,
                 trained_tokens=job.tokens_seen,
                 bytes=adapter_bytes,
@@ -942,9 +1073,10 @@ class Worker:
             )
 
         if self._leased(h, write):
-            jobs.remove_stored_files(c.path for c in dropped)
+            self._remove_stored(dropped)
             log.info("%s: succeeded", h.record.id)
             self._drop(h)
+            self._forget_copy(jobs_dir(self.settings) / h.record.id)  # all in the store now
 
     def _evaluate(self, h: Held, model_name: str) -> dict[str, Any]:
         """The job's trained adapter (still loaded) and the base scored on the tasks it asked
@@ -978,7 +1110,8 @@ class Worker:
         if not task.startswith("file-"):
             return task
         with self.db.read() as session:
-            return files.get_file(session=session, file_id=task).path
+            location = files.get_file(session=session, file_id=task).path
+        return str(objects.fetch(self.store, location, self.settings.data_dir))
 
     def _job_error(self, h: Held, exc: BaseException, doing: str) -> None:
         """An error in work on this job alone (not the fused step): the job stops, the

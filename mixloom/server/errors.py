@@ -27,6 +27,7 @@ from mixloom.errors import (
     pydantic_problems,
 )
 from mixloom.server.schemas import ErrorResponse
+from mixloom.storage.objects import STORE_RETRY_AFTER_S, StoreUnavailableError
 from mixloom.storage.outage import Outage
 
 log = logging.getLogger("mixloom.server")
@@ -55,8 +56,8 @@ class ObjectGoneError(ObjectNotFoundError):
 
 _REQUEST_ERROR_STATUS: list[tuple[type[RequestError], int]] = [
     (APIKeyError, 401),
-    (ObjectGoneError, 410),
     (OperatorOnlyError, 403),
+    (ObjectGoneError, 410),
     (ObjectNotFoundError, 404),
     (StateConflictError, 409),
     (TooLargeError, 413),
@@ -167,6 +168,18 @@ def _database_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _store_error(_: Request, exc: Exception) -> JSONResponse:
+    """The object store unreachable (storage/objects.py): 503 with Retry-After; whatever
+    the request was writing was not recorded."""
+    log.warning("object store unavailable: %s", exc)
+    return error_response(
+        503,
+        f"the object store is unavailable; nothing was stored, retry in {STORE_RETRY_AFTER_S} s",
+        code="storage_unavailable",
+        headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+    )
+
+
 class DatabaseRecovery:
     """ASGI middleware: the first response that is not a 5xx after a database outage logs
     that the database is back (`Outage.ok`, a no-op while nothing failed)."""
@@ -192,6 +205,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.state.database_outage = outage = database_outage()
     app.add_middleware(DatabaseRecovery, outage=outage)
     app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(StoreUnavailableError, _store_error)
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(ValidationError, _validation_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)

@@ -10,12 +10,16 @@ weights_only=True)` reads it; each record holds exactly its tensor's bytes.
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from mixloom.storage.objects import ObjectStore
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -62,8 +66,15 @@ def adapter_bytes(folder: str | Path) -> int:
 
 def is_mixlora(folder: str | Path) -> bool:
     try:
-        config = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
+        return _is_mixlora_config((Path(folder) / CONFIG_FILE).read_bytes())
+    except OSError:
+        return False
+
+
+def _is_mixlora_config(data: bytes) -> bool:
+    try:
+        config = json.loads(data)
+    except ValueError:
         return False
     return str(config.get("peft_type", "")).upper() == "MIXLORA"
 
@@ -80,6 +91,33 @@ def public_metadata(data: bytes) -> bytes:
         meta["base_model"] = {k: v for k, v in base.items() if k != "path"}
         return json.dumps(meta, indent=2).encode()
     return data
+
+
+def zip_key(folder: str, format: Format) -> str:
+    """Where a redirected download's zip of the adapter in `folder` is kept (beside the
+    folder: objects.remove deletes it with the folder)."""
+    return f"{folder}.{format}.zip"
+
+
+class ChunkReader(io.RawIOBase):
+    """A readable stream over an iterator of byte chunks (a zip as it is written)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._left = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._left:
+            self._left = next(self._chunks, b"")
+            if not self._left:
+                return 0
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
 
 
 class _Chunks:
@@ -106,38 +144,50 @@ class _Chunks:
             yield out
 
 
-def stream_adapter_zip(folder: str | Path, format: Format = "safetensors") -> Iterator[bytes]:
-    """The zip of the adapter stored in `folder`, in chunks as it is written. `format`:
-    "safetensors" (its files as stored) or "mixlora" (adapter_model.bin in place of the
-    safetensors file: the `mixlora` package reads only that; MixLoRA adapters only)."""
-    root = Path(folder)
-    files = adapter_files(root)
-    if (root / WEIGHTS_FILE).is_file():  # a folder from before one copy: its .bin stays home
-        files = [p for p in files if p.name != BIN_FILE]
+def stream_adapter_zip(
+    store: ObjectStore, folder: str, format: Format = "safetensors"
+) -> Iterator[bytes]:
+    """The zip of the adapter stored in `folder` (a key of `store`: a local folder or S3
+    objects, each streamed into the zip as it goes out), in chunks as it is written.
+    `format`: "safetensors" (its files as stored) or "mixlora" (adapter_model.bin in place
+    of the safetensors file: the `mixlora` package reads only that; MixLoRA adapters only).
+    FileNotFoundError when the folder holds no adapter."""
+    stored = {k[len(folder) + 1 :] for k in store.list(folder + "/")}
+    if CONFIG_FILE not in stored:
+        raise FileNotFoundError(f"no adapter under {folder}")
+    names = [n for n in ADAPTER_FILES if n in stored]
+    if WEIGHTS_FILE in stored:  # a folder from before one copy: its .bin stays home
+        names = [n for n in names if n != BIN_FILE]
     if format == "mixlora":
-        if not is_mixlora(root):
+        with store.open(f"{folder}/{CONFIG_FILE}") as f:
+            mixlora = _is_mixlora_config(f.read())
+        if not mixlora:
             raise ArchiveError(
                 "format=mixlora is for MixLoRA adapters; a LoRA adapter loads in PEFT from the "
                 "default download"
             )
-        if not (root / WEIGHTS_FILE).is_file():
+        if WEIGHTS_FILE not in stored:
             raise ArchiveError(f"the stored adapter has no {WEIGHTS_FILE}")
-        files = [p for p in files if p.name not in (WEIGHTS_FILE, BIN_FILE)]
+        names = [n for n in names if n not in (WEIGHTS_FILE, BIN_FILE)]
     sink = _Chunks()
     with zipfile.ZipFile(
         sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_COMPRESSLEVEL
     ) as zf:
-        for path in files:
-            if path.name == META_FILE:
-                zf.writestr(META_FILE, public_metadata(path.read_bytes()))
+        for name in names:
+            if name == META_FILE:
+                with store.open(f"{folder}/{name}") as f:
+                    zf.writestr(META_FILE, public_metadata(f.read()))
                 continue
-            with open(path, "rb") as src, zf.open(path.name, "w", force_zip64=True) as out:
-                for block in iter(lambda: src.read(_BLOCK), b""):  # noqa: B023
+            with zf.open(name, "w", force_zip64=True) as out:
+                for block in store.iter_bytes(f"{folder}/{name}"):
                     out.write(block)
                     yield from sink.drain()
         if format == "mixlora":
-            with zf.open(BIN_FILE, "w", force_zip64=True) as out:
-                for _ in write_torch_bin(root / WEIGHTS_FILE, out):
+            with (
+                store.open(f"{folder}/{WEIGHTS_FILE}") as weights,
+                zf.open(BIN_FILE, "w", force_zip64=True) as out,
+            ):
+                for _ in write_torch_bin(weights, out):
                     yield from sink.drain()
     yield from sink.drain()
 
@@ -215,35 +265,53 @@ def _state_dict_pickle(entries: list[tuple[str, str, list[int]]]) -> bytes:
     return b"".join(out)
 
 
-def write_torch_bin(weights: str | Path, out: IO[bytes]) -> Iterator[None]:
+def write_torch_bin(weights: str | Path | IO[bytes], out: IO[bytes]) -> Iterator[None]:
     """Write to `out` the file torch.save would write for the tensors of the safetensors
     file `weights` (same names, dtypes, shapes and values), one tensor at a time; yields
-    after each block so that a caller can pass the bytes on."""
-    with open(weights, "rb") as f:
-        header, start = _safetensors_header(f)
-        names = sorted(header, key=lambda k: header[k]["data_offsets"][0])
-        entries = []
-        for name in names:
-            info = header[name]
-            if info["dtype"] not in _STORAGES:
-                raise ArchiveError(f"tensor {name!r} has dtype {info['dtype']}, not convertible")
-            entries.append((name, _STORAGES[info["dtype"]][0], list(info["shape"])))
-        archive = "adapter_model"
-        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
-            zf.writestr(f"{archive}/data.pkl", _state_dict_pickle(entries))
-            zf.writestr(f"{archive}/.format_version", "1")
-            zf.writestr(f"{archive}/byteorder", "little")
-            for i, name in enumerate(names):
-                begin, end = header[name]["data_offsets"]
-                f.seek(start + begin)
-                left = end - begin
-                with zf.open(f"{archive}/data/{i}", "w", force_zip64=True) as record:
-                    while left:
-                        block = f.read(min(_BLOCK, left))
-                        if not block:
-                            raise ArchiveError(f"{weights} ends inside tensor {name!r}")
-                        record.write(block)
-                        left -= len(block)
-                        yield
-            zf.writestr(f"{archive}/version", "3\n")
+    after each block so that a caller can pass the bytes on. `weights` may be a stream (an
+    object store's): it is read once, front to back."""
+    if isinstance(weights, str | Path):
+        with open(weights, "rb") as src:
+            yield from write_torch_bin(src, out)
+        return
+    f = weights
+    header, _ = _safetensors_header(f)  # f is now at the data section
+    names = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    entries = []
+    for name in names:
+        info = header[name]
+        if info["dtype"] not in _STORAGES:
+            raise ArchiveError(f"tensor {name!r} has dtype {info['dtype']}, not convertible")
+        entries.append((name, _STORAGES[info["dtype"]][0], list(info["shape"])))
+    archive = "adapter_model"
+    at = 0  # bytes of the data section read so far
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{archive}/data.pkl", _state_dict_pickle(entries))
+        zf.writestr(f"{archive}/.format_version", "1")
+        zf.writestr(f"{archive}/byteorder", "little")
+        for i, name in enumerate(names):
+            begin, end = header[name]["data_offsets"]
+            if begin < at:
+                raise ArchiveError(f"tensor {name!r} overlaps the one before it")
+            _skip(f, begin - at, name)
+            left = end - begin
+            with zf.open(f"{archive}/data/{i}", "w", force_zip64=True) as record:
+                while left:
+                    block = f.read(min(_BLOCK, left))
+                    if not block:
+                        raise ArchiveError(f"the weights end inside tensor {name!r}")
+                    record.write(block)
+                    left -= len(block)
+                    yield
+            at = end
+        zf.writestr(f"{archive}/version", "3\n")
     yield
+
+
+def _skip(f: IO[bytes], n: int, name: str) -> None:
+    """Read past n bytes (a gap between tensors) of a stream that may not seek."""
+    while n:
+        block = f.read(min(_BLOCK, n))
+        if not block:
+            raise ArchiveError(f"the weights end before tensor {name!r}")
+        n -= len(block)

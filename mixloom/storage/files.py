@@ -1,4 +1,5 @@
-"""Uploaded data files. The bytes live on disk (the server writes them); rows hold metadata."""
+"""Uploaded data files. The bytes live in the object store (storage/objects.py) under
+`file_key`; rows hold metadata and the bytes' location."""
 
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ def remove_stale_parts(files_dir: Path, *, older_than_s: float = STALE_PART_SECO
 
 def new_file_id() -> str:
     return new_id("file")
+
+
+def file_key(tenant_id: str, file_id: str) -> str:
+    """Where an upload's bytes live in the object store."""
+    return f"files/{tenant_id}/{file_id}.jsonl"
 
 
 def create_file(

@@ -33,7 +33,9 @@ from sqlalchemy.orm import Session
 
 from mixloom.errors import ObjectNotFoundError, StateConflictError
 from mixloom.storage import models as m
+from mixloom.storage import objects
 from mixloom.storage.ids import new_id
+from mixloom.storage.objects import ObjectStore
 from mixloom.storage.records import (
     CheckpointRecord,
     EventRecord,
@@ -625,7 +627,7 @@ def _delete_checkpoint_rows(session: Session, rows: list[m.Checkpoint]) -> list[
         record = CheckpointRecord.from_row(r)
         job = session.get(m.Job, r.job_id)
         if job is not None and job.adapter_path == r.path and job.adapter_deleted_at is None:
-            record = dataclasses.replace(record, path=str(Path(r.path) / CHECKPOINT_STATE_FILES[0]))
+            record = dataclasses.replace(record, path=f"{r.path}/{CHECKPOINT_STATE_FILES[0]}")
         out.append(record)
         session.delete(r)
     session.flush()
@@ -805,29 +807,28 @@ def delete_adapter(
     return path, size
 
 
-def remove_stored_files(paths: Iterable[str]) -> None:
-    """After commit: the files of deleted records. A checkpoint or an adapter is a folder
+def remove_stored_files(paths: Iterable[str], *, store: ObjectStore) -> None:
+    """After commit: the objects of deleted records (locations in `store`, or local paths
+    of rows written before object storage). A checkpoint or an adapter is a folder
     (`step-N/`: the adapter and, for a checkpoint, its trainer state), removed whole; a
     checkpoint's `.../trainer_state.pt` (_delete_checkpoint_rows) removes its trainer state
     alone, leaving the adapter it shares the folder with. Stored before one copy: a
-    checkpoint was `step-N.zip` beside its folder, an adapter a zip of its own. A file that
-    cannot be removed is logged: a file left behind is only space (no longer counted
-    against the tenant's quota), a row without its files would be an error."""
+    checkpoint was `step-N.zip` beside its folder, an adapter a zip of its own. An object
+    that cannot be removed (the store unreachable) is logged: one left behind is only
+    space (no longer counted against the tenant's quota), a row without its bytes would
+    be an error."""
     for name in paths:
-        path = Path(name)
+        folder, _, last = name.rpartition("/")
         try:
-            if path.name == CHECKPOINT_STATE_FILES[0]:
-                for fname in CHECKPOINT_STATE_FILES:
-                    (path.parent / fname).unlink(missing_ok=True)
-            elif path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-                folder = path.with_suffix("")
-                if path.suffix == ".zip" and folder.name.startswith("step-") and folder.is_dir():
-                    shutil.rmtree(folder)
-        except OSError:
-            log.warning("could not remove %s of a deleted record", path, exc_info=True)
+            if last == CHECKPOINT_STATE_FILES[0]:
+                objects.remove(store, folder, only=CHECKPOINT_STATE_FILES)
+                continue
+            objects.remove(store, name)
+            legacy = Path(name).with_suffix("")
+            if name.endswith(".zip") and legacy.name.startswith("step-") and legacy.is_dir():
+                shutil.rmtree(legacy)
+        except (OSError, objects.StoreUnavailableError):
+            log.warning("could not remove %s of a deleted record", name, exc_info=True)
 
 
 def set_evaluation(*, session: Session, job_id: str, evaluation: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from mixloom.errors import MixloomError
 
@@ -65,8 +65,9 @@ class ObjectStore(ABC):
         """What a database row records for the object (or folder) at `key`."""
 
     @abstractmethod
-    def put_file(self, key: str, path: Path) -> None:
-        """Store the file at `path` under `key`, atomically."""
+    def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
+        """Store the file at `path` under `key`, atomically; `move`: the caller no longer
+        needs `path` (the local store renames it into place)."""
 
     @abstractmethod
     def put_stream(self, key: str, source: IO[bytes]) -> None:
@@ -74,7 +75,7 @@ class ObjectStore(ABC):
         more than one part in memory; a failure leaves no object."""
 
     @abstractmethod
-    def open(self, key: str) -> IO[bytes]:
+    def open(self, key: str) -> BinaryIO:
         """A buffered reader of the object (`readline` works); ObjectMissingError."""
 
     @abstractmethod
@@ -167,11 +168,14 @@ class LocalStore(ObjectStore):
     def location(self, key: str) -> str:
         return str(self.path(key))
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
         dest = self.path(key)
         if dest.exists() and os.path.samefile(dest, path):
             return  # written in place already (a worker's checkpoint in the data dir)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if move:
+            os.replace(path, dest)
+            return
         with open(path, "rb") as src:
             self._write(dest, src)
 
@@ -191,7 +195,7 @@ class LocalStore(ObjectStore):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def open(self, key: str) -> IO[bytes]:
+    def open(self, key: str) -> BinaryIO:
         try:
             return open(self.path(key), "rb")
         except FileNotFoundError:
@@ -333,7 +337,7 @@ class S3Store(ObjectStore):
                 raise down from exc
             raise
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
         with open(path, "rb") as src:
             self.put_stream(key, src)
 
@@ -366,7 +370,7 @@ class S3Store(ObjectStore):
                 log.warning("could not abort the multipart upload of %s: %s", key, exc)
             raise
 
-    def open(self, key: str) -> IO[bytes]:
+    def open(self, key: str) -> BinaryIO:
         body = self._call("get_object", Key=self._name(key))["Body"]
         return io.BufferedReader(_Body(body), CHUNK)
 
@@ -512,6 +516,7 @@ def remove(store: ObjectStore, location: str, *, only: Iterable[str] | None = No
         where.delete([key])
         return
     where.delete_prefix(key + "/")
+    where.delete(k for k in where.list(key + ".") if k.endswith(".zip"))  # archives.zip_key
     if isinstance(where, LocalStore):
         with contextlib.suppress(OSError):  # not empty: something else lives there
             where.path(key).rmdir()

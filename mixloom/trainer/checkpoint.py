@@ -22,13 +22,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mixloom.errors import MixloomError
 from mixloom.model.formats import WEIGHTS_FILE, save_adapter
 from mixloom.trainer.fused import FusedTrainer
+
+if TYPE_CHECKING:  # the worker passes one in; the trainer never opens a store itself
+    from mixloom.storage.objects import ObjectStore
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -280,6 +283,42 @@ def remove_partials(root: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def upload_checkpoint(store: ObjectStore, folder: Path, key: str) -> str:
+    """Put a written checkpoint folder into the object store under `key`, its manifest
+    last (a reader treats a checkpoint without one as absent; a failure removes what it
+    put, as far as the store allows); returns the location its row records. Nothing is
+    copied when the store is the local directory the folder is in already."""
+    store.put_folder(folder, key, last=MANIFEST)
+    return store.location(key)
+
+
+def fetch_checkpoints(
+    store: ObjectStore, key: str, root: Path, *, at_most: int | None, newest: int = 2
+) -> list[int]:
+    """Copy into `root` (a worker's own folder for a job's checkpoints) the `newest`
+    checkpoints the store holds whole (with a manifest) under `key`, up to step `at_most`
+    (the newest recorded), that `root` lacks: what load_latest then resumes from on this
+    machine (the one before the newest in case that one is refused). Returns their steps."""
+    steps = sorted(
+        (
+            n
+            for k in store.list(key + "/")
+            if k.endswith("/" + MANIFEST)
+            and (n := checkpoint_step(Path(k).parent)) is not None
+            and (at_most is None or n <= at_most)
+        ),
+        reverse=True,
+    )[:newest]
+    fetched = []
+    for n in steps:
+        local = root / f"step-{n}"
+        if (local / MANIFEST).is_file():
+            continue
+        store.get_folder(f"{key}/step-{n}", local)
+        fetched.append(n)
+    return fetched
 
 
 def stored_bytes(*paths: Path) -> int:

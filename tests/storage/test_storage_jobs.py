@@ -14,6 +14,7 @@ from mixloom.storage import files, jobs, tenants
 from mixloom.storage.db import Database
 from mixloom.storage.ids import new_id
 from mixloom.storage.jobs import LeaseLostError
+from mixloom.storage.objects import LocalStore
 from mixloom.storage.records import JobRecord, JobStatus, RequestedAction
 
 METHOD = {"type": "lora", "lora": {"hyperparameters": {"r": 4}}}
@@ -288,7 +289,7 @@ def test_deleting_the_shared_final_checkpoint_keeps_the_adapter(db: Database, tm
     assert _usage(db, tenant) == (325, 110)
     with db.transaction() as s:
         removed = jobs.delete_checkpoints(session=s, job_id=job_id, tenant_id=tenant)
-    jobs.remove_stored_files(c.path for c in removed)
+    jobs.remove_stored_files((c.path for c in removed), store=LocalStore(tmp_path))
     assert [c.bytes for c in removed] == [325]
     assert sorted(p.name for p in folder.iterdir()) == [  # the adapter is whole
         "adapter_config.json",
@@ -298,7 +299,7 @@ def test_deleting_the_shared_final_checkpoint_keeps_the_adapter(db: Database, tm
     with db.transaction() as s:
         path, freed = jobs.delete_adapter(session=s, job_id=job_id, tenant_id=tenant)
     assert (path, freed) == (str(folder), 110)
-    jobs.remove_stored_files([path])
+    jobs.remove_stored_files([path], store=LocalStore(tmp_path))
     assert not folder.exists() and _usage(db, tenant) == (0, 0)
 
 
@@ -315,5 +316,5 @@ def test_deleting_the_shared_adapter_leaves_its_bytes_to_the_checkpoint(
         assert "stay with the checkpoint at step 2" in events[0].message
         removed = jobs.delete_checkpoints(session=s, job_id=job_id, tenant_id=tenant)
     assert [c.bytes for c in removed] == [435]
-    jobs.remove_stored_files(c.path for c in removed)
+    jobs.remove_stored_files((c.path for c in removed), store=LocalStore(tmp_path))
     assert not folder.exists() and _usage(db, tenant) == (0, 0)

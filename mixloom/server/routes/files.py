@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path, PurePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
+from mixloom.config import Settings
 from mixloom.data.formats import validate_jsonl_file
 from mixloom.errors import DataError, TooLargeError, ValidationError
 from mixloom.eval.tasks import parse_choice_file
 from mixloom.server.deps import ID_PATTERN, Context, CurrentTenant, Cursor, FileId, IdempotencyKey
-from mixloom.server.errors import ERROR_RESPONSES
+from mixloom.server.errors import ERROR_RESPONSES, ObjectGoneError
 from mixloom.server.idempotency import create_once
 from mixloom.server.schemas import FileDeleted, FilePublic, FilesPublic
-from mixloom.storage import files, tenants
+from mixloom.storage import files, objects, tenants
 
+log = logging.getLogger("mixloom.server")
 router = APIRouter(tags=["files"], responses=ERROR_RESPONSES)
 
 PURPOSES = ("fine-tune", "evals")  # training rows; evaluation tasks ({"query", "choices", "gold"})
@@ -44,9 +47,11 @@ def upload_file(
     """Upload a JSONL data file. Every line is checked; all problems come back at once.
 
     The body never sits in memory whole: Starlette spools it to a temporary file, which is
-    copied in 1 MiB chunks to a `.part` file beside the files, validated from there line
-    by line, and renamed into place only when it is valid and within the tenant's quota.
-    On any failure the `.part` file is removed.
+    copied in 1 MiB chunks to a local `.part` file, validated from there line by line, and
+    put into the object store (renamed into place locally; a multipart upload to S3) only
+    when it is valid and within the tenant's quota, before its row is written. On any
+    failure the `.part` file and the object are removed; a store that cannot be reached
+    is a 503 with Retry-After, and no row.
     """
     settings = ctx.settings
     if purpose not in PURPOSES:
@@ -61,7 +66,9 @@ def upload_file(
     folder.mkdir(parents=True, exist_ok=True)
     file_id = files.new_file_id()
     part = folder / f"{file_id}.part"
-    path = folder / f"{file_id}.jsonl"
+    store = objects.open_store(settings)
+    key = files.file_key(tenant.id, file_id)
+    stored = False
     try:
         size, sha256 = _copy_capped(file, part, cap)
         if size > cap:
@@ -91,6 +98,10 @@ def upload_file(
             )
             if problems:
                 raise DataError(problems)
+        # into the store before the row: a row never names bytes that are not there (a
+        # store that is down is a 503 here, and nothing is recorded)
+        store.put_file(key, part, move=True)
+        stored = True
 
         def create(session: Session) -> FilePublic:
             tenants.lock_tenant(session=session, tenant_id=tenant.id)
@@ -101,7 +112,6 @@ def upload_file(
                 adding=size,
                 what="this file",
             )
-            os.replace(part, path)
             record = files.create_file(
                 session=session,
                 file_id=file_id,
@@ -111,25 +121,33 @@ def upload_file(
                 size=size,
                 rows=rows,
                 sha256=sha256,
-                path=str(path),
+                path=store.location(key),
             )
             return FilePublic.of(record)
 
-        def undo() -> None:  # the transaction did not commit: back to .part, removed below
-            if path.exists():
-                os.replace(path, part)
-
-        return create_once(
+        made = create_once(
             ctx.db,
             tenant_id=tenant.id,
             key=idempotency_key,
             path="/v1/files",
             request={"purpose": purpose, "filename": filename, "sha256": sha256},
             create=create,
-            undo=undo,
         )
+        if isinstance(made, FilePublic):
+            stored = False  # recorded: the row owns the object now
+        return made
     finally:
         part.unlink(missing_ok=True)
+        if stored:  # refused, failed or a replay of an earlier upload: not recorded
+            _remove_quietly(store, store.location(key))
+
+
+def _remove_quietly(store: objects.ObjectStore, location: str) -> None:
+    """Remove an object no row names (any failure is logged: it is only space)."""
+    try:
+        objects.remove(store, location)
+    except (OSError, objects.StoreUnavailableError) as exc:
+        log.warning("could not remove %s, which no row names: %s", location, exc)
 
 
 def _copy_capped(upload: UploadFile, dest: Path, cap: int) -> tuple[int, str]:
@@ -184,12 +202,51 @@ async def get_file(ctx: Context, tenant: CurrentTenant, file_id: FileId) -> File
 @router.get(
     "/v1/files/{file_id}/content",
     response_class=FileResponse,
-    responses={200: {"content": {"application/jsonl": {}}, "description": "the file's bytes"}},
+    responses={
+        200: {"content": {"application/jsonl": {}}, "description": "the file's bytes"},
+        307: {"description": "storage_downloads=redirect: a presigned URL of the store"},
+    },
 )
-def get_file_content(ctx: Context, tenant: CurrentTenant, file_id: FileId) -> FileResponse:
+def get_file_content(ctx: Context, tenant: CurrentTenant, file_id: FileId) -> Response:
     with ctx.db.transaction() as session:
         record = files.get_file(session=session, file_id=file_id, tenant_id=tenant.id)
-    return FileResponse(record.path, media_type="application/jsonl", filename=record.filename)
+    return download(ctx.settings, record.path, record.filename, "application/jsonl")
+
+
+def download(settings: Settings, location: str, filename: str, media_type: str) -> Response:
+    """The object at a row's location as a download: the file from the local store, or,
+    from S3, streamed through (storage_downloads=stream) or a 307 to a presigned URL
+    (redirect). ObjectGoneError (410) when the row outlived its bytes."""
+    store, key = objects.resolve(objects.open_store(settings), location)
+    if isinstance(store, objects.LocalStore):
+        if store.size(key) is None:
+            raise _gone(filename)
+        return FileResponse(store.path(key), media_type=media_type, filename=filename)
+    if settings.storage_downloads == "redirect":
+        url = store.presign(key, filename, settings.storage_presign_seconds)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
+    chunks = store.iter_bytes(key)
+    try:
+        first = next(chunks, b"")  # a missing object is a 410 before the 200 goes out
+    except FileNotFoundError:
+        raise _gone(filename) from None
+
+    def stream() -> Iterator[bytes]:
+        yield first
+        yield from chunks
+
+    return StreamingResponse(
+        stream(),
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _gone(filename: str) -> ObjectGoneError:
+    return ObjectGoneError(
+        f"the bytes of {filename} are no longer in storage", code="archive_missing"
+    )
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted)
@@ -197,6 +254,5 @@ def delete_file(ctx: Context, tenant: CurrentTenant, file_id: FileId) -> FileDel
     """Refused (409) while an unfinished job uses the file."""
     with ctx.db.transaction() as session:
         record = files.delete_file(session=session, file_id=file_id, tenant_id=tenant.id)
-    with contextlib.suppress(FileNotFoundError):
-        Path(record.path).unlink()
+    _remove_quietly(objects.open_store(ctx.settings), record.path)
     return FileDeleted(id=record.id)

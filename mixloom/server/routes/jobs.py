@@ -3,16 +3,17 @@ adapter downloads, and deleting a finished job's checkpoints and adapter."""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import secrets
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
+from mixloom.config import Settings
 from mixloom.data.formats import Format, file_format
 from mixloom.errors import (
     ConfigError,
@@ -53,7 +54,7 @@ from mixloom.server.schemas import (
     MetricPublic,
     MetricsPublic,
 )
-from mixloom.storage import archives, files, jobs, tenants
+from mixloom.storage import archives, files, jobs, objects, tenants, workers
 from mixloom.storage.records import (
     CheckpointRecord,
     EventRecord,
@@ -152,12 +153,16 @@ def _check_file(session: Session, tenant: TenantRecord, file_id: str, param: str
         ) from None
 
 
-def _format_problems(method: Method, file: FileRecord, param: str) -> list[Problem]:
+def _format_problems(
+    settings: Settings, method: Method, file: FileRecord, param: str
+) -> list[Problem]:
     """A dpo job takes preference rows, and only a dpo job does. An upload holds one format,
     so its first row tells which without reading the rest; ObjectGoneError naming `param`
     when the file is no longer on disk."""
     try:
-        fmt = file_format(file.path)
+        store, key = objects.resolve(objects.open_store(settings), file.path)
+        with store.open(key) as stream:
+            fmt = file_format(stream)
     except OSError:
         raise ObjectGoneError(
             f"{param}: file {file.id} was removed from the server's disk; upload it again "
@@ -262,10 +267,10 @@ def create_job(
 
     def create(session: Session) -> JobPublic:
         training = _check_file(session, tenant, body.training_file, "training_file")
-        problems = _format_problems(method, training, "training_file")
+        problems = _format_problems(ctx.settings, method, training, "training_file")
         if body.validation_file is not None:
             validation = _check_file(session, tenant, body.validation_file, "validation_file")
-            problems += _format_problems(method, validation, "validation_file")
+            problems += _format_problems(ctx.settings, method, validation, "validation_file")
         evaluation = _evaluation(session, tenant, body.evaluation)
         problems += steps_problems(method, ctx.settings, training.rows)
         ProblemList(problems).raise_if_any(ConfigError)
@@ -292,6 +297,7 @@ def create_job(
             metadata=body.metadata,
             evaluation=evaluation,
         )
+        workers.tell_if_unheld(session=session, job_id=job.id, source=served.source, base=served.id)
         return _public(ctx, session, job)
 
     created = create_once(
@@ -449,36 +455,63 @@ async def list_checkpoints(
     )
 
 
-def _zip(path: str, filename: str, format: archives.Format = "safetensors") -> Response:
-    """The stored adapter at `path` as a zip: a folder (its files, stored once) zipped as it
-    streams; a zip stored before that, as it is."""
-    where = Path(path)
-    if where.is_dir() and (where / archives.CONFIG_FILE).is_file():
+def _zip(
+    settings: Settings, path: str, filename: str, format: archives.Format = "safetensors"
+) -> Response:
+    """The stored adapter at `path` (a row's location: a folder, locally or in S3) as a zip,
+    its files streamed from the store into the zip as it streams out; with
+    storage_downloads=redirect (S3), the zip is written to the store once, beside the
+    folder, and the answer is a 307 to a presigned URL of it. A zip stored before one
+    copy is sent as it is."""
+    store, key = objects.resolve(objects.open_store(settings), path)
+    if settings.storage_downloads == "redirect" and not isinstance(store, objects.LocalStore):
+        return _redirect_zip(settings, store, key, filename, format)
+    try:
+        chunks = archives.stream_adapter_zip(store, key, format)
+        first = next(chunks)  # a refused format is a 400 before the 200 goes out
+    except archives.ArchiveError as exc:
+        raise RequestError(str(exc), param="format", code="invalid_value") from None
+    except FileNotFoundError:
+        if isinstance(store, objects.LocalStore) and store.size(key) is not None:
+            return FileResponse(store.path(key), media_type="application/zip", filename=filename)
+        raise ObjectGoneError(
+            f"the adapter {filename} was removed from storage", code="archive_missing"
+        ) from None
+
+    def stream() -> Any:
+        yield first
+        yield from chunks
+
+    return StreamingResponse(
+        stream(),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _redirect_zip(
+    settings: Settings,
+    store: objects.ObjectStore,
+    key: str,
+    filename: str,
+    format: archives.Format,
+) -> Response:
+    """A 307 to a presigned URL of the adapter's zip, written to the store (as a multipart
+    upload of the stream) the first time it is asked for."""
+    zipped = archives.zip_key(key, format)
+    if store.size(zipped) is None:
         try:
-            chunks = archives.stream_adapter_zip(where, format)
-            first = next(chunks)  # a refused format is a 400 before the 200 goes out
+            chunks = archives.stream_adapter_zip(store, key, format)
+            store.put_stream(zipped, io.BufferedReader(archives.ChunkReader(chunks)))
         except archives.ArchiveError as exc:
             raise RequestError(str(exc), param="format", code="invalid_value") from None
-        except OSError:
+        except FileNotFoundError:
             raise ObjectGoneError(
-                f"the adapter {filename} was removed from the server's disk",
-                code="archive_missing",
+                f"the adapter {filename} was removed from storage", code="archive_missing"
             ) from None
-
-        def stream() -> Any:
-            yield first
-            yield from chunks
-
-        return StreamingResponse(
-            stream(),
-            media_type="application/zip",
-            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-        )
-    if not where.is_file():
-        raise ObjectGoneError(
-            f"the archive {filename} was removed from the server's disk", code="archive_missing"
-        )
-    return FileResponse(path, media_type="application/zip", filename=filename)
+    url = store.presign(zipped, filename, settings.storage_presign_seconds)
+    assert url is not None  # S3 presigns
+    return RedirectResponse(url, status_code=307)
 
 
 @router.get(JOBS + "/{job_id}/adapter", response_class=FileResponse, responses=ZIP_RESPONSE)
@@ -506,7 +539,7 @@ def download_adapter(
         raise StateConflictError(
             f"job {job.id} is {job.status.value}: {hint}", param="job_id", code="adapter_not_ready"
         )
-    return _zip(job.adapter_path, f"{job.id}-adapter.zip", format)
+    return _zip(ctx.settings, job.adapter_path, f"{job.id}-adapter.zip", format)
 
 
 @router.get(
@@ -525,7 +558,7 @@ def download_checkpoint(
     with ctx.db.transaction() as session:
         jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
         ckpt = jobs.get_checkpoint(session=session, job_id=job_id, checkpoint_id=checkpoint_id)
-    return _zip(ckpt.path, f"{job_id}-step-{ckpt.step}.zip", format)
+    return _zip(ctx.settings, ckpt.path, f"{job_id}-step-{ckpt.step}.zip", format)
 
 
 def delete_checkpoints_of(
@@ -538,7 +571,7 @@ def delete_checkpoints_of(
         removed = jobs.delete_checkpoints(
             session=session, job_id=job_id, tenant_id=tenant.id, checkpoint_id=checkpoint_id
         )
-    jobs.remove_stored_files(c.path for c in removed)
+    jobs.remove_stored_files((c.path for c in removed), store=objects.open_store(ctx.settings))
     if removed:
         _notify(ctx, job_id, before.last_seq, wake=False)
     return removed
@@ -579,6 +612,6 @@ def delete_adapter_of(ctx: ServerContext, tenant: TenantRecord, job_id: str) -> 
         before = jobs.get_job(session=session, job_id=job_id, tenant_id=tenant.id)
         path, freed = jobs.delete_adapter(session=session, job_id=job_id, tenant_id=tenant.id)
     if path is not None:
-        jobs.remove_stored_files([path])
+        jobs.remove_stored_files([path], store=objects.open_store(ctx.settings))
         _notify(ctx, job_id, before.last_seq, wake=False)
     return freed

@@ -53,6 +53,13 @@ def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+@router.get("/operator")
+def operator_view() -> FileResponse:
+    """The operator's page: workers and the queue, read with the admin key from
+    /v1/admin/* (server/routes/admin.py); the page holds the key in memory only."""
+    return FileResponse(STATIC_DIR / "operator.html", headers={"Cache-Control": "no-cache"})
+
+
 @router.post("/dashboard/session")
 def sign_in(ctx: Context, request: Request, body: SignIn) -> Response:
     lifetime = timedelta(hours=ctx.settings.dashboard_session_hours)

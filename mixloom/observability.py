@@ -19,7 +19,8 @@ No metric has a tenant label, and no label value is a tenant's name or id, a job
 concrete path: a route is its template (`/v1/fine_tuning/jobs/{job_id}`), a base its public
 id. Tests scrape after tenants' requests and look for their names and ids.
 
-`bench/fleet.py` observes the same claim histogram by name (CLAIM_SECONDS, CLAIM_BUCKETS).
+Code that reports the same quantities (bench/fleet.py's claim latency) imports the names and
+buckets from here (CLAIM_SECONDS, CLAIM_BUCKETS) rather than copying them.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@
 - A checkpoint's id is its job's fine-tuned id and `:ckpt-step-N`, as OpenAI's
   `fine_tuned_model_checkpoint` is.
 
+A deployment serves one base (MIXLOOM_BASE_MODEL) or several (MIXLOOM_BASE_MODELS,
+`parse_base_models`): `Settings.bases` is the list either way, the API serves each of them
+and a worker holds one (`Settings.held_base`).
+
 Torch-free and database-free: the API names and parses ids with it (server/registry.py),
 and the worker names the model a job produced (scheduler/worker.py).
 """
@@ -18,6 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
+
+from mixloom.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
     from mixloom.config import Settings
@@ -42,6 +48,69 @@ def base_model_id(source: str, alias: str | None = None) -> str:
         return source
     name = PurePosixPath(source.replace("\\", "/").rstrip("/")).name or source
     return _UNSAFE.sub("-", name).strip("-.")[:64] or "base"
+
+
+BASE_MODELS_VARIABLE = "MIXLOOM_BASE_MODELS"
+BASE_MODELS_SYNTAX = "NAME=SOURCE or NAME=SOURCE|HUB_ID, separated by commas"
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """One base model of the deployment: its public id, and what a worker loads."""
+
+    name: str  # its public id: GET /v1/models, a job's `model`, `ft:NAME:...`
+    source: str  # the embedded default's id, a local folder or a hub id (MIXLOOM_BASE_MODEL)
+    # what its adapters name as base_model_name_or_path (MIXLOOM_BASE_MODEL_HUB_ID); None:
+    # the embedded default's hub id, or `source` itself
+    hub_id: str | None = None
+
+
+def parse_base_models(text: str) -> tuple[BaseModelSpec, ...]:
+    """MIXLOOM_BASE_MODELS: `NAME=SOURCE[|HUB_ID]`, comma-separated, e.g.
+    `small=smollm2-135m,tiny=/models/tiny|org/tiny-llama`: each base's public name, then
+    what a worker loads (the embedded `smollm2-135m`, a local folder or a hub id), then
+    optionally the hub id its adapters name as their base (as MIXLOOM_BASE_MODEL_HUB_ID).
+
+    Raises:
+        ConfigError: every problem at once, each naming MIXLOOM_BASE_MODELS and the entry.
+    """
+    problems: list[Problem] = []
+    bases: list[BaseModelSpec] = []
+    entries = [e.strip() for e in text.split(",")]
+    for i, entry in enumerate(entries, 1):
+        if not entry:
+            continue
+        where = f"{BASE_MODELS_VARIABLE} entry {i} ({entry!r})"
+        name, sep, rest = entry.partition("=")
+        source, bar, hub_id = rest.partition("|")
+        name, source, hub_id = name.strip(), source.strip(), hub_id.strip()
+        if not sep or not source:
+            problems.append(Problem(where, f"expected {BASE_MODELS_SYNTAX}"))
+            continue
+        if not PUBLIC_NAME.match(name):
+            problems.append(
+                Problem(where, f"the name {name!r} is not 1-64 letters, digits, '.', '_' or '-'")
+            )
+        if bar and (not hub_id or "|" in hub_id):
+            problems.append(Problem(where, f"expected one HUB_ID after '|' ({BASE_MODELS_SYNTAX})"))
+        bases.append(BaseModelSpec(name, source, hub_id or None))
+    for what, values in (("name", [b.name for b in bases]), ("source", [b.source for b in bases])):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            problems.append(
+                Problem(
+                    BASE_MODELS_VARIABLE,
+                    f"the {what} {', '.join(map(repr, twice))} is listed twice; each base needs "
+                    f"a {what} of its own (jobs are claimed by source, shown by name)",
+                )
+            )
+    if not bases and not problems:
+        problems.append(
+            Problem(BASE_MODELS_VARIABLE, f"lists no base model ({BASE_MODELS_SYNTAX})")
+        )
+    if problems:
+        raise ConfigError(problems)
+    return tuple(bases)
 
 
 def served_base_id(settings: Settings) -> str:

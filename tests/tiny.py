@@ -53,12 +53,13 @@ def tiny_tokenizer(chat_template: str | None = None) -> Any:
     return wrapped
 
 
-def save_tiny_base(folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_base(folder: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """A tiny LLaMA + byte-level chat tokenizer saved as a HF folder (what a user points
-    base_model at); vocabulary sized to the tokenizer."""
+    base_model at); vocabulary sized to the tokenizer. `overrides`: LlamaConfig fields (a
+    base of another shape)."""
     folder = Path(folder)
     tok = tiny_tokenizer(TURN_TEMPLATE)
-    model = tiny_llama(seed, vocab_size=len(tok))
+    model = tiny_llama(seed, vocab_size=len(tok), **overrides)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -49,6 +49,7 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("worker (defaults from MIXLOOM_WORKER_* variables)")
     flags = [  # (flag, the Settings field, type, help)
         ("--worker-id", "worker_id", str, "a name for this worker in job events (default: host:pid)"),
+        ("--base-model", "worker_base_model", str, "which of MIXLOOM_BASE_MODELS this worker holds, by name; it trains and answers only that base's jobs and requests (default: the first)"),
         ("--lease-seconds", "worker_lease_seconds", float, "how long a dead worker's jobs wait before another worker takes them, at least (default 30; leases grow by themselves to 3 steps' time on a slow machine)"),
         ("--heartbeat-seconds", "worker_heartbeat_seconds", float, "renew the leases this often (default: a third of --lease-seconds)"),
         ("--poll-seconds", "worker_poll_seconds", float, "look for new jobs this often (default 2)"),

@@ -2,7 +2,9 @@
 
 Two kinds of model have ids (mixloom/model_ids.py has the rules):
 
-- base models: the one MIXLOOM_BASE_MODEL names, by its public id (`served_models`);
+- base models: each of MIXLOOM_BASE_MODELS (or the one MIXLOOM_BASE_MODEL names), by its
+  public id (`served_models`); a job's row stores its base's source, what workers holding
+  that base claim by;
 - fine-tuned models: a succeeded job's final adapter (`ft:BASE:ORG:SUFFIX:JOB`) and each
   of a job's checkpoints (that id and `:ckpt-step-N`), visible to their tenant alone.
 
@@ -22,12 +24,12 @@ from mixloom.config import Settings
 from mixloom.errors import ObjectNotFoundError
 from mixloom.model_ids import (
     DEFAULT_MODEL_ID,
+    BaseModelSpec,
     base_model_id,
     checkpoint_model_id,
     fine_tuned_model_id,
     legacy_fine_tuned_model_id,
     parse_fine_tuned_model_id,
-    served_base_id,
 )
 from mixloom.storage import jobs
 from mixloom.storage.records import CheckpointRecord, JobRecord, JobStatus
@@ -54,15 +56,24 @@ KNOWN_MODELS = {
 
 
 def served_models(settings: Settings) -> list[ServedModel]:
-    """MIXLOOM_BASE_MODEL: a known id, or a local model directory with a config.json; named
-    by MIXLOOM_BASE_MODEL_ALIAS, or else by the known id or the directory's name."""
-    name = settings.base_model
-    public = served_base_id(settings)
-    if name in KNOWN_MODELS:
-        known = KNOWN_MODELS[name]
-        return [ServedModel(public, known.max_position_embeddings, known.description, name)]
-    context = _context_from_config(Path(name) / "config.json")
-    return [ServedModel(public, context or settings.max_seq_len, "configured base model", name)]
+    """The deployment's bases (`Settings.bases`: MIXLOOM_BASE_MODELS, or MIXLOOM_BASE_MODEL
+    and its alias), in the operator's order. Each source is a known id, or a model directory
+    whose config.json gives its context (else max_seq_len: a hub id is not read here).
+
+    Raises:
+        ConfigError: MIXLOOM_BASE_MODELS is malformed (at the API's start).
+    """
+    return [_served(settings, b) for b in settings.bases]
+
+
+def _served(settings: Settings, base: BaseModelSpec) -> ServedModel:
+    if base.source in KNOWN_MODELS:
+        known = KNOWN_MODELS[base.source]
+        return ServedModel(base.name, known.max_position_embeddings, known.description, base.source)
+    context = _context_from_config(Path(base.source) / "config.json")
+    return ServedModel(
+        base.name, context or settings.max_seq_len, "configured base model", base.source
+    )
 
 
 def _context_from_config(path: Path) -> int | None:

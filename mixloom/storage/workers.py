@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from mixloom.storage import jobs
 from mixloom.storage import models as m
 from mixloom.storage.inference import InferenceStatus
 from mixloom.storage.records import JobStatus
@@ -183,3 +184,22 @@ def live_holders(
         select(m.Worker).where(m.Worker.source == source, m.Worker.role.in_(roles))
     )
     return [WorkerRecord.of(r, now) for r in rows if _alive(r, now)]
+
+
+def tell_if_unheld(
+    *, session: Session, job_id: str, source: str, base: str, now: datetime | None = None
+) -> bool:
+    """A new job's one event when no live worker trains its base (`source`, public id
+    `base`): it stays queued until one starts. True when it was told. Asked once, when the
+    job is created, so the event is never repeated."""
+    if live_holders(session=session, source=source, now=now):
+        return False
+    jobs.add_event(
+        session=session,
+        job_id=job_id,
+        message=f"Waiting for a worker that holds base {base}: none is running",
+        level="warning",
+        data={"reason": "no_worker", "base": base},
+        now=now,
+    )
+    return True

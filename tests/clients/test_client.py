@@ -232,7 +232,9 @@ def test_pagination_of_files_jobs_and_events(client: Client) -> None:
     client.resume_job(jobs[2])
     events = list(client.iter_events(jobs[2], page_size=1))
     assert [e.message for e in events][-1].startswith("Job created")
-    assert len(events) == 3 and len({e.id for e in events}) == 3
+    # created, waiting for a worker (none runs here), paused, resumed
+    assert len(events) == 4 and len({e.id for e in events}) == 4
+    assert events[-2].message.startswith("Waiting for a worker that holds base")
 
 
 # --- errors ---------------------------------------------------------------------------

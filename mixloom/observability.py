@@ -219,7 +219,7 @@ class RequestTimer:
 
 class RouteRecorder:
     """ASGI middleware (the innermost): after the router ran, the matched route's template
-    (a mount's prefix) into RequestTimer's holder."""
+    (a mount's: its prefix + "/{path}") into RequestTimer's holder."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -229,8 +229,9 @@ class RouteRecorder:
             await self.app(scope, receive, send)
         finally:
             holder = scope.get(_ROUTE_KEY)
-            route = scope.get("route")
-            path = getattr(route, "path", None)
+            path = getattr(scope.get("route"), "path", None)
+            if path is None and scope.get("endpoint") is not None and scope.get("root_path"):
+                path = scope["root_path"] + "/{path}"  # a mount (/static): its prefix
             if holder is not None and isinstance(path, str):
                 holder["route"] = path or "/"
 

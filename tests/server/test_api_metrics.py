@@ -70,6 +70,7 @@ def test_metrics_parse_label_routes_by_template_and_never_name_a_tenant(operated
     assert c.get(f"/v1/fine_tuning/jobs/{job_id}", headers=h).status_code == 200
     assert c.get(f"/v1/files/{file_id}", headers=h).status_code == 200
     assert c.get(f"/v1/no/such/{job_id}/{tenant_id}", headers=h).status_code == 404
+    assert c.get("/static/app.css").status_code == 200
 
     r = c.get("/metrics", headers=ADMIN)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
@@ -81,6 +82,8 @@ def test_metrics_parse_label_routes_by_template_and_never_name_a_tenant(operated
     assert value(after, count, **file_route) == value(before, count, **file_route) + 1
     unmatched = dict(method="GET", route="<unmatched>", status="404")
     assert value(after, count, **unmatched) == value(before, count, **unmatched) + 1
+    static = dict(method="GET", route="/static/{path}", status="200")
+    assert value(after, count, **static) == value(before, count, **static) + 1
     # this test's tenant queued two jobs
     queued = value(after, "mixloom_queue_jobs", base=MODEL)
     assert queued - value(before, "mixloom_queue_jobs", base=MODEL) == 2

@@ -9,16 +9,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import FAST, REPO, arithmetic_rows, free_port, wait_for, write_jsonl
+from claims import claim
+from helpers import FAST, REPO, arithmetic_rows, free_port, stack, wait_for, write_jsonl
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from mixloom.clients import Client
 from mixloom.model_ids import base_model_id
+from mixloom.scheduler.worker import Worker
 from mixloom.storage import tenants
 from mixloom.storage.db import Database
 
@@ -184,3 +188,22 @@ def test_metrics_move_while_a_job_trains_and_name_no_tenant(
 
 def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def test_a_dead_workers_expired_lease_is_counted(tmp_path: Path, tiny_base: Path) -> None:
+    """The worker that finds a dead worker's lease expired counts it, by what became of
+    the job (requeued here: its first crash)."""
+    with stack(tmp_path, tiny_base) as s:
+        client = s.client("expiry")
+        upload = client.upload_file(write_jsonl(tmp_path / "t.jsonl", arithmetic_rows(4)))
+        job = client.create_job(training_file=upload.id, model=base_model_id(str(tiny_base)))
+        with s.db.transaction() as session:
+            held = claim(session, model=str(tiny_base), worker="dead-worker", lease_seconds=0.05)
+        assert held is not None and held.id == job.id
+        name, labels = "mixloom_worker_lease_expiries_total", {"outcome": "requeued"}
+        before = REGISTRY.get_sample_value(name, labels) or 0.0
+        wait_for(lambda: client.get_job(job.id).status == "running", timeout=5)
+        time.sleep(0.1)  # past the lease
+        Worker(s.settings, db=s.db, bus=s.bus)._expire()  # what its loop runs
+        assert client.get_job(job.id).status == "queued"
+        assert REGISTRY.get_sample_value(name, labels) == before + 1

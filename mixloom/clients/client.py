@@ -446,6 +446,21 @@ class Client:
         params: dict[str, Any] | None = None,
     ) -> Path:
         response = self._send("GET", path, params=params, stream=True)
+        store: httpx.Client | None = None
+        if response.status_code == 307 and "location" in response.headers:
+            # the server's storage_downloads=redirect: a presigned URL of its object store,
+            # fetched without this client's API key (the URL is its own credential)
+            response.close()
+            store = httpx.Client(timeout=self._http.timeout)
+            response = store.send(
+                store.build_request("GET", response.headers["location"]), stream=True
+            )
+            if response.status_code >= 400:
+                response.close()
+                store.close()
+                raise APIConnectionError(
+                    f"the server's object store refused the download ({response.status_code})"
+                )
         try:
             target = Path(dest)
             if _is_directory(dest):
@@ -459,6 +474,8 @@ class Client:
             return target
         finally:
             response.close()
+            if store is not None:
+                store.close()
 
     def stream(self, job_id: str, *, after: int = 0) -> Iterator[StreamMessage]:
         """GET .../stream: the job's events and metrics live, replayed from sequence number

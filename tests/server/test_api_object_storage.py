@@ -233,3 +233,20 @@ def test_an_unreachable_store_is_503_with_retry_after_and_no_row(
         assert error["code"] == "storage_unavailable" and "object store" in error["message"]
         assert api.client.get("/v1/files", headers=h).json()["data"] == []
         assert not any(n.endswith((".part", ".jsonl")) for n in _local_files(api))
+
+
+def test_the_sdk_follows_a_redirect_to_the_store_without_its_api_key(
+    tmp_path: Path, moto: Moto
+) -> None:
+    from live_server import live_api
+
+    from mixloom.clients import Client
+
+    settings = {"storage_downloads": "redirect", **moto.settings("sdk")}
+    with live_api(tmp_path / "data", **settings) as server:
+        client = Client(server.url, api_key=server.new_key("sdk"), timeout=30)
+        upload = tmp_path / "train.jsonl"
+        upload.write_bytes(GOOD_JSONL)
+        f = client.upload_file(upload)
+        got = client.download_file(f.id, tmp_path / "back.jsonl")
+        assert got.read_bytes() == GOOD_JSONL

@@ -9,6 +9,11 @@ back before the folder is renamed into place (the old one, if any, is moved asid
 removed only after the rename). A reader checks the manifest again (`load_checkpoint`), so a
 checkpoint truncated or damaged on disk afterwards is refused, and `load_latest` falls back
 to the previous good one.
+
+With an object store (storage/objects.py) the worker writes the folder here, then
+`upload_checkpoint` puts its files into the store, the manifest last (a checkpoint without
+its manifest is absent to readers); a resume on another machine first copies the newest
+recorded checkpoints back (`fetch_checkpoints`) and verifies them as above.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def start_worker_exporter(host: str, port: int) -> bool:
     """Serve the default registry (and GPU memory) at http://host:port/metrics in a daemon
     thread. A port in use is logged, not raised: metrics never stop a worker."""
     worker_metrics()
-    _register_once(REGISTRY, "gpu", GpuMemoryCollector())
+    _gpu_memory_registered()
     from prometheus_client import start_http_server
 
     try:
@@ -150,15 +150,9 @@ def start_worker_exporter(host: str, port: int) -> bool:
     return True
 
 
-_registered: set[tuple[int, str]] = set()
-_registered_lock = threading.Lock()
-
-
-def _register_once(registry: CollectorRegistry, key: str, collector: Collector) -> None:
-    with _registered_lock:
-        if (id(registry), key) not in _registered:
-            _registered.add((id(registry), key))
-            registry.register(collector)
+@cache
+def _gpu_memory_registered() -> None:
+    REGISTRY.register(GpuMemoryCollector())
 
 
 # -- the API -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mixloom.clients import Client
 from mixloom.model_ids import base_model_id
+from mixloom.observability import start_worker_exporter
 from mixloom.scheduler.worker import Worker
 from mixloom.storage import tenants
 from mixloom.storage.db import Database
@@ -207,3 +208,12 @@ def test_a_dead_workers_expired_lease_is_counted(tmp_path: Path, tiny_base: Path
         Worker(s.settings, db=s.db, bus=s.bus)._expire()  # what its loop runs
         assert client.get_job(job.id).status == "queued"
         assert REGISTRY.get_sample_value(name, labels) == before + 1
+
+
+def test_a_metrics_port_in_use_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """Metrics never stop a worker: a second exporter on a taken port says so and goes on."""
+    port = free_port()
+    assert start_worker_exporter("127.0.0.1", port)
+    assert "mixloom_worker_steps_total" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert not start_worker_exporter("127.0.0.1", port)
+    assert f"cannot listen on 127.0.0.1:{port}" in caplog.text

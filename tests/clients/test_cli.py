@@ -70,7 +70,9 @@ def test_jobs_commands(cli: Any, train_file: Path) -> None:
     assert code == 0 and "cancelled" in out
     code, out, _ = cli("jobs", "events", job_id)
     lines = out.strip().splitlines()
-    assert "Job created" in lines[0] and "Job cancelled" in lines[-1] and len(lines) == 4
+    # created, waiting for a worker (none runs here), paused, resumed, cancelled
+    assert "Job created" in lines[0] and "Job cancelled" in lines[-1] and len(lines) == 5
+    assert "Waiting for a worker that holds base" in lines[1]
     code, out, _ = cli("jobs", "watch", job_id)
     assert code == 1 and f"{job_id} cancelled" in out
 

@@ -65,6 +65,8 @@ STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 12
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 STATE_CACHE_SECONDS = 2.0
 UNMATCHED_ROUTE = "<unmatched>"  # a path no route serves: never its text (it may hold ids)
+# a label's values are bounded: any other method a client sends is "other"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -204,8 +206,9 @@ class RequestTimer:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            method = scope["method"]
             self.histogram.labels(
-                method=scope["method"],
+                method=method if method in HTTP_METHODS else "other",
                 route=holder.get("route", UNMATCHED_ROUTE),
                 status=str(status),
             ).observe(time.perf_counter() - started)

@@ -71,6 +71,7 @@ def test_metrics_parse_label_routes_by_template_and_never_name_a_tenant(operated
     assert c.get(f"/v1/files/{file_id}", headers=h).status_code == 200
     assert c.get(f"/v1/no/such/{job_id}/{tenant_id}", headers=h).status_code == 404
     assert c.get("/static/app.css").status_code == 200
+    assert c.request(f"X{job_id[-8:]}", "/healthz").status_code == 405  # a made-up method
 
     r = c.get("/metrics", headers=ADMIN)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
@@ -84,6 +85,8 @@ def test_metrics_parse_label_routes_by_template_and_never_name_a_tenant(operated
     assert value(after, count, **unmatched) == value(before, count, **unmatched) + 1
     static = dict(method="GET", route="/static/{path}", status="200")
     assert value(after, count, **static) == value(before, count, **static) + 1
+    odd = dict(method="other", route="/healthz", status="405")
+    assert value(after, count, **odd) == value(before, count, **odd) + 1
     # this test's tenant queued two jobs
     queued = value(after, "mixloom_queue_jobs", base=MODEL)
     assert queued - value(before, "mixloom_queue_jobs", base=MODEL) == 2

@@ -188,6 +188,7 @@ class Worker:
         )
         # bytes: uploads, checkpoints, adapters (data_dir holds this worker's copies)
         self.store = objects.open_store(settings)
+        self._store_back_at = -math.inf  # no claims before: a job's data could not be fetched
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -314,7 +315,8 @@ class Worker:
         )
         if self.settings.worker_role == "inference":
             return decoded
-        if self._wake.is_set() or now - self._last_claim >= self.settings.worker_poll_seconds:
+        due = self._wake.is_set() or now - self._last_claim >= self.settings.worker_poll_seconds
+        if due and now >= self._store_back_at:
             self._wake.clear()
             self._last_claim = now
             self._claim()
@@ -640,7 +642,7 @@ class Worker:
             raise
         except StoreUnavailableError as exc:  # back in the queue; claims wait a while
             log.warning("%s: the object store is unreachable: %s", record.id, exc)
-            self._last_claim = time.monotonic() + self.settings.storage_retry_max_seconds
+            self._store_back_at = time.monotonic() + self.settings.storage_retry_max_seconds
             self._release(
                 h,
                 JobStatus.QUEUED,

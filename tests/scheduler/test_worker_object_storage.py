@@ -79,6 +79,7 @@ def _locations(db: Any, job_id: str) -> list[str]:
     return [*rows, adapter]
 
 
+@pytest.mark.slow  # 308 s wall (50 s CPU) at load 20 on 2 cores; the fast versions below
 def test_two_workers_with_their_own_disks_share_only_the_store_and_survive_a_kill(
     tmp_path: Path, tiny_base: Path, pg_url: str, redis: str, moto: Moto
 ) -> None:
@@ -194,5 +195,42 @@ def test_store_unreachable_at_checkpoint_time_pauses_checkpointing_not_the_job(
             reference = train_reference(tmp_path, tiny_base, data, [spec])
             assert_same_tensors(got, reference["outage"])
             assert all(p.startswith("s3://outage/") for p in _locations(s.db, job_id))
+    finally:
+        proxy.close()
+
+
+def test_a_job_whose_data_cannot_be_fetched_waits_in_the_queue_not_failed(
+    tmp_path: Path, tiny_base: Path, pg_url: str, redis: str, moto: Moto
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(8, seed=9))
+    spec = _spec("late", 6)
+    proxy = Proxy(int(moto.url.rsplit(":", 1)[1]))
+    proxy.close()  # the worker's way to the store is down from the start
+    try:
+        with stack(
+            tmp_path, tiny_base, database_url=pg_url, redis_url=redis, **moto.settings("late")
+        ) as s:
+            client = s.client("late")
+            f = client.upload_file(data)
+            model = client.list_models()[0].id
+            job_id = client.create_job(
+                training_file=f.id, model=model, method=spec["method"], seed=spec["seed"]
+            ).id
+            s.start_worker(
+                data_dir=tmp_path / "worker-disk",
+                s3_endpoint_url=proxy.url,
+                storage_retry_max_seconds=0.5,
+            )
+            wait_for(
+                lambda: any(
+                    "object store unreachable while fetching its data" in e.message
+                    for e in client.iter_events(job_id, page_size=100)
+                ),
+                timeout=120,
+            )
+            assert client.get_job(job_id).status in ("queued", "running")
+            proxy.open()
+            job = wait_status(client, job_id, "succeeded", timeout=180)
+            assert job.trained_tokens
     finally:
         proxy.close()

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mixloom.model.batch import FusedState, Segment
+from mixloom.model.batch import FusedState, Segment, TokenShare
 from mixloom.model.lora import LoraWeights, MultiLoraLinear
 from mixloom.model.moe import MixLoraWeights, MultiAdapterMLP
 from mixloom.model.packing import repack
-from mixloom.model.routing import aux_loss, router_totals
+from mixloom.model.routing import RouterTotals, aux_loss, router_totals
 from mixloom.model.specs import AdapterSpec
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -186,9 +186,11 @@ class AdapterModel(nn.Module):
         training: bool,
         collect_router: bool = True,
         host_mask: Tensor | None = None,
+        shares: dict[str, TokenShare] | None = None,
     ) -> Iterator[FusedState]:
         """Within the block, forwards route row blocks through their adapters. `host_mask`:
-        the attention mask on the host, if the caller has it (FusedState.begin)."""
+        the attention mask on the host, if the caller has it; `shares`: the jobs whose rows
+        are this process's share of their micro-batch (FusedState.begin)."""
         st = self.state
         st.begin(
             segments,
@@ -196,24 +198,27 @@ class AdapterModel(nn.Module):
             training=training,
             collect_router=collect_router,
             host_mask=host_mask,
+            shares=shares,
         )
         try:
             yield st
         finally:
             st.end()
 
-    def aux_losses(self) -> dict[str, Tensor]:
-        """Per MixLoRA adapter: its load-balance loss over the last forward's router logs."""
-        return {name: aux_loss(*t, self.specs[name]) for name, t in self._router_totals().items()}
+    def aux_losses(self, totals: RouterTotals | None = None) -> dict[str, Tensor]:
+        """Per MixLoRA adapter: its load-balance loss over the last forward's router logs
+        (or over `totals`: router_totals summed across processes)."""
+        totals = self.router_totals() if totals is None else totals
+        return {name: aux_loss(*t, self.specs[name]) for name, t in totals.items()}
 
-    def router_load(self) -> dict[str, Tensor]:
+    def router_load(self, totals: RouterTotals | None = None) -> dict[str, Tensor]:
         """Per MixLoRA adapter: the fraction of routed (token, choice) pairs each expert got,
         (E,) on the device (read it together with other values: each read waits for the
         GPU)."""
-        totals = self._router_totals()
+        totals = self.router_totals() if totals is None else totals
         return {name: chosen / chosen.sum().clamp(min=1) for name, (_, chosen, _) in totals.items()}
 
-    def _router_totals(self) -> dict[str, tuple[Tensor, Tensor, int]]:
+    def router_totals(self) -> RouterTotals:
         """router_totals of the batch's logs, summed once for both aux_losses and
         router_load (a training step asks for both)."""
         logs = self.state.router_logs or []

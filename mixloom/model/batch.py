@@ -44,6 +44,27 @@ class Segment:
 _T = TypeVar("_T")
 
 
+@dataclass(frozen=True)
+class TokenShare:
+    """What this process holds of one job's micro-batch when the batch is split across
+    processes (data parallel: trainer/distributed.py): the index of each of its real tokens
+    among the whole micro-batch's real tokens (batch order), and how many those are. Random
+    draws per token (dropout, router jitter) are drawn for the whole micro-batch, as one
+    process would, and this process keeps its own tokens' rows of them."""
+
+    index: Tensor  # (n_local,) int64, host
+    total: int
+
+    def rows(self, per_token: int) -> tuple[Tensor, int]:
+        """(the index of each of this process's rows among the whole micro-batch's, their
+        count) for rows that come `per_token` to a real token, token-major (a MixLoRA job's
+        (token, slot) pairs)."""
+        if per_token == 1:
+            return self.index, self.total
+        slot = torch.arange(per_token)
+        return (self.index[:, None] * per_token + slot).reshape(-1), self.total * per_token
+
+
 @dataclass
 class _Snapshot:
     batch: tuple[Any, ...]  # FusedState._batch(): the batch, its caches and dropout seeds
@@ -71,6 +92,8 @@ class FusedState:
     # and how many masks it has drawn in this batch
     _seeds: dict[str, int] = field(default_factory=dict)
     _draws: dict[str, int] = field(default_factory=dict)
+    # data parallel: each job's share of its micro-batch in this process (none: all of it)
+    shares: dict[str, TokenShare] = field(default_factory=dict)
 
     def begin(
         self,
@@ -80,10 +103,13 @@ class FusedState:
         training: bool,
         collect_router: bool,
         host_mask: Tensor | None = None,
+        shares: dict[str, TokenShare] | None = None,
     ) -> None:
         """Describe the batch the next forwards run over. `host_mask`: the attention mask as
         the host has it, when the caller does: the layers read padding from it, where
-        reading the device's copy would wait for the GPU to finish everything queued."""
+        reading the device's copy would wait for the GPU to finish everything queued.
+        `shares`: the jobs whose rows here are a share of their micro-batch (TokenShare)."""
+        self.shares = shares or {}
         self.segments = segments
         self.token_mask = attention_mask.bool() if attention_mask is not None else None
         self.training = training
@@ -102,6 +128,7 @@ class FusedState:
         self._consts = {}
         self._host_mask = None
         self._seeds, self._draws = {}, {}
+        self.shares = {}
 
     def real_tokens(self, seg: Segment, per_seq: int, device: torch.device) -> Tensor:
         """(n_real,) indices of the segment's non-padding tokens within its flattened rows."""
@@ -175,7 +202,13 @@ class FusedState:
                 continue
             real = self.real_tokens(seg, rows // (seg.end - seg.start), device) if seg else None
             n = rows if real is None else real.shape[0]
-            drawn = random_bits(self.generators[name], n * cols, device)
+            share = self._share_rows(name, n, seg)
+            if share is None:
+                drawn = random_bits(self.generators[name], n * cols, device)
+            else:  # the whole micro-batch's draw, this process's rows of it
+                index, total = share
+                drawn = random_bits(self.generators[name], total * cols, device).view(total, cols)
+                drawn = drawn.index_select(0, upload(index, device)).view(-1)
             if n != rows:  # padding rows get any bits; their threshold drops them
                 assert real is not None
                 block = drawn.new_empty(rows, cols).index_copy_(0, real, drawn.view(n, cols))
@@ -215,13 +248,27 @@ class FusedState:
         """(sum of rows,) int32 part of each row, and (sum of rows,) int64 index of each row
         among its part's real rows (padding rows: any; their threshold drops them)."""
         jobs, local = [], []
-        for j, (_, rows, p, seg) in enumerate(parts):
+        for j, (name, rows, p, seg) in enumerate(parts):
             jobs.append(torch.full((rows,), j, dtype=torch.int32))
             if seg is not None and self.token_mask is not None and self.dropping(p):
-                local.append((self._host_real(seg).cumsum(0) - 1).clamp(min=0))
+                index = (self._host_real(seg).cumsum(0) - 1).clamp(min=0)
             else:
-                local.append(torch.arange(rows))
+                index = torch.arange(rows)
+            share = self._share_rows(name, rows, seg) if self.dropping(p) else None
+            if share is not None:  # each row's index in the whole micro-batch instead
+                index = share[0][index]
+            local.append(index)
         return torch.cat(jobs), torch.cat(local)
+
+    def _share_rows(self, name: str, rows: int, seg: Segment | None) -> tuple[Tensor, int] | None:
+        """For a job whose micro-batch is shared across processes: the index of each of a
+        dropout part's `rows` among the whole micro-batch's, and their count. A part is the
+        job's real tokens (`seg` given) or its (token, slot) pairs (`seg` None)."""
+        share = self.shares.get(name)
+        if share is None:
+            return None
+        tokens = share.index.shape[0]
+        return share.rows(1 if seg is not None else rows // max(1, tokens))
 
     def dropping(self, p: float) -> bool:
         """Whether a dropout of probability p is applied in this batch."""
@@ -285,7 +332,16 @@ class FusedState:
             self._set_batch(now)
 
     # what describes a batch to the layers: saved by snapshot, set back by replaying
-    _BATCH = ("training", "token_mask", "_host_mask", "_real", "_consts", "_seeds", "_draws")
+    _BATCH = (
+        "training",
+        "token_mask",
+        "_host_mask",
+        "_real",
+        "_consts",
+        "shares",
+        "_seeds",
+        "_draws",
+    )
 
     def _batch(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self._BATCH)
@@ -298,7 +354,12 @@ class FusedState:
         if not self.training or eps == 0.0:
             return x
         gen = on_device(self.generators[name], x.device)
-        noise = torch.rand(x.shape, generator=gen, device=x.device)
+        share = self.shares.get(name)
+        if share is None:
+            noise = torch.rand(x.shape, generator=gen, device=x.device)
+        else:  # x: this process's real tokens; the draw: the whole micro-batch's
+            whole = torch.rand((share.total, *x.shape[1:]), generator=gen, device=x.device)
+            noise = whole.index_select(0, upload(share.index, x.device))
         return x * (noise * (2 * eps) + (1.0 - eps)).to(x.dtype)
 
 

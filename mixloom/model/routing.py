@@ -211,14 +211,19 @@ def route(probs: Tensor, spec: AdapterSpec) -> tuple[Tensor, Tensor, Tensor]:
     return w, e, chosen
 
 
-def router_totals(logs: list[RouterLog]) -> dict[str, tuple[Tensor, Tensor, int]]:
+# per job: (E,) router probabilities and (E,) choices summed over the real tokens of every
+# layer, and the number of those (token, layer) pairs
+RouterTotals = dict[str, tuple[Tensor, Tensor, int]]
+
+
+def router_totals(logs: list[RouterLog]) -> RouterTotals:
     """Per job: (E,) router probabilities and (E,) choices summed over every layer's real
     tokens, and the number of those tokens; layers are summed per group of jobs that logged
     together first (one op, not one per job)."""
     groups: dict[tuple[str, ...], list[RouterLog]] = {}
     for log in logs:
         groups.setdefault(log.names, []).append(log)
-    out: dict[str, tuple[Tensor, Tensor, int]] = {}
+    out: RouterTotals = {}
     for names, group in groups.items():
         probs = group[0].probs if len(group) == 1 else torch.stack([g.probs for g in group]).sum(0)
         chosen = (

@@ -27,6 +27,7 @@ from mixloom.model.adapter_model import AdapterModel
 from mixloom.model.batch import Segment, upload
 from mixloom.model.formats import adapter_state_from_files
 from mixloom.trainer import dpo
+from mixloom.trainer.distributed import DataParallel, Share
 from mixloom.trainer.job import TrainingJob, TrainingState
 from mixloom.trainer.loss import linear_cross_entropy
 
@@ -101,9 +102,14 @@ class _StepStart:
 class FusedTrainer:
     """Holds the shared AdapterModel and the active jobs; `step()` runs one fused step."""
 
-    def __init__(self, model: AdapterModel, pad_id: int) -> None:
+    def __init__(
+        self, model: AdapterModel, pad_id: int, parallel: DataParallel | None = None
+    ) -> None:
+        """`parallel`: this process's data parallel group (trainer/distributed.py), when each
+        job's micro-batches are split across processes."""
         self.model = model
         self.pad_id = pad_id
+        self.parallel = parallel
         self.jobs: dict[str, TrainingJob] = {}
         self._step_starts: dict[str, _StepStart] = {}
 
@@ -113,6 +119,8 @@ class FusedTrainer:
         """Join between steps. `resume`: a checkpoint state from `job_state`."""
         if job.name in self.jobs:
             raise ValueError(f"job {job.name!r} is already training")
+        if self.parallel is not None:
+            self.parallel.check(job.name, len(job.rows), job.hp.batch_size, job.hp.micro_batch_rows)
         self.model.add_adapter(job.adapter)
         job.build_optimizer(self.model.adapter_parameters(job.name))
         if resume is not None:
@@ -140,17 +148,25 @@ class FusedTrainer:
         jobs = [j for j in self.active if names is None or j.name in names]
         if not jobs:
             return StepReport([], 0, 0.0)
-        batches = []
+        batches = []  # (job, its examples in this process, its optimizer step's count)
+        wholes = []  # each job's whole micro-batch (data parallel: all processes' examples)
+        shares: dict[str, Share] = {}
         references: dict[str, Tensor] = {}  # DPO jobs: (m, 2) reference log-probabilities
         for job in jobs:
             if job.micro_done == 0:  # where `rollback` sets the job back to
                 self._step_starts[job.name] = _StepStart(
                     job.step, job.tokens_seen, self.model.generators[job.name].get_state()
                 )
-            rows, targets = job.next_micro_batch()
+            whole, targets = job.next_micro_batch()
+            indices = job.micro_indices()
+            rows = whole
+            if self.parallel is not None:
+                shares[job.name] = share = self.parallel.share(whole)
+                rows, indices = whole[share.examples], indices[share.examples]
             if job.preference is not None:
-                references[job.name] = self._references(job, job.micro_indices())
+                references[job.name] = self._references(job, indices)
             batches.append((job, rows, targets))
+            wholes.append(whole)
         input_ids, labels, mask, segments = self._collate(batches)
         target_rows, targets_flat, bounds = _target_rows(labels, segments)  # host-side layout
         dev = self.model.device
@@ -162,11 +178,17 @@ class FusedTrainer:
         target_rows, targets_flat = upload(target_rows, dev), upload(targets_flat, dev)
 
         # The base stays in eval mode (no base dropout); adapters train through FusedState.
-        with self.model.fused(segments, attn, training=True, host_mask=host_mask):
+        token_shares = {name: share.tokens for name, share in shares.items()}
+        with self.model.fused(
+            segments, attn, training=True, host_mask=host_mask, shares=token_shares
+        ):
             hidden = self.model.backbone(input_ids=input_ids, attention_mask=attn)
             hidden = hidden.last_hidden_state  # (B, T, H)
-            aux = self.model.aux_losses()
-            load_tensors = self.model.router_load()
+            totals = self.model.router_totals()
+            if self.parallel is not None:  # the load-balance loss is the whole batch's
+                totals = self.parallel.reduce_router_totals(totals, shares)
+            aux = self.model.aux_losses(totals)
+            load_tensors = self.model.router_load(totals)
 
         # One fused vocabulary projection + cross-entropy over every job's target positions.
         token_losses = self._token_losses(hidden, target_rows, targets_flat)
@@ -177,13 +199,11 @@ class FusedTrainer:
                 labels.shape[0], device=dev, dtype=token_losses.dtype
             ).index_add(0, rows_of_targets, token_losses)
         sums: list[Tensor] = []  # per job, in batch order: its micro-batch's loss sum
-        counts: list[int] = []  # and what the micro-batch's mean loss is over
         preference_stats: list[Tensor] = []
         job_loss: list[Tensor] = []
         for (job, rows, targets), seg, (a, b) in zip(batches, segments, bounds, strict=True):
             if job.preference is None:
                 token_sum = token_losses[a:b].sum()
-                counts.append(b - a)
             else:
                 assert sequence_logps is not None
                 m, ref = len(rows), references[job.name]
@@ -192,7 +212,6 @@ class FusedTrainer:
                     policy[:m], policy[m:], ref[:, 0], ref[:, 1], job.preference
                 )
                 token_sum = losses.sum()
-                counts.append(m)
                 preference_stats.append(stats)
             sums.append(token_sum)
             loss = token_sum / max(1, targets)
@@ -208,6 +227,10 @@ class FusedTrainer:
         # update), so the host queues the whole step without waiting for the GPU. What the
         # step did is read once, at the end.
         stepping = [job.micro_done + 1 >= job.micro_batches for job, _, _ in batches]
+        if self.parallel is not None:  # everything below sees the whole batch's numbers
+            sums, preference_stats, job_loss = self._reduce(
+                batches, stepping, sums, preference_stats, aux
+            )
         for (job, _, _), steps in zip(batches, stepping, strict=True):
             if steps and not job.optimizer.state:
                 self._make_moments(job)
@@ -240,8 +263,13 @@ class FusedTrainer:
 
         report = []
         total_tokens = 0
-        for i, ((job, _, targets), seg) in enumerate(zip(batches, segments, strict=True)):
-            tokens = int(mask[seg.start : seg.end].sum())
+        for i, ((job, _, targets), whole) in enumerate(zip(batches, wholes, strict=True)):
+            rows_of = sequence_rows(whole)
+            tokens = sum(len(r.input_ids) for r in rows_of)  # real tokens of the micro-batch
+            # what the micro-batch's mean loss is over: its target tokens, or pairs
+            count = (
+                len(whole) if job.preference is not None else sum(r.num_targets for r in rows_of)
+            )
             aux_value = next(aux_values) if job.name in aux else None
             grad_norm = next(norm_values) if stepping[i] else None
             if not math.isfinite(loss_values[i]):
@@ -250,7 +278,7 @@ class FusedTrainer:
                     self._metrics(job, False, float("nan"), None, None, tokens, None, loads)
                 )
                 continue
-            micro_loss = sum_values[i] / max(1, counts[i])
+            micro_loss = sum_values[i] / max(1, count)
             job.loss_sum += sum_values[i]
             if job.name in stats_of:
                 got = stats_of[job.name]
@@ -283,6 +311,35 @@ class FusedTrainer:
             report.append(metrics)
         seconds = time.perf_counter() - t0
         return StepReport(report, total_tokens, seconds, [j.name for j, _, _ in batches])
+
+    def _reduce(
+        self,
+        batches: list[tuple[TrainingJob, list[Any], int]],
+        stepping: list[bool],
+        sums: list[Tensor],
+        preference_stats: list[Tensor],
+        aux: dict[str, Tensor],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Data parallel: the gradients of the jobs taking an optimizer step, the loss sums
+        and the DPO statistics summed over the processes in one all-reduce; returns the
+        sums, the statistics and each job's loss (detached) of the whole micro-batch."""
+        assert self.parallel is not None
+        params = [
+            p
+            for (job, _, _), steps in zip(batches, stepping, strict=True)
+            if steps
+            for group in job.optimizer.param_groups
+            for p in group["params"]
+        ]
+        summed = self.parallel.reduce_step(params, sums + preference_stats)
+        sums, preference_stats = summed[: len(sums)], summed[len(sums) :]
+        job_loss = []
+        for (job, _, targets), token_sum in zip(batches, sums, strict=True):
+            loss = token_sum / max(1, targets)
+            if job.name in aux:
+                loss = loss + aux[job.name].detach() / job.micro_batches
+            job_loss.append(loss)
+        return sums, preference_stats, job_loss
 
     def rollback(self, names: Collection[str]) -> None:
         """Undo a fused step that raised part way (out of memory): each named job loses the

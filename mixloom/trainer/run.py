@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
 from pydantic import ConfigDict, Field
@@ -18,6 +19,9 @@ from pydantic import ValidationError as PydanticValidationError
 from mixloom.config import ModelSettings
 from mixloom.errors import ConfigError, DataError, Problem, ProblemList, pydantic_problems
 from mixloom.jobspec import JobSpec, parse_job
+
+if TYPE_CHECKING:
+    from mixloom.trainer.distributed import DataParallel
 
 
 class TrainConfig(ModelSettings):
@@ -90,19 +94,45 @@ def _relative_to(base: Path, base_model: str) -> str:
 def train(
     config_path: str | Path, *, resume: bool = False, progress: bool = True
 ) -> dict[str, str]:
-    """Run a train config to the end. Returns each job's final state."""
+    """Run a train config to the end. Returns each job's final state.
+
+    Under torchrun (WORLD_SIZE > 1) the processes train the config data-parallel
+    (trainer/distributed.py): each its share of every micro-batch, rank 0 alone writing
+    checkpoints, metrics and adapters."""
+    from mixloom.trainer.distributed import DataParallel
+
+    config = read_config(config_path)  # its problems before any process group forms
+    parallel = DataParallel.from_env(config[0].device)
+    try:
+        return _train(config, resume=resume, progress=progress, parallel=parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _train(
+    config: tuple[TrainConfig, list[JobSpec], Path],
+    *,
+    resume: bool,
+    progress: bool,
+    parallel: DataParallel | None,
+) -> dict[str, str]:
     from tqdm import tqdm
 
     from mixloom.config import get_settings
     from mixloom.trainer.job import TrainingJob, TrainingState
     from mixloom.trainer.session import TrainingSession, metric_object
 
-    cfg, specs, base_dir = read_config(config_path)
+    cfg, specs, base_dir = config
     out_root = Path(cfg.output_dir)
     if not out_root.is_absolute():
         out_root = base_dir / out_root
+    writes = parallel is None or parallel.writes
+    if parallel is not None:
+        cfg = cfg.model_copy(update={"device": parallel.device})
+        progress = progress and writes
     tune = get_settings().cpu_malloc_tuning is not False  # this process only trains
-    session = TrainingSession.load(cfg, tune_allocator=tune)
+    session = TrainingSession.load(cfg, tune_allocator=tune, parallel=parallel)
     problems = ProblemList()
     encoded = []
     for spec in specs:  # every file's problems first, before any job starts
@@ -119,19 +149,22 @@ def train(
             continue
         encoded.append((spec, rows, val))
     problems.raise_if_any(DataError)
-    for spec, rows, val in encoded:
-        job = session.add(
-            spec.name,
-            spec.method.hyperparameters,
-            seed=spec.seed,
-            rows=rows,
-            validation_rows=val,
-            folder=out_root / spec.name,
-            resume=resume,
-            preference=spec.method.preference,
-        )
-        if job.step:
-            print(f"{job.name}: resuming from its checkpoint at step {job.step}", file=sys.stderr)
+    with parallel.rank_zero_first() if parallel is not None else nullcontext():
+        for spec, rows, val in encoded:
+            job = session.add(
+                spec.name,
+                spec.method.hyperparameters,
+                seed=spec.seed,
+                rows=rows,
+                validation_rows=val,
+                folder=out_root / spec.name,
+                resume=resume,
+                preference=spec.method.preference,
+            )
+            if job.step and writes:
+                print(
+                    f"{job.name}: resuming from its checkpoint at step {job.step}", file=sys.stderr
+                )
     jobs = list(session.jobs.values())
 
     # one bar in each job's own optimizer steps (the jobs step together, so the longest job
@@ -150,15 +183,23 @@ def train(
 
     finished: set[str] = set()
     last_loss: dict[str, float] = {}
-    metric_files = {j.name: open(out_root / j.name / "metrics.jsonl", "a") for j in jobs}  # noqa: SIM115
+    metric_files = {
+        j.name: open(out_root / j.name / "metrics.jsonl", "a")  # noqa: SIM115
+        for j in jobs
+        if writes
+    }
 
     def record(name: str, step: int, values: dict[str, Any]) -> None:
+        if not writes:
+            return
         metric_files[name].write(json.dumps(metric_object(step, values)) + "\n")
         metric_files[name].flush()
 
     def finish(job: TrainingJob) -> None:
         finished.add(job.name)
         folder = out_root / job.name
+        if not writes:
+            return
         if job.state == TrainingState.SUCCEEDED:
             session.finish(job.name)
             session.export(job.name, folder)
@@ -168,7 +209,7 @@ def train(
 
     try:
         for job in jobs:
-            baseline = session.baseline(job.name)
+            baseline = session.baseline(job.name) if writes else None
             if baseline is not None:
                 record(job.name, 0, baseline)
             if job.state != TrainingState.RUNNING:  # resumed from its final checkpoint

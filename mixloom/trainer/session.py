@@ -74,6 +74,7 @@ from mixloom.model.base import BaseModel, load_base_model
 from mixloom.model.formats import save_adapter
 from mixloom.model.specs import AdapterSpec
 from mixloom.trainer.checkpoint import Resume, load_latest, remove_partials, save_checkpoint
+from mixloom.trainer.distributed import DataParallel
 from mixloom.trainer.fused import FusedTrainer, JobStepMetrics, StepReport
 from mixloom.trainer.host import tune_cpu_allocator
 from mixloom.trainer.job import TrainingJob, TrainingState
@@ -148,15 +149,19 @@ class TrainingSession:
         *,
         worker_id: str | None = None,
         tune_allocator: bool = False,
+        parallel: DataParallel | None = None,
     ) -> None:
         """`tune_allocator`: glibc keeps freed memory on a CPU (trainer/host.py; process-wide,
-        so the caller decides)."""
+        so the caller decides). `parallel`: this process's data parallel group
+        (trainer/distributed.py): every process runs the same session on its share of each
+        micro-batch, and only the one that `writes` writes checkpoints."""
         if tune_allocator and base.device.type == "cpu":
             tune_cpu_allocator()
         self.base = base
         backend = kernels.resolve_backend(settings.kernel_backend, base.device)
         self.model = AdapterModel(base.model, backend=backend, recompute=settings.recompute)
-        self.trainer = FusedTrainer(self.model, pad_id_of(base.tokenizer))
+        self.trainer = FusedTrainer(self.model, pad_id_of(base.tokenizer), parallel)
+        self.writes = parallel is None or parallel.writes
         self.worker_id = worker_id or default_worker_id()
         self._folders: dict[str, Path] = {}
         self._renderings: dict[str, str] = {}  # how each job's rows became text
@@ -174,6 +179,7 @@ class TrainingSession:
         base: BaseModel | None = None,
         worker_id: str | None = None,
         tune_allocator: bool = False,
+        parallel: DataParallel | None = None,
     ) -> TrainingSession:
         """A session on `settings.base_model`, loaded here unless `base` is given."""
         if base is None:
@@ -183,7 +189,9 @@ class TrainingSession:
                 device=settings.device,
                 hub_id=settings.base_model_hub_id,
             )
-        return cls(base, settings, worker_id=worker_id, tune_allocator=tune_allocator)
+        return cls(
+            base, settings, worker_id=worker_id, tune_allocator=tune_allocator, parallel=parallel
+        )
 
     @property
     def jobs(self) -> dict[str, TrainingJob]:
@@ -302,11 +310,11 @@ class TrainingSession:
                 elapsed if pace.sec_per_step is None else 0.8 * pace.sec_per_step + 0.2 * elapsed
             )
             pace.last_loss = m.step_loss
-            valid = self.trainer.validation_loss(m.name) if job.done else None
+            valid = self.trainer.validation_loss(m.name) if job.done and self.writes else None
             metrics = self._metrics(job, m, report, pace, valid)
             pace.step_tokens, pace.step_seconds = 0, 0.0
             every = job.hp.checkpoint_every
-            due = bool(every) and job.step % every == 0 and not job.done
+            due = bool(every) and job.step % every == 0 and not job.done and self.writes
             ckpt, error = None, None
             if due:
                 try:

@@ -11,9 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mixloom.config import Settings
+from mixloom.errors import ConfigError
 
 
 def register(sub: Any) -> None:
@@ -21,6 +23,17 @@ def register(sub: Any) -> None:
         "worker", help="train queued jobs on this machine's base model (any number of workers)"
     )
     _worker_flags(w)
+    where = w.add_mutually_exclusive_group()
+    where.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:N or auto: the device this worker trains on "
+        "(default $MIXLOOM_DEVICE, else auto)",
+    )
+    where.add_argument(
+        "--devices",
+        help="one worker process per device, under this one, each restarted if it dies: "
+        "all (every visible GPU), GPU indices (0,1), or cpu,cpu (CPU workers)",
+    )
     w.add_argument(
         "--no-migrate", action="store_true", help="do not upgrade the database schema at start"
     )
@@ -81,7 +94,8 @@ def _given_worker_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The environment's settings, with the worker flags given on the command line."""
-    return Settings(**_given_worker_settings(args))
+    device = getattr(args, "device", None)
+    return Settings(**_given_worker_settings(args), **({"device": device} if device else {}))
 
 
 def _setup_logging(level: str) -> None:
@@ -111,6 +125,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     settings = _settings(args)
+    if args.devices:
+        return _workers(args, settings)
     if not args.no_migrate:
         migrate.upgrade(settings.resolved_database_url)
     if settings.worker_metrics_port:
@@ -163,6 +179,94 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         _Child("worker", [*cli, "worker", "--no-migrate", *level], env, nice=0),
     ]
+    _supervise(children)
+    return 0
+
+
+def _workers(args: argparse.Namespace, settings: Settings) -> int:
+    """`mixloom worker --devices ...`: one `mixloom worker` child per device, each pinned to
+    its GPU (CUDA_VISIBLE_DEVICES: the child sees it alone, as cuda) and named after it
+    (worker id PREFIX/gpuN.K: K counts its starts, so that a restarted child never renews
+    the leases of the one that died: those expire and are taken over as any dead worker's)."""
+    import socket
+
+    from mixloom.storage import migrate
+
+    devices = worker_devices(args.devices)  # a bad list fails before anything starts
+    if not args.no_migrate:
+        migrate.upgrade(settings.resolved_database_url)
+    env = dict(os.environ)
+    for name, value in _given_worker_settings(args).items():
+        if name != "worker_id":
+            env["MIXLOOM_" + name.upper()] = str(value)
+    env.pop("MIXLOOM_WORKER_ID", None)
+    prefix = args.worker_id or settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    level = ["--log-level", args.log_level]
+    children = []
+    for label, device, visible in devices:
+        child_env = env if visible is None else {**env, "CUDA_VISIBLE_DEVICES": visible}
+        cmd = [sys.executable, "-m", "mixloom.cli", "worker", "--no-migrate", "--device", device]
+        children.append(
+            _Child(
+                f"worker {label}",
+                cmd,
+                child_env,
+                nice=0,
+                argv_tail=_worker_id_args(f"{prefix}/{label}", level),
+            )
+        )
+    _supervise(children)
+    return 0
+
+
+def _worker_id_args(name: str, more: list[str]) -> Callable[[int], list[str]]:
+    """A supervised worker's arguments at its n-th start: its own id for that start."""
+    return lambda starts: ["--worker-id", f"{name}.{starts}", *more]
+
+
+def worker_devices(spec: str) -> list[tuple[str, str, str | None]]:
+    """--devices as (label, the child's --device, its CUDA_VISIBLE_DEVICES or None) per
+    worker: "all" (every GPU this process sees), GPU indices among those ("0,1"), or "cpu"
+    entries ("cpu,cpu": CPU workers)."""
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    ids: list[str] = []  # CUDA_VISIBLE_DEVICES entries of the GPUs this process sees
+    if entries == ["all"] or any(e != "cpu" for e in entries):
+        import torch
+
+        count = torch.cuda.device_count()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = (
+            [v.strip() for v in visible.split(",")][:count]
+            if visible
+            else [str(i) for i in range(count)]
+        )
+    if entries == ["all"]:
+        if not ids:
+            raise ConfigError(
+                "--devices all: this machine has no GPU that torch can see "
+                "(torch.cuda.device_count() is 0); run one CPU worker with --device cpu, "
+                "or several with --devices cpu,cpu"
+            )
+        entries = [str(i) for i in range(len(ids))]
+    out: list[tuple[str, str, str | None]] = []
+    for i, entry in enumerate(entries):
+        if entry == "cpu":
+            out.append((f"cpu{i}", "cpu", None))
+        elif entry.isdigit() and int(entry) < len(ids):
+            out.append((f"gpu{entry}", "cuda", ids[int(entry)]))
+        else:
+            raise ConfigError(
+                f"--devices {spec}: {entry!r} is not all, cpu or the index of one of this "
+                f"machine's {len(ids)} GPU{'s' if len(ids) != 1 else ''}"
+            )
+    if not out:
+        raise ConfigError("--devices: name at least one device (all, 0,1, or cpu,cpu)")
+    return out
+
+
+def _supervise(children: list[_Child]) -> None:
+    """Keep every child running (each started again when it exits) until SIGINT or
+    SIGTERM, then stop them all: a worker finishes its step and checkpoints first."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -175,8 +279,7 @@ def _serve(args: argparse.Namespace) -> int:
         for child in children:
             child.terminate()
         for child in children:
-            child.wait(timeout=WORKER_STOP_SECONDS if child.name == "worker" else 30)
-    return 0
+            child.wait(timeout=WORKER_STOP_SECONDS if child.name.startswith("worker") else 30)
 
 
 SERVE_SSE_POLL_SECONDS = 0.5
@@ -193,8 +296,20 @@ class _Child:
     shares the CPU between sessions whatever their nice values, which would undo
     serve_api_nice."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], *, nice: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str],
+        *,
+        nice: int,
+        argv_tail: Callable[[int], list[str]] | None = None,
+    ) -> None:
+        """`argv_tail`: more arguments for each start, given the number of that start
+        (1, 2, ...)."""
         self.name, self.cmd, self.env, self.nice = name, cmd, env, nice
+        self.argv_tail = argv_tail
+        self.starts = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.crashes = 0
         self.started_at = 0.0
@@ -226,9 +341,9 @@ class _Child:
             )
         if now < self.restart_at:
             return
-        self.proc = subprocess.Popen(
-            self.cmd, env=self.env, preexec_fn=self._preexec, process_group=0
-        )
+        self.starts += 1
+        cmd = self.cmd + (self.argv_tail(self.starts) if self.argv_tail else [])
+        self.proc = subprocess.Popen(cmd, env=self.env, preexec_fn=self._preexec, process_group=0)
         self.started_at = now
         self.log.info("%s process %d started", self.name, self.proc.pid)
 

@@ -27,7 +27,7 @@ from mixloom.scheduler.worker import Worker
 from mixloom.storage import tenants
 from mixloom.storage.db import Database
 
-pytestmark = pytest.mark.timeout(480)  # 36 s idle; 211 s seen with 6 agents on 2 cores
+pytestmark = pytest.mark.timeout(480)  # measured 36 s and 211 s on a shared 2-core machine
 
 ADMIN_KEY = "adm-e2e-" + "x" * 32
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -128,6 +128,7 @@ class Held:
     # (step, folder), kept until it is; the final one's folder; when to try again
     unuploaded: tuple[int, Path, dict[str, Any]] | None = None  # (step, folder, metrics)
     final: Path | None = None
+    unrecorded: list[int] = field(default_factory=list)  # steps whose objects to delete
     upload_retry_at: float = -math.inf
     upload_wait: float = 0.0
 
@@ -909,8 +910,7 @@ class Worker:
         if metrics is None:
             metrics = self.training.checkpoint_metrics(h.record.id)
         if h.unuploaded is not None and h.unuploaded[0] < step:  # superseded by this one
-            self._forget_copy(h.unuploaded[1])
-            h.unuploaded = None
+            self._forget_unuploaded(h)
         try:
             path = upload_checkpoint(self.store, folder, checkpoint_key(h.record.id, step))
         except StoreUnavailableError as exc:
@@ -973,6 +973,7 @@ class Worker:
             log.info("%s: the object store is back; checkpoints upload again", h.record.id)
         h.upload_wait = 0.0
         h.upload_retry_at = -math.inf
+        self._delete_unrecorded(h)
 
     def _forget_copy(self, folder: Path) -> None:
         """This worker's copy of checkpoints it no longer needs (superseded before they
@@ -980,6 +981,25 @@ class Worker:
         the copy is the stored checkpoint)."""
         if not isinstance(self.store, objects.LocalStore):
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _forget_unuploaded(self, h: Held) -> None:
+        """Drop a checkpoint that was never uploaded whole (a newer one is recorded): this
+        worker's copy, and what a cut upload may have left in the store without its
+        manifest (which readers ignore), as far as the store answers now."""
+        assert h.unuploaded is not None
+        step, folder, _ = h.unuploaded
+        h.unuploaded = None
+        self._forget_copy(folder)
+        h.unrecorded.append(step)
+        self._delete_unrecorded(h)
+
+    def _delete_unrecorded(self, h: Held) -> None:
+        for step in list(h.unrecorded):
+            try:
+                self.store.delete_prefix(checkpoint_key(h.record.id, step) + "/")
+            except (OSError, StoreUnavailableError):
+                return  # the store is still away: after the next upload that succeeds
+            h.unrecorded.remove(step)
 
     def _remove_stored(self, records: list[CheckpointRecord]) -> None:
         """After commit: the stored checkpoints of deleted rows, and this worker's copies."""
@@ -1008,8 +1028,7 @@ class Worker:
             path = upload_checkpoint(self.store, folder, checkpoint_key(h.record.id, job.step))
             self._uploaded(h)
             if h.unuploaded is not None:  # superseded by the final one
-                self._forget_copy(h.unuploaded[1])
-                h.unuploaded = None
+                self._forget_unuploaded(h)
         except DBAPIError:
             raise
         except StoreUnavailableError as exc:  # the job waits for the store, done

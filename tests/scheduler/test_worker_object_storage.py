@@ -194,7 +194,15 @@ def test_store_unreachable_at_checkpoint_time_pauses_checkpointing_not_the_job(
             got = adapter_tensors(archive, tmp_path / "unzipped")
             reference = train_reference(tmp_path, tiny_base, data, [spec])
             assert_same_tensors(got, reference["outage"])
-            assert all(p.startswith("s3://outage/") for p in _locations(s.db, job_id))
+            locations = _locations(s.db, job_id)
+            assert all(p.startswith("s3://outage/") for p in locations)
+            # the store holds exactly the recorded checkpoints: those dropped by retention
+            # were deleted, the ones superseded during the outage never stayed
+            store = objects.open_store(s.settings)
+            assert isinstance(store, S3Store)
+            root = f"jobs/{job_id}/checkpoints/"
+            stored = {k[len(root) :].split("/")[0] for k in store.list(root)}
+            assert stored == {p.rsplit("/", 1)[1] for p in locations}
     finally:
         proxy.close()
 

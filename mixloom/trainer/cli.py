@@ -13,7 +13,11 @@ from mixloom.clients.cli import sampling_options
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("train", help="train every job of a YAML/JSON config, fused on one base")
+    p = sub.add_parser(
+        "train",
+        help="train every job of a YAML/JSON config, fused on one base (data parallel over "
+        "GPUs or machines under torchrun: torchrun --nproc-per-node N -m mixloom train CONFIG)",
+    )
     p.add_argument(
         "config",
         help="YAML or JSON: base_model, output_dir, dtype, jobs: [...]; paths in it are "

@@ -512,6 +512,15 @@ def _process(
     return log
 
 
+# What the run's sessions are doing ("idle in transaction": the worker holds a transaction
+# open while its Python works; "active: Lock/...": waiting for a lock)
+BACKENDS = text(
+    "SELECT state || coalesce(': ' || wait_event_type || '/' || wait_event, ''), count(*) "
+    "FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid() "
+    "AND state <> 'idle' GROUP BY 1"
+)
+
+
 def _xact_commit(db: Database, name: str) -> int:
     with db.engine.connect() as conn:
         conn.execute(text("SELECT pg_stat_clear_snapshot()"))
@@ -533,6 +542,7 @@ class Outcome:
     failures: list[str]  # the jobs that did not succeed, and why
     xact_commits: int
     timed_out: bool
+    backends: dict[str, int]  # samples of the sessions' "state: wait event", every 0.25 s
 
 
 def run_fleet(p: Params, url: str | None = None) -> Outcome:
@@ -572,6 +582,7 @@ def run_fleet(p: Params, url: str | None = None) -> Outcome:
             for pr in procs:
                 pr.start()
         timed_out = False
+        backends: dict[str, int] = defaultdict(int)  # sampled (state, wait) of the run's sessions
         while True:
             time.sleep(0.25)
             with admin.transaction() as s:
@@ -580,6 +591,8 @@ def run_fleet(p: Params, url: str | None = None) -> Outcome:
                         m.Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
                     )
                 )
+                for state, n in s.execute(BACKENDS, {"db": name}):
+                    backends[state] += n
             if not left:
                 break
             if time.monotonic() - t0 > p.timeout:
@@ -606,7 +619,9 @@ def run_fleet(p: Params, url: str | None = None) -> Outcome:
                 )
             ]
         admin.dispose()
-    return Outcome(p, wall, _merge(logs), t0, steps, statuses, failures, commits, timed_out)
+    return Outcome(
+        p, wall, _merge(logs), t0, steps, statuses, failures, commits, timed_out, dict(backends)
+    )
 
 
 def _read_log(path: str) -> Log:
@@ -793,6 +808,10 @@ def summary(o: Outcome) -> dict[str, Any]:
         "lease_expiries": log.expired,
         "takeovers": takeovers,
         "errors": len(log.errors),
+        "busy_sessions": {  # mean sessions in each state over the samples
+            k: round(v / max(1, round(o.wall / 0.25)), 2)
+            for k, v in sorted(o.backends.items(), key=lambda kv: -kv[1])[:6]
+        },
         "timed_out": o.timed_out,
     }
 

@@ -5,8 +5,8 @@ out (a step sleeps for a measured step time).
 What is real: `scheduler.queue.claim_next` (fair-share order, per-tenant running caps,
 memory admission by `scheduler.memory.admit` on a LLaMA-2-7B-shaped bf16 base and an H200's
 budget), `scheduler.policy.compose_step` (which held jobs share each fused step within the
-token budget), and `storage.jobs`' lease protocol (`renew_lease` from a heartbeat thread per
-worker, one transaction per job as the worker does; `expire_leases`; `release_job` behind a
+token budget), and `storage.jobs`' lease protocol (`renew_leases` from a heartbeat thread per
+worker, one transaction a heartbeat for all its jobs as the worker does; `expire_leases`; `release_job` behind a
 lease check; `add_checkpoint`; `last_checkpoint_step` + `resume_at` when a job starts). Each
 worker is a thread with its own database connections and transactions, spread over a few
 processes; some workers are killed mid-run (they stop dead: no release, no heartbeat), so
@@ -304,23 +304,21 @@ class SimWorker:
         while not self.killed.wait(self.heartbeat) and not self.stop.is_set():
             with self._held_lock:
                 ids = [i for i, h in self.held.items() if not h.lost]
-            for job_id in ids:
-                if not self.alive():
-                    return
-                started = time.monotonic()
-                try:
-                    with self.db.transaction() as s:
-                        jobs.renew_lease(
-                            session=s, job_id=job_id, worker_id=self.id, lease_seconds=self.lease
-                        )
-                except jobs.LeaseLostError:
-                    with self._held_lock:
-                        if job_id in self.held:
-                            self.held[job_id].lost = True
-                    continue
-                with self._held_lock:
+            if not ids or not self.alive():
+                continue
+            started = time.monotonic()
+            with self.db.transaction() as s:
+                renewed = jobs.renew_leases(
+                    session=s, job_ids=ids, worker_id=self.id, lease_seconds=self.lease
+                )
+            with self._held_lock:
+                for job_id, record in renewed.items():
                     h = self.held.get(job_id)
-                    if h is not None:
+                    if h is None:
+                        continue
+                    if record is None:
+                        h.lost = True
+                    else:
                         h.lease_ok_until = started + self.lease
 
     def _leased(self, h: Held, write: Any) -> bool:

@@ -376,8 +376,8 @@ class Worker:
             self._registry_heartbeat()
             with self._lock:
                 ids = [i for i, h in self.held.items() if not h.lost]
-            for job_id in ids:
-                self._renew(job_id)
+            if ids:
+                self._renew_all(ids)
             if self.inference is not None:
                 try:
                     self.inference.heartbeat()
@@ -426,6 +426,40 @@ class Worker:
                 workers.unregister(session=session, worker_id=self.id)
         except Exception:  # the row goes dead by itself after a lease
             log.exception("removing this worker's registry row failed")
+
+    def _renew_all(self, job_ids: list[str]) -> None:
+        """The heartbeat: every held job's lease renewed in one transaction."""
+        started = time.monotonic()
+        lease = self.lease_seconds
+        try:
+            with self.db.transaction() as session:
+                renewed = jobs.renew_leases(
+                    session=session, job_ids=job_ids, worker_id=self.id, lease_seconds=lease
+                )
+        except DBAPIError as exc:  # stop stepping when the leases may lapse (_usable)
+            self.database_outage.failed(exc.orig if exc.orig is not None else exc)
+            return
+        except Exception:
+            log.exception("heartbeat for %d jobs failed", len(job_ids))
+            return
+        self.database_outage.ok()
+        wake = False
+        with self._lock:
+            for job_id, record in renewed.items():
+                h = self.held.get(job_id)
+                if h is None:  # released meanwhile: nothing lost
+                    continue
+                if record is None:
+                    log.warning(
+                        "worker %s no longer holds job %s; stop training it", self.id, job_id
+                    )
+                    h.lost = True
+                    continue
+                h.lease_ok_until = started + lease
+                h.requested = record.requested_action
+                wake = wake or record.requested_action is not None
+        if wake:
+            self._wake.set()
 
     def _renew(self, job_id: str) -> None:
         started = time.monotonic()

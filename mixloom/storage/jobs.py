@@ -342,6 +342,42 @@ def renew_lease(
     return JobRecord.from_row(row)
 
 
+def renew_leases(
+    *,
+    session: Session,
+    job_ids: list[str],
+    worker_id: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> dict[str, JobRecord | None]:
+    """`renew_lease` for every job a worker holds, in one transaction: one round trip a
+    heartbeat however many jobs the worker trains (one transaction per job made heartbeats
+    of busy fleets arrive after the lease: bench/RESULTS.md "Fleet simulation").
+
+    Returns each job's record, or None for a job whose lease was lost (drop it). Rows are
+    locked in id order, so two callers never deadlock.
+    """
+    now = _now(now)
+    rows = session.scalars(
+        select(m.Job)
+        .where(
+            m.Job.id.in_(job_ids),
+            m.Job.status == JobStatus.RUNNING.value,
+            m.Job.worker_id == worker_id,
+        )
+        .order_by(m.Job.id)
+        .with_for_update()
+    ).all()
+    renewed: dict[str, JobRecord | None] = dict.fromkeys(job_ids)
+    for row in rows:
+        row.heartbeat_at = now
+        row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    session.flush()
+    for row in rows:
+        renewed[row.id] = JobRecord.from_row(row)
+    return renewed
+
+
 def release_job(
     *,
     session: Session,

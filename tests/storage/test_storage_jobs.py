@@ -211,6 +211,35 @@ def test_expired_lease_requeues_at_old_place_and_lost_worker_is_refused(db: Data
         jobs.release_job(session=s, job_id=job.id, worker_id="w1", status=JobStatus.SUCCEEDED)
 
 
+def test_one_heartbeat_renews_every_held_lease_and_names_the_lost_ones(db: Database) -> None:
+    tenant = _tenant(db)
+    model = new_id("model")
+    mine = [_job(db, tenant, model) for _ in range(3)]
+    claimed = _claim(db, model, limit=3)
+    assert {j.id for j in claimed} == {j.id for j in mine}
+    other = _job(db, tenant, model)
+    [theirs] = _claim(db, model, worker="w2")
+    assert theirs.id == other.id
+    lost = claimed[1].id  # w1 lets one go (as an expiry would) and w2 takes it
+    with db.transaction() as s:
+        jobs.release_job(session=s, job_id=lost, worker_id="w1", status=JobStatus.QUEUED)
+    [again] = _claim(db, model, worker="w2")
+    assert again.id == lost
+    ids = [j.id for j in mine] + [other.id]
+    with db.transaction() as s:
+        renewed = jobs.renew_leases(session=s, job_ids=ids, worker_id="w1", lease_seconds=600)
+    assert set(renewed) == set(ids)
+    assert renewed[lost] is None and renewed[other.id] is None  # w2's: never renewed by w1
+    for j in claimed:
+        if j.id != lost:
+            r = renewed[j.id]
+            assert r is not None and r.worker_id == "w1"
+            assert r.lease_expires_at > j.lease_expires_at  # type: ignore[operator]
+    with db.transaction() as s:  # w2's leases were left as they were
+        beat = jobs.renew_lease(session=s, job_id=lost, worker_id="w2", lease_seconds=30)
+    assert beat.worker_id == "w2"
+
+
 def test_queue_position_follows_claim_order(db: Database) -> None:
     tenant = _tenant(db)
     a, b = _job(db, tenant), _job(db, tenant)

@@ -187,7 +187,8 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
     """`mixloom worker --devices ...`: one `mixloom worker` child per device, each pinned to
     its GPU (CUDA_VISIBLE_DEVICES: the child sees it alone, as cuda) and named after it
     (worker id PREFIX/gpuN.K: K counts its starts, so that a restarted child never renews
-    the leases of the one that died: those expire and are taken over as any dead worker's)."""
+    the leases of the one that died: those expire and are taken over as any dead worker's).
+    With a metrics port, the i-th child serves /metrics on that port + i."""
     import socket
 
     from mixloom.storage import migrate
@@ -203,8 +204,11 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
     prefix = args.worker_id or settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
     level = ["--log-level", args.log_level]
     children = []
-    for label, device, visible in devices:
+    port = settings.worker_metrics_port  # flag or environment; children count up from it
+    for index, (label, device, visible) in enumerate(devices):
         child_env = env if visible is None else {**env, "CUDA_VISIBLE_DEVICES": visible}
+        if port:  # each child its own /metrics port: PORT, PORT + 1, ...
+            child_env = {**child_env, "MIXLOOM_WORKER_METRICS_PORT": str(port + index)}
         cmd = [sys.executable, "-m", "mixloom.cli", "worker", "--no-migrate", "--device", device]
         children.append(
             _Child(

@@ -11,10 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
-from helpers import REPO, wait_for
+from helpers import REPO, free_port, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from mixloom.errors import ConfigError
+from mixloom.observability import WORKER_INFO
 from mixloom.scheduler.cli import worker_devices
 
 pytestmark = [
@@ -39,6 +42,18 @@ def _workers(pid: int) -> dict[str, int]:
     return found
 
 
+def _metrics_worker(port: int) -> str | None:
+    """The worker id a child's /metrics names (None while it is not up yet)."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    for family in text_string_to_metric_families(text):
+        if family.name == WORKER_INFO:
+            return next((s.labels["worker_id"] for s in family.samples), None)
+    return None
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -57,8 +72,10 @@ def test_two_cpu_workers_one_killed_comes_back_sigterm_stops_both(
         OMP_NUM_THREADS="1",
     )
     log = open(tmp_path / "workers.log", "wb")  # noqa: SIM115
+    port = free_port()
     proc = subprocess.Popen(
-        [*(sys.executable, "-m", "mixloom.cli"), "worker", "--devices", "cpu,cpu"],
+        [*(sys.executable, "-m", "mixloom.cli"), "worker", "--devices", "cpu,cpu"]
+        + ["--metrics-port", str(port)],
         env=env,
         cwd=REPO,
         stdout=log,
@@ -68,6 +85,11 @@ def test_two_cpu_workers_one_killed_comes_back_sigterm_stops_both(
         first = wait_for(lambda: len(c := _workers(proc.pid)) == 2 and c, timeout=240)
         prefix = f"{socket.gethostname()}:{proc.pid}"
         assert sorted(first) == [f"{prefix}/cpu0.1", f"{prefix}/cpu1.1"]
+
+        # each child its own /metrics port (PORT + its index), naming itself
+        for index in range(2):
+            want = f"{prefix}/cpu{index}.1"
+            assert wait_for(lambda w=want, i=index: _metrics_worker(port + i) == w, timeout=240)
 
         os.kill(first[f"{prefix}/cpu1.1"], signal.SIGKILL)
         again = wait_for(lambda: f"{prefix}/cpu1.2" in (c := _workers(proc.pid)) and c, timeout=120)

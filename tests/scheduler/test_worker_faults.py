@@ -500,10 +500,11 @@ def test_a_job_whose_lease_expired_under_its_own_worker_is_claimed_again_and_fin
         wait_for(lambda: len(metrics(client, job_id)) >= 4, every=0.01)
         # its renewals fail (the database is away) until the lease has run out: then the
         # worker's own expiry pass queues the job again and its next claim takes it back
-        worker._renew = lambda job_id: None  # type: ignore[method-assign]
+        worker._renew = lambda job_id: None  # type: ignore[method-assign]  (before a step)
+        worker._renew_all = lambda job_ids: None  # type: ignore[method-assign]  (heartbeats)
 
         def expired_and_queued_again() -> bool:
-            # a renewal already under way when _renew was replaced may still extend the
+            # a renewal already under way when they were replaced may still extend the
             # lease, and a fast machine may finish the job before the worker's next expiry
             # pass (one per lease/2): so the lease is run out again, and the pass is made
             # due, until the worker has queued the job again
